@@ -1,0 +1,3 @@
+from nnxport.cli import main
+
+main()

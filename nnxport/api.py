@@ -1,0 +1,388 @@
+"""The public API: convert, verify, load, inspect_keys, models. The CLI is a thin layer over this."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+
+from nnxport import checkpoint as ckpt
+from nnxport.errors import MappingError, NnxportError, SourceError
+from nnxport.mapping import (
+    Analysis,
+    Assignment,
+    Mapping,
+    TensorSpec,
+    analyze,
+    load_mapping_file,
+    load_mapping_text,
+    select_mapping,
+)
+from nnxport.models import FAMILIES, Family, get_family
+from nnxport.parity import ParityReport, run_parity
+from nnxport.place import build_mesh, default_sharding, parse_mesh, put, resolve_device, target_dtype
+from nnxport.source import Source, open_source
+
+log = logging.getLogger("nnxport")
+STATE_FILTER = (nnx.Param, nnx.BatchStat)
+
+
+def version() -> str:
+    try:
+        return metadata.version("nnxport")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+# ----------------------------------------------------------------------------------------------- mappings
+
+def mappings_dir() -> Path:
+    """Built-in mappings: inside the installed wheel, or ``mappings/`` of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "mappings", here.parent / "mappings"):
+        if candidate.is_dir():
+            return candidate
+    raise NnxportError(f"built-in mappings not found (looked in {here / 'mappings'})")
+
+
+def builtin_mappings() -> list[Mapping]:
+    return [load_mapping_file(p) for p in sorted(mappings_dir().glob("*.yaml"))]
+
+
+def resolve_mapping(spec: str | Mapping | None, config: dict[str, Any] | None) -> Mapping:
+    """``None``: pick a built-in by config.json; ``"-"``: stdin; a path; or a built-in name."""
+    if isinstance(spec, Mapping):
+        return spec
+    if spec is None:
+        return select_mapping(config, builtin_mappings())
+    if spec == "-":
+        return load_mapping_text(sys.stdin.read(), name="<stdin>")
+    path = Path(spec)
+    if path.is_file() or spec.endswith((".yaml", ".yml")) or "/" in spec:
+        return load_mapping_file(path)
+    builtin = mappings_dir() / f"{spec}.yaml"
+    if builtin.is_file():
+        return load_mapping_file(builtin)
+    names = ", ".join(p.stem for p in sorted(mappings_dir().glob("*.yaml")))
+    raise NnxportError(f"--mapping {spec!r}: no such file and no built-in mapping of that name "
+                       f"(built-in: {names})")
+
+
+# ------------------------------------------------------------------------------------------ abstract model
+
+def family_for(mapping: Mapping) -> Family:
+    if ":" in mapping.model:
+        raise NnxportError(f"mapping {mapping.name}: custom model classes ({mapping.model!r}) are not "
+                           "supported yet; use a built-in family")
+    return get_family(mapping.model)
+
+
+def abstract_state(family: Family, config: dict[str, Any]) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph definition and abstract (ShapeDtypeStruct) state of the family's model for ``config``."""
+    model = nnx.eval_shape(lambda: family.build(config, nnx.Rngs(0)))
+    graphdef, state, _rest = nnx.split(model, STATE_FILTER, ...)
+    return graphdef, state
+
+
+def target_specs(state: nnx.State) -> dict[str, TensorSpec]:
+    return {
+        ".".join(str(p) for p in path): TensorSpec(tuple(v.get_value().shape), str(v.get_value().dtype))
+        for path, v in nnx.to_flat_state(state)
+    }
+
+
+def source_specs(source: Source) -> dict[str, TensorSpec]:
+    return {k: TensorSpec(t.shape, t.dtype) for k, t in source.tensors.items()}
+
+
+def _set_path(tree: dict[Any, Any], dotted: str, value: Any) -> None:
+    keys: list[Any] = [int(k) if k.isdigit() else k for k in dotted.split(".")]
+    for k in keys[:-1]:
+        tree = tree[k]
+    tree[keys[-1]] = value
+
+
+def _require_config(source: Source) -> dict[str, Any]:
+    if source.config is None:
+        raise SourceError(f"{source.spec}: no config.json found; pass --config PATH")
+    return source.config
+
+
+# ------------------------------------------------------------------------------------------------ convert
+
+@dataclass
+class ConvertResult:
+    out: Path
+    manifest: dict[str, Any]
+    parity: ParityReport | None
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool | None:
+        return None if self.parity is None else self.parity.passed
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "source": self.manifest["source"]["spec"],
+            "mapping": self.manifest["mapping"]["name"],
+            "family": self.manifest["model"]["family"],
+            "dtype": self.manifest["dtype"],
+            "tensors": self.manifest["tensors"],
+            "bytes": self.manifest["bytes"],
+            "parity": None if self.parity is None else self.parity.to_json(),
+            "timings_s": self.timings_s,
+        }
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    t = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - t, 3)
+    log.info("%-16s %6.2f s", name, timings[name])
+
+
+def default_out(source: Source) -> Path:
+    return Path(f"{source.name}-nnx")
+
+
+def convert(
+    source: str | Path,
+    out: str | Path | None = None,
+    *,
+    mapping: str | Mapping | None = None,
+    config: str | Path | None = None,
+    revision: str | None = None,
+    device: str = "auto",
+    dtype: str = "keep",
+    mesh: str | None = None,
+    parity: bool = True,
+    force: bool = False,
+) -> ConvertResult:
+    """Convert ``source`` (hub id, folder or .safetensors file) into an output folder ``out``.
+
+    Every mapping problem is reported before any tensor data is read. The returned result's
+    ``passed`` is False when parity failed (the folder is still written, with the report).
+    """
+    timings: dict[str, float] = {}
+    with _timed(timings, "resolve"):
+        src = open_source(source, revision=revision, config=config)
+    log.info("source %s: %d tensors in %d file(s)%s", src.spec, len(src.tensors), len(src.files),
+             f" at revision {src.revision}" if src.revision else "")
+    try:
+        with _timed(timings, "plan"):
+            the_mapping = resolve_mapping(mapping, src.config)
+            family = family_for(the_mapping)
+            cfg = _require_config(src)
+            family.check_config(cfg)
+            graphdef, abstract = abstract_state(family, cfg)
+            analysis = analyze(the_mapping, source_specs(src), target_specs(abstract), cfg)
+            if analysis.problems:
+                raise MappingError(the_mapping.name, analysis.problems)
+            for rule in analysis.unused_rules:
+                log.warning("mapping %s: %s matched no source key", the_mapping.name, rule.label())
+            assignments = analysis.assignments
+            log.info("mapping %s -> family %s: %d tensors to place, %d ignored", the_mapping.name,
+                     family.name, len(assignments), sum(k.status == "ignored" for k in analysis.keys))
+            if mesh:
+                sharding = default_sharding(None, build_mesh(parse_mesh(mesh)))
+                placement: dict[str, Any] = {"mesh": parse_mesh(mesh)}
+            else:
+                dev = resolve_device(device)
+                sharding = default_sharding(dev, None)
+                placement = {"device": f"{dev.platform}:{dev.id}"}
+        out_path = Path(out) if out is not None else default_out(src)
+        staging = ckpt.OutputDir(out_path, force=force)
+        try:
+            with _timed(timings, "read_and_place"):
+                pure = nnx.to_pure_dict(abstract)
+                stored: set[str] = set()
+                nbytes = 0
+                for a in assignments:
+                    arr = _materialize(src, a, dtype, sharding)
+                    stored.add(str(arr.dtype))
+                    nbytes += arr.nbytes
+                    _set_path(pure, a.target, arr)
+            with _timed(timings, "write_checkpoint"):
+                ckpt.save_state(staging.staging / ckpt.CHECKPOINT, pure)
+            manifest = _manifest(src, the_mapping, family, cfg, dtype, placement, len(assignments), nbytes)
+            report = None
+            if parity:
+                with _timed(timings, "parity"):
+                    nnx.replace_by_pure_dict(abstract, pure)
+                    model = nnx.merge(graphdef, abstract)
+                    report = run_parity(family, model, src, cfg, _weakest(stored))
+                _write_reports(staging.staging, report, src.spec)
+                manifest["parity"] = {"passed": report.passed}
+            manifest["timings_s"] = timings
+            ckpt.write_json(staging.staging / ckpt.MANIFEST, manifest)
+            staging.commit()
+        except BaseException:
+            staging.abort()
+            raise
+    finally:
+        src.close()
+    log.info("wrote %s", out_path)
+    return ConvertResult(out=out_path, manifest=manifest, parity=report, timings_s=timings)
+
+
+def _materialize(src: Source, a: Assignment, dtype: str, sharding: jax.sharding.Sharding) -> jax.Array:
+    arr = src.read(a.source)
+    for op in a.ops:
+        arr = op.apply(arr)
+    return put(arr, target_dtype(a.source_spec.dtype, dtype), sharding)
+
+
+def _weakest(dtypes: set[str]) -> str:
+    """The least precise float dtype among stored tensors (what parity tolerances depend on)."""
+    for name in ("float16", "bfloat16", "float32", "float64"):
+        if name in dtypes:
+            return name
+    return "float32"
+
+
+def _manifest(src: Source, mapping: Mapping, family: Family, cfg: dict[str, Any], dtype: str,
+              placement: dict[str, Any], n: int, nbytes: int) -> dict[str, Any]:
+    return {
+        "nnxport_version": version(),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "source": {
+            "spec": src.spec,
+            "kind": src.kind,
+            "repo_id": src.repo_id,
+            "revision": src.revision,
+            "path": str(src.root.absolute()),
+            "files": [{"name": f.name, "size": f.size, "sha256": f.sha256()} for f in src.files],
+        },
+        "mapping": {"name": mapping.name, "path": str(mapping.path) if mapping.path else None,
+                    "sha256": mapping.sha256, "text": mapping.text},
+        "model": {"family": family.name, "config": cfg},
+        "dtype": dtype,
+        **placement,
+        "tensors": n,
+        "bytes": nbytes,
+    }
+
+
+def _write_reports(folder: Path, report: ParityReport, title: str) -> None:
+    ckpt.write_json(folder / ckpt.PARITY_JSON, report.to_json())
+    ckpt.write_text(folder / ckpt.PARITY_MD, report.to_markdown(title))
+
+
+# ------------------------------------------------------------------------------------------- load, verify
+
+def load(folder: str | Path, *, device: str | None = None) -> nnx.Module:
+    """Rebuild the model recorded in ``folder`` and restore its weights onto ``device`` (default: the
+    device recorded at conversion when jax has it, else jax's default device)."""
+    folder = Path(folder)
+    manifest = ckpt.read_manifest(folder)
+    family = get_family(manifest["model"]["family"])
+    graphdef, abstract = abstract_state(family, manifest["model"]["config"])
+    if device is None:
+        recorded = str(manifest.get("device", "auto")).split(":")[0]
+        device = recorded if recorded in {d.platform for d in jax.devices()} else "auto"
+    sharding = default_sharding(resolve_device(device), None)
+    restored = ckpt.restore_state(folder / ckpt.CHECKPOINT, nnx.to_pure_dict(abstract), sharding)
+    nnx.replace_by_pure_dict(abstract, restored)
+    return nnx.merge(graphdef, abstract)
+
+
+def verify(folder: str | Path, *, source: str | Path | None = None) -> ParityReport:
+    """Reload ``folder``, rebuild the reference from the recorded (or given) source, re-run parity and
+    rewrite parity.json / parity.md."""
+    folder = Path(folder)
+    manifest = ckpt.read_manifest(folder)
+    model = load(folder)
+    family = get_family(manifest["model"]["family"])
+    cfg = manifest["model"]["config"]
+    recorded = manifest["source"]
+    if source is None:
+        spec = recorded["spec"] if recorded["kind"] == "hub" else recorded["path"]
+        if recorded["kind"] == "file":
+            spec = str(Path(recorded["path"]) / recorded["files"][0]["name"])
+        revision = recorded.get("revision")
+    else:
+        spec, revision = str(source), None
+    with open_source(spec, revision=revision) as src:
+        stored = {str(leaf.dtype) for leaf in jax.tree.leaves(nnx.state(model, STATE_FILTER))}
+        report = run_parity(family, model, src, cfg, _weakest(stored))
+    _write_reports(folder, report, str(recorded["spec"]))
+    manifest["parity"] = {"passed": report.passed}
+    ckpt.write_json(folder / ckpt.MANIFEST, manifest)
+    return report
+
+
+# ------------------------------------------------------------------------------------------ inspect, models
+
+@dataclass
+class Inspection:
+    source: Source
+    mapping: Mapping | None
+    analysis: Analysis | None
+
+    def rows(self) -> list[dict[str, Any]]:
+        if self.analysis is None:
+            return [{"key": k, "shape": list(t.shape), "dtype": t.dtype, "status": None, "target": None,
+                     "ops": [], "target_shape": None, "problem": None}
+                    for k, t in self.source.tensors.items()]
+        return [{"key": r.key, "shape": list(r.spec.shape), "dtype": r.spec.dtype, "status": r.status,
+                 "target": r.target, "ops": list(r.ops),
+                 "target_shape": None if r.target_shape is None else list(r.target_shape),
+                 "problem": r.problem}
+                for r in self.analysis.keys]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source.spec,
+            "mapping": None if self.mapping is None else self.mapping.name,
+            "keys": self.rows(),
+            "unfilled_targets": [] if self.analysis is None else list(self.analysis.unfilled),
+            "problems": [] if self.analysis is None else list(self.analysis.problems),
+        }
+
+
+def inspect_keys(
+    source: str | Path,
+    mapping: str | Mapping | None = None,
+    *,
+    config: str | Path | None = None,
+    revision: str | None = None,
+    auto_mapping: bool = True,
+) -> Inspection:
+    """Every source key with shape and dtype and, with a mapping (given, or picked from config.json when
+    ``auto_mapping``), where it goes. Mapping problems are reported in the result, not raised."""
+    src = open_source(source, revision=revision, config=config)
+    if mapping is None and (not auto_mapping or src.config is None):
+        return Inspection(src, None, None)
+    try:
+        the_mapping = resolve_mapping(mapping, src.config)
+    except NnxportError:
+        if mapping is not None:
+            raise
+        return Inspection(src, None, None)
+    family = family_for(the_mapping)
+    cfg = _require_config(src)
+    family.check_config(cfg)
+    _, abstract = abstract_state(family, cfg)
+    return Inspection(src, the_mapping, analyze(the_mapping, source_specs(src), target_specs(abstract), cfg))
+
+
+def models() -> list[dict[str, Any]]:
+    """Built-in families and the mappings that target them."""
+    by_family: dict[str, list[Mapping]] = {}
+    for m in builtin_mappings():
+        by_family.setdefault(m.model, []).append(m)
+    return [{"family": name, "description": f.description,
+             "mappings": [{"name": m.name, "match": m.match} for m in by_family.get(name, [])]}
+            for name, f in sorted(FAMILIES.items())]

@@ -1,0 +1,143 @@
+"""The output folder: Orbax checkpoint + manifest + reports, written so that only a complete run
+ever shows up under the requested name.
+
+Everything is written into a hidden sibling ``.<name>.nnxport-partial-<pid>`` and renamed into place at
+the end. With ``--force`` an existing folder is moved aside only at that moment and deleted after the
+rename, so a failed run never destroys the previous result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from nnxport.errors import OutputError, SourceError
+
+CHECKPOINT = "checkpoint"
+MANIFEST = "nnxport.json"
+PARITY_JSON = "parity.json"
+PARITY_MD = "parity.md"
+PARTIAL_TAG = ".nnxport-partial-"
+
+
+class OutputDir:
+    """Stage an output folder next to ``final`` and publish it atomically with :meth:`commit`."""
+
+    def __init__(self, final: Path, *, force: bool = False) -> None:
+        self.final = final
+        if final.exists() and not final.is_dir():
+            raise OutputError(f"{final}: exists and is not a folder")
+        if final.is_dir() and any(final.iterdir()) and not force:
+            raise OutputError(f"{final}: folder exists and is not empty (use --force to replace it)")
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self.staging = Path(tempfile.mkdtemp(prefix=f".{final.name}{PARTIAL_TAG}", dir=final.parent))
+        except OSError as e:
+            raise OutputError(f"{final}: cannot create the output folder ({e.strerror or e})") from None
+
+    def commit(self) -> None:
+        """Move the staged folder to its final name, replacing an old one only now."""
+        old = None
+        try:
+            if self.final.exists():
+                old = self.final.with_name(f".{self.final.name}.nnxport-old-{os.getpid()}")
+                os.replace(self.final, old)
+            os.replace(self.staging, self.final)
+        except OSError as e:
+            if old is not None and not self.final.exists():
+                os.replace(old, self.final)
+            raise OutputError(f"{self.final}: cannot move the finished output into place ({e})") from None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Remove everything staged."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Write ``data`` as indented JSON, atomically (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` atomically (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def save_state(path: Path, state: Mapping[str, Any]) -> None:
+    """Save a nested dict of arrays (``nnx.to_pure_dict`` layout) as an Orbax checkpoint at ``path``."""
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        ckptr.save(path.absolute(), state)
+        ckptr.wait_until_finished()
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write the checkpoint ({e.strerror or e})") from None
+    finally:
+        ckptr.close()
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of a finished output folder; SourceError if the folder is not one."""
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise SourceError(f"{folder}: no such folder")
+    if not path.is_file():
+        raise SourceError(f"{folder}: not an nnxport output folder (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SourceError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(manifest, dict) or "model" not in manifest:
+        raise SourceError(f"{path}: not an nnxport manifest")
+    ckpt = folder / CHECKPOINT
+    if not ckpt.is_dir() or not ocp.utils.is_checkpoint_finalized(ckpt.absolute()):
+        raise SourceError(f"{ckpt}: missing or unfinished Orbax checkpoint")
+    return manifest
+
+
+def restore_state(path: Path, abstract: Mapping[str, Any], sharding: jax.sharding.Sharding) -> Any:
+    """Restore the checkpoint at ``path`` into the layout of ``abstract`` (a nested dict of
+    ShapeDtypeStruct); dtypes and shapes come from the checkpoint's own metadata, arrays go to
+    ``sharding``."""
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        saved = ckptr.metadata(path.absolute()).item_metadata.tree
+
+        def target(keypath: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+            node: Any = saved
+            for k in keypath:
+                node = node[str(getattr(k, "key", k))]
+            if tuple(node.shape) != tuple(leaf.shape):
+                dotted = ".".join(str(getattr(k, "key", k)) for k in keypath)
+                raise SourceError(f"{path}: '{dotted}' has shape {tuple(node.shape)} in the checkpoint, "
+                                  f"the model expects {tuple(leaf.shape)}")
+            return jax.ShapeDtypeStruct(leaf.shape, node.dtype, sharding=sharding)
+
+        try:
+            target_tree = jax.tree_util.tree_map_with_path(target, abstract)
+        except KeyError as e:
+            raise SourceError(f"{path}: the checkpoint lacks {e} that the model needs") from None
+        return ckptr.restore(path.absolute(), target_tree)
+    finally:
+        ckptr.close()

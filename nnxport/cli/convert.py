@@ -1,0 +1,73 @@
+"""nnxport convert."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from nnxport.cli.common import EXIT_PARITY, Format, err, errors_handled, out, print_json, setup_logging
+from nnxport.cli.report import parity_table
+
+
+class Device(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+    tpu = "tpu"
+
+
+class DType(StrEnum):
+    keep = "keep"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+def convert(
+    source: Annotated[str, typer.Argument(help="Hub id (org/name), local folder, or .safetensors file.")],
+    out_dir: Annotated[Path | None,
+                       typer.Option("--out", "-o", help="Output folder [default: ./<name>-nnx].")] = None,
+    mapping: Annotated[str | None, typer.Option("--mapping", "-m",
+                                                help="Built-in mapping name, YAML path, or - for stdin "
+                                                     "[default: picked from config.json].")] = None,
+    config: Annotated[Path | None, typer.Option(help="config.json to use (for a bare .safetensors file).")]
+    = None,
+    revision: Annotated[str | None, typer.Option(help="Hub revision: branch, tag or commit.")] = None,
+    device: Annotated[Device, typer.Option(help="Where the arrays go.")] = Device.auto,
+    dtype: Annotated[DType, typer.Option(help="Cast floating-point weights (integers never change).")]
+    = DType.keep,
+    mesh: Annotated[str | None, typer.Option(help="Device mesh AXIS=N[,AXIS=N...]; arrays are replicated.")]
+    = None,
+    no_parity: Annotated[bool, typer.Option("--no-parity", help="Skip the parity check.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
+    fmt: Annotated[Format, typer.Option("--format", help="human, or one JSON document on stdout.")]
+    = Format.human,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+) -> None:
+    """Convert a checkpoint to an Orbax checkpoint of the NNX model, with a parity report.
+
+    Example: nnxport convert microsoft/resnet-50 --out resnet50-nnx
+    """
+    setup_logging(quiet, fmt is Format.json)
+    with errors_handled():
+        from nnxport import api
+
+        result = api.convert(source, out_dir, mapping=mapping, config=config, revision=revision,
+                             device=device.value, dtype=dtype.value, mesh=mesh, parity=not no_parity,
+                             force=force)
+        if fmt is Format.json:
+            print_json(result.to_json())
+        elif not quiet:
+            m = result.manifest
+            out.print(f"{m['source']['spec']} -> {result.out}  ({m['tensors']} tensors, "
+                      f"{m['bytes'] / 1e6:.1f} MB, {m['model']['family']} via mapping "
+                      f"{m['mapping']['name']})")
+            if result.parity is not None:
+                out.print(parity_table(result.parity))
+        if result.passed is False:
+            if not quiet:
+                err.print(f"parity FAILED: see {result.out / 'parity.md'}", style="red")
+            raise typer.Exit(EXIT_PARITY)

@@ -1,0 +1,51 @@
+"""Exceptions whose ``str()`` is the message shown to the user.
+
+Every failure a user can cause is raised as an :class:`NnxportError` subclass. The CLI prints
+``error: <message>`` on stderr and exits with :attr:`NnxportError.exit_code`; nothing else is printed
+unless ``NNXPORT_DEBUG=1`` is set, in which case the traceback is shown too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class NnxportError(Exception):
+    """A failure the user can fix. ``str(err)`` is the whole user-facing message."""
+
+    exit_code = 1
+
+
+class SourceError(NnxportError):
+    """The checkpoint source (hub id, folder, file, config.json) is missing, unreadable or invalid."""
+
+
+class ConfigError(NnxportError):
+    """config.json asks for something the target family cannot represent."""
+
+
+class MappingError(NnxportError):
+    """The mapping file is invalid, or does not fit the source checkpoint / target model.
+
+    ``problems`` holds every violation found (they are reported together); the message is a one-line
+    summary followed by one line per problem.
+    """
+
+    def __init__(self, where: str, problems: Iterable[str]) -> None:
+        self.where = where
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            msg = f"{where}: {self.problems[0]}"
+        else:
+            lines = [f"{where}: {len(self.problems)} problems"]
+            lines += [f"  - {p}" for p in self.problems]
+            msg = "\n".join(lines)
+        super().__init__(msg)
+
+
+class OutputError(NnxportError):
+    """The output folder cannot be written (exists, not writable, disk full, ...)."""
+
+
+class DeviceError(NnxportError):
+    """The requested device / mesh is not available."""

@@ -1,0 +1,86 @@
+"""What a model family provides: the NNX model, its reference, and how to compare the two."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from nnxport.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ParityInput:
+    """One seeded input, in the NNX model's layout (e.g. NHWC images)."""
+
+    name: str
+    value: np.ndarray
+    seed: int
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.value.shape), "dtype": str(self.value.dtype),
+                "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+
+
+class Family(ABC):
+    """A model family: one NNX implementation configured from a Hugging Face ``config.json``."""
+
+    name: str
+    description: str
+    #: Built-in mappings (file stems in ``mappings/``) that target this family.
+    mappings: tuple[str, ...]
+
+    @abstractmethod
+    def check_config(self, config: Mapping[str, Any]) -> None:
+        """Raise ConfigError naming the field if ``config`` asks for something this family cannot do."""
+
+    @abstractmethod
+    def build(self, config: Mapping[str, Any], rngs: nnx.Rngs) -> nnx.Module:
+        """Construct the model (called under ``nnx.eval_shape``: never materialised randomly)."""
+
+    @abstractmethod
+    def reference_class(self, config: Mapping[str, Any]) -> str:
+        """Name of the ``transformers`` class that is the reference implementation."""
+
+    @abstractmethod
+    def parity_inputs(self, config: Mapping[str, Any], seed: int) -> list[ParityInput]:
+        """Seeded inputs in the NNX layout."""
+
+    @abstractmethod
+    def run_nnx(self, model: nnx.Module, inputs: list[ParityInput]) -> dict[str, np.ndarray]:
+        """Named outputs of the NNX model."""
+
+    @abstractmethod
+    def run_reference(self, model: Any, inputs: list[ParityInput]) -> dict[str, np.ndarray]:
+        """Named outputs of the torch reference (same names and layout as :meth:`run_nnx`)."""
+
+    @abstractmethod
+    def tolerance(self, dtype: str) -> Tolerance:
+        """Tolerance for outputs of a model whose weights are stored in ``dtype``."""
+
+
+def require(config: Mapping[str, Any], field: str, kind: type | tuple[type, ...]) -> Any:
+    """``config[field]``, checked to be of ``kind``; ConfigError naming the field otherwise."""
+    if field not in config:
+        raise ConfigError(f"config.json: missing field '{field}'")
+    value = config[field]
+    if isinstance(value, bool) and kind is not bool and not (isinstance(kind, tuple) and bool in kind):
+        raise ConfigError(f"config.json: field '{field}' must be {_kind_name(kind)}, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"config.json: field '{field}' must be {_kind_name(kind)}, got {value!r}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)

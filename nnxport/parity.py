@@ -1,0 +1,184 @@
+"""Run the transformers reference and the NNX model on the same seeded inputs and compare."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from nnxport.errors import NnxportError
+from nnxport.models import Family, ParityInput, Tolerance
+from nnxport.source import Source
+
+log = logging.getLogger("nnxport")
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class OutputDiff:
+    """How one named output of the NNX model differs from the reference's.
+
+    ``max_rel_diff`` is max |Δ| divided by max |reference| (the error relative to the output's scale);
+    ``violations`` counts elements outside ``|Δ| <= atol + rtol * |reference|`` (numpy.allclose).
+    """
+
+    name: str
+    shape: list[int]
+    max_abs_diff: float
+    max_rel_diff: float
+    mean_abs_diff: float
+    cosine: float
+    top1_agreement: float | None
+    violations: int
+    passed: bool
+
+
+@dataclass
+class ParityReport:
+    passed: bool
+    reference: str
+    inputs: list[dict[str, Any]]
+    tolerance: dict[str, float]
+    outputs: list[OutputDiff]
+    dtype: str
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "passed": self.passed,
+            "reference": self.reference,
+            "inputs": self.inputs,
+            "tolerance": self.tolerance,
+            "outputs": [asdict(o) for o in self.outputs],
+            "dtype": self.dtype,
+            "timings_s": self.timings_s,
+        }
+
+    def to_markdown(self, title: str) -> str:
+        verdict = "PASSED" if self.passed else "FAILED"
+        lines = [
+            f"# Parity report: {title}",
+            "",
+            f"**{verdict}** against `{self.reference}` (weights stored as {self.dtype}; "
+            f"tolerance atol={self.tolerance['atol']:g}, rtol={self.tolerance['rtol']:g}).",
+            "",
+            "Inputs: " + ", ".join(f"`{i['name']}` {i['shape']} {i['dtype']} (seed {i['seed']})"
+                                  for i in self.inputs),
+            "",
+            "| output | shape | max abs diff | max rel diff | mean abs diff | cosine | top-1 agreement "
+            "| out of tolerance | result |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for o in self.outputs:
+            top1 = "" if o.top1_agreement is None else f"{o.top1_agreement:.4f}"
+            lines.append(f"| {o.name} | {o.shape} | {o.max_abs_diff:.3e} | {o.max_rel_diff:.3e} | "
+                         f"{o.mean_abs_diff:.3e} | {o.cosine:.7f} | {top1} | {o.violations} | "
+                         f"{'pass' if o.passed else 'FAIL'} |")
+        lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in self.timings_s.items()), ""]
+        return "\n".join(lines)
+
+
+def compare(name: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> OutputDiff:
+    """Metrics of ``got`` (NNX) against ``ref`` (reference), computed in float64."""
+    if got.shape != ref.shape:
+        raise NnxportError(f"parity: output '{name}' has shape {got.shape} in NNX but {ref.shape} in the "
+                           "reference")
+    a = np.asarray(got, dtype=np.float64)
+    b = np.asarray(ref, dtype=np.float64)
+    diff = np.abs(a - b)
+    finite = bool(np.isfinite(a).all() and np.isfinite(b).all())
+    scale = float(np.abs(b).max()) if b.size else 0.0
+    max_abs = float(diff.max()) if diff.size else 0.0
+    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
+    cosine = float(np.dot(a.ravel(), b.ravel()) / denom) if denom > 0 else float(max_abs == 0.0)
+    top1 = None
+    if a.ndim >= 2 and a.shape[-1] > 1:
+        top1 = float((a.argmax(-1) == b.argmax(-1)).mean())
+    violations = int((~(diff <= tol.atol + tol.rtol * np.abs(b))).sum())
+    return OutputDiff(
+        name=name,
+        shape=list(a.shape),
+        max_abs_diff=max_abs,
+        max_rel_diff=max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf")),
+        mean_abs_diff=float(diff.mean()) if diff.size else 0.0,
+        cosine=cosine,
+        top1_agreement=top1,
+        violations=violations,
+        passed=finite and violations == 0,
+    )
+
+
+def load_reference(family: Family, source: Source, config: dict[str, Any]) -> tuple[Any, str]:
+    """The transformers model of ``family`` with the source's weights, in float32, in eval mode.
+
+    The source's files are linked into a scratch folder with its config, so that folders, hub snapshots
+    and single files all load through ``from_pretrained`` (which knows about prefixes and tied weights).
+    """
+    import torch
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    cls_name = family.reference_class(config)
+    cls = getattr(transformers, cls_name)
+    with tempfile.TemporaryDirectory(prefix="nnxport-ref-") as tmp:
+        folder = Path(tmp)
+        for f in source.files:
+            dst = folder / f.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(f.path.absolute(), dst)
+        index = source.root / "model.safetensors.index.json"
+        if source.kind != "file" and index.is_file():
+            os.symlink(index.absolute(), folder / index.name)
+        (folder / "config.json").write_text(json.dumps(config))
+        model, info = cls.from_pretrained(folder, dtype=torch.float32, output_loading_info=True,
+                                          local_files_only=True)
+    missing = [k for k in info.get("missing_keys", []) if k]
+    if missing:
+        raise NnxportError(f"parity: the reference {cls_name} did not find {len(missing)} of its weights in "
+                           f"the source (first: {sorted(missing)[0]}); use --no-parity to skip parity")
+    return model.eval(), f"transformers.{cls_name}"
+
+
+def run_parity(
+    family: Family,
+    model: nnx.Module,
+    source: Source,
+    config: dict[str, Any],
+    dtype: str,
+    *,
+    seed: int = 0,
+) -> ParityReport:
+    """Compare ``model`` with the reference built from ``source``; ``passed`` is computed."""
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    reference, ref_name = load_reference(family, source, config)
+    timings["load_reference"] = time.perf_counter() - t
+    inputs: list[ParityInput] = family.parity_inputs(config, seed)
+    t = time.perf_counter()
+    expected = family.run_reference(reference, inputs)
+    timings["run_reference"] = time.perf_counter() - t
+    del reference
+    t = time.perf_counter()
+    got = family.run_nnx(model, inputs)
+    timings["run_nnx"] = time.perf_counter() - t
+    tol = family.tolerance(dtype)
+    outputs = [compare(name, got[name], expected[name], tol) for name in expected]
+    return ParityReport(
+        passed=all(o.passed for o in outputs),
+        reference=ref_name,
+        inputs=[i.describe() for i in inputs],
+        tolerance={"atol": tol.atol, "rtol": tol.rtol},
+        outputs=outputs,
+        dtype=dtype,
+        timings_s={k: round(v, 3) for k, v in timings.items()},
+    )

@@ -1,0 +1,554 @@
+"""Checkpoint sources: a hub id, a folder or a single ``.safetensors`` file -> files, config, lazy tensors.
+
+:func:`open_source` resolves what the user passed, checks that the safetensors files are complete and
+consistent (``model.safetensors.index.json`` included) and lists every tensor's shape and dtype from the
+file headers alone. Tensor data is only read by :meth:`Source.read` / :meth:`Source.read_slice`, in its
+stored dtype (bfloat16 as ``ml_dtypes.bfloat16``), never through torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import operator
+import os
+import re
+import shutil
+import struct
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import ml_dtypes  # also registers bfloat16 with numpy, which safe_open needs to read bf16
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from nnxport.errors import SourceError
+
+__all__ = [
+    "Source",
+    "SourceFile",
+    "TensorInfo",
+    "is_hub_id",
+    "open_source",
+    "write_hub_cache",
+]
+
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+HUB_PATTERNS = ["*.safetensors", "*.json"]
+
+# safetensors dtype code -> (numpy-style name, bits per element).
+_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 64),
+    "F32": ("float32", 32),
+    "F16": ("float16", 16),
+    "BF16": ("bfloat16", 16),
+    "I64": ("int64", 64),
+    "I32": ("int32", 32),
+    "I16": ("int16", 16),
+    "I8": ("int8", 8),
+    "U64": ("uint64", 64),
+    "U32": ("uint32", 32),
+    "U16": ("uint16", 16),
+    "U8": ("uint8", 8),
+    "BOOL": ("bool", 8),
+    "C64": ("complex64", 64),
+    "F8_E4M3": ("float8_e4m3fn", 8),
+    "F8_E5M2": ("float8_e5m2", 8),
+    "F8_E4M3FNUZ": ("float8_e4m3fnuz", 8),
+    "F8_E5M2FNUZ": ("float8_e5m2fnuz", 8),
+    "F8_E8M0": ("float8_e8m0fnu", 8),
+    "F4": ("float4_e2m1fn", 4),
+    "F6_E2M3": ("float6_e2m3fn", 6),
+    "F6_E3M2": ("float6_e3m2fn", 6),
+}
+# safetensors 0.8's numpy framework looks these up as ``numpy.<name>``, which does not exist (AttributeError),
+# so they are read straight from the file (offsets from the header) and viewed as the ml_dtypes type.
+_RAW_DTYPES = frozenset(
+    {"float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"}
+)
+# Packed sub-byte types: listed, but not readable as numpy arrays.
+_PACKED_DTYPES = frozenset({"float4_e2m1fn", "float6_e2m3fn", "float6_e3m2fn"})
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_OTHER_WEIGHT_SUFFIXES = (".h5", ".msgpack", ".gguf", ".onnx", ".npz", ".pdparams")
+
+_HUB_ID = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)?")
+_COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+
+
+def _numpy_dtype(name: str) -> np.dtype[Any]:
+    """The numpy dtype for a numpy-style dtype name (``"bfloat16"`` etc. via ml_dtypes)."""
+    return np.dtype(getattr(ml_dtypes, name, name))
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as its file header describes it (no data read)."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    file: Path
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A safetensors file of a source; ``name`` is its path relative to :attr:`Source.root`."""
+
+    path: Path
+    name: str
+    size: int
+
+    def sha256(self) -> str:
+        """Hex sha256 of the file, streamed; cached per (path, size, mtime)."""
+        try:
+            st = self.path.stat()
+            return _sha256(self.path, st.st_size, st.st_mtime_ns)
+        except OSError as e:
+            raise SourceError(f"{self.path}: cannot read ({e.strerror or e})") from e
+
+
+@functools.cache
+def _sha256(path: Path, size: int, mtime_ns: int) -> str:
+    """sha256 of ``path``; ``size`` and ``mtime_ns`` only key the cache."""
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+class Source:
+    """Resolved checkpoint source. Files are opened lazily, one handle each, until :meth:`close`."""
+
+    def __init__(
+        self,
+        *,
+        spec: str,
+        kind: Literal["hub", "folder", "file"],
+        repo_id: str | None,
+        revision: str | None,
+        root: Path,
+        files: list[SourceFile],
+        config: dict[str, Any] | None,
+        config_path: Path | None,
+        tensors: dict[str, TensorInfo],
+    ) -> None:
+        self.spec = spec
+        self.kind = kind
+        self.repo_id = repo_id
+        self.revision = revision
+        self.root = root
+        self.files = files
+        self.config = config
+        self.config_path = config_path
+        self.tensors = tensors
+        self._handles: dict[Path, Any] = {}
+        self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return (
+            f"Source({self.spec!r}, kind={self.kind!r}, files={len(self.files)}, tensors={len(self.tensors)})"
+        )
+
+    @property
+    def name(self) -> str:
+        """Short name for the default output folder: repo name, folder name or file stem."""
+        if self.kind == "hub":
+            assert self.repo_id is not None
+            return self.repo_id.rsplit("/", 1)[-1]
+        if self.kind == "file":
+            return self.files[0].path.stem
+        return self.root.name
+
+    def read(self, key: str) -> np.ndarray:
+        """The whole tensor ``key`` in its stored dtype."""
+        info = self._info(key)
+        if info.dtype in _RAW_DTYPES:
+            return np.array(self._raw(info))
+        try:
+            return np.asarray(self._handle(info.file).get_tensor(key))
+        except SafetensorError as e:
+            raise SourceError(f"{info.file}: cannot read {key!r}: {e}") from e
+
+    def read_slice(self, key: str, index: tuple[slice | int, ...]) -> np.ndarray:
+        """``read(key)[index]`` reading only that part of the file. Bounds may be negative or None, steps
+        negative; missing trailing dimensions are taken whole."""
+        info = self._info(key)
+        norm, flips, out_shape = _normalise_index(index, info.shape)
+        if 0 in out_shape:
+            return np.empty(out_shape, _numpy_dtype(info.dtype))
+        if info.dtype in _RAW_DTYPES:
+            part = np.array(self._raw(info)[norm])
+        else:
+            try:
+                part = np.asarray(self._handle(info.file).get_slice(key)[norm])
+            except SafetensorError as e:
+                raise SourceError(f"{info.file}: cannot read {key!r}{list(norm)}: {e}") from e
+        return np.ascontiguousarray(np.flip(part, axis=flips)) if flips else part
+
+    def close(self) -> None:
+        """Close the open file handles (a later read opens them again)."""
+        with self._lock:
+            handles, self._handles = self._handles, {}
+        for handle in handles.values():
+            pass
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _info(self, key: str) -> TensorInfo:
+        try:
+            info = self.tensors[key]
+        except KeyError:
+            raise SourceError(f"{self.spec}: no tensor named {key!r}") from None
+        if info.dtype in _PACKED_DTYPES:
+            raise SourceError(
+                f"{info.file}: {key!r} is {info.dtype} (packed sub-byte), which nnxport cannot read"
+            )
+        return info
+
+    def _handle(self, path: Path) -> Any:
+        with self._lock:
+            handle = self._handles.get(path)
+            if handle is None:
+                handle = self._handles[path] = _safe_open(path)
+            return handle
+
+    def _raw(self, info: TensorInfo) -> np.ndarray:
+        """A read-only memmap of a tensor the numpy framework cannot produce, via the header's offsets."""
+        with self._lock:
+            if info.file not in self._headers:
+                self._headers[info.file] = _read_header(info.file)
+            data_start, header = self._headers[info.file]
+        begin = header[info.key]["data_offsets"][0]
+        count = int(np.prod(info.shape))
+        dtype = _numpy_dtype(info.dtype)
+        if count == 0:
+            return np.empty(info.shape, dtype)
+        flat = np.memmap(info.file, dtype=dtype, mode="r", offset=data_start + begin, shape=(count,))
+        return flat.reshape(info.shape)
+
+
+def _normalise_index(
+    index: Sequence[slice | int], shape: tuple[int, ...]
+) -> tuple[tuple[slice | int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Rewrite ``index`` for safetensors, which refuses negative bounds and stop < start: non-negative
+    ints, slices with a positive step and a tight stop. Returns (index, output axes to flip afterwards
+    for negative steps, output shape)."""
+    if len(index) > len(shape):
+        raise IndexError(f"too many indices ({len(index)}) for a tensor of shape {shape}")
+    full = (*index, *(slice(None),) * (len(shape) - len(index)))
+    norm: list[slice | int] = []
+    flips: list[int] = []
+    out_shape: list[int] = []
+    for item, size in zip(full, shape, strict=True):
+        if isinstance(item, slice):
+            start, stop, step = item.indices(size)
+            count = len(range(start, stop, step))
+            if step < 0 and count:
+                start, step = start + step * (count - 1), -step
+                flips.append(len(out_shape))
+            norm.append(slice(start, start + step * (count - 1) + 1 if count else start, step))
+            out_shape.append(count)
+        else:
+            i = operator.index(item)
+            if not -size <= i < size:
+                raise IndexError(f"index {i} is out of bounds for a dimension of size {size}")
+            norm.append(i % size)
+    return tuple(norm), tuple(flips), tuple(out_shape)
+
+
+# ------------------------------------------------------------------------------------------------ resolving
+
+
+def is_hub_id(spec: str) -> bool:
+    """Whether ``spec`` looks like a hub id: ``org/name`` or ``name`` of ``[A-Za-z0-9._-]``."""
+    return (
+        _HUB_ID.fullmatch(spec) is not None
+        and not spec.startswith(".")
+        and ".." not in spec
+        and not spec.endswith(".safetensors")
+    )
+
+
+def open_source(
+    spec: str | Path, *, revision: str | None = None, config: str | Path | None = None
+) -> Source:
+    """Resolve ``spec`` (hub id, folder or ``.safetensors`` file; a :class:`~pathlib.Path` is always taken
+    as a local path) and read its config and tensor headers."""
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.exists() or isinstance(spec, Path) or not is_hub_id(text):
+        if not path.exists():
+            raise SourceError(f"{text}: no such file or folder (and not a hub id)")
+        if revision is not None:
+            raise SourceError(f"{text}: --revision only applies to hub ids")
+        path = Path(os.path.abspath(path))
+        if path.is_dir():
+            kind: Literal["hub", "folder", "file"] = "folder"
+            root = path
+            files, tensors = _scan_folder(root, what=text)
+        elif path.suffix == ".safetensors":
+            kind, root = "file", path.parent
+            files = [SourceFile(path, path.name, path.stat().st_size)]
+            tensors = _scan_files(files)
+        elif path.suffix in _PICKLE_SUFFIXES:
+            raise SourceError(f"{text}: pickle weights; nnxport reads .safetensors files")
+        else:
+            raise SourceError(f"{text}: not a folder or a .safetensors file")
+        repo_id = resolved = None
+    else:
+        kind, repo_id = "hub", text
+        root = _resolve_hub(text, revision)
+        resolved = root.name
+        at = f"{text}@{resolved[:12]}"
+        files, tensors = _scan_folder(root, what=at, snapshot=True)
+    cfg_path = Path(config).expanduser() if config is not None else root / CONFIG_NAME
+    if config is not None and not cfg_path.is_file():
+        raise SourceError(f"{config}: " + ("not a file" if cfg_path.exists() else "no such config file"))
+    cfg = _read_json_object(cfg_path) if cfg_path.is_file() else None
+    return Source(
+        spec=text,
+        kind=kind,
+        repo_id=repo_id,
+        revision=resolved,
+        root=root,
+        files=files,
+        config=cfg,
+        config_path=cfg_path if cfg is not None else None,
+        tensors=tensors,
+    )
+
+
+def snapshot_download(repo_id: str, *, revision: str | None) -> str:
+    """``huggingface_hub.snapshot_download`` of the safetensors and JSON files (imported on first use:
+    the download machinery takes ~1 s to import).
+
+    A commit hash already in the cache is used without asking the hub: when the hub is unreachable (and
+    HF_HUB_OFFLINE unset) huggingface_hub 2.4 retries the tree listing of a commit for ~23 s before it
+    falls back to the cache, whereas a branch name fails over at once."""
+    from huggingface_hub import snapshot_download as download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if revision is not None and _COMMIT_HASH.fullmatch(revision):
+        try:
+            return download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=True)
+        except LocalEntryNotFoundError:
+            pass  # not cached (or known incomplete): ask the hub
+    return download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+
+
+def _resolve_hub(repo_id: str, revision: str | None) -> Path:
+    """Snapshot folder of ``repo_id`` at ``revision``, from the hub or the local cache; hub errors become
+    one-line :class:`SourceError`\\ s."""
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    at = repo_id if revision is None else f"{repo_id}@{revision}"
+    cache = constants.HF_HUB_CACHE
+    try:
+        return Path(snapshot_download(repo_id, revision=revision))
+    except GatedRepoError as e:
+        raise SourceError(
+            f"{repo_id} is a gated repository: accept its terms on https://huggingface.co/{repo_id} and set "
+            "HF_TOKEN (or run `hf auth login`) with an account that has access"
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise SourceError(
+            f"{repo_id}: no such repository on the hub (or it is private and HF_TOKEN does not grant access)"
+        ) from e
+    except RevisionNotFoundError as e:
+        raise SourceError(f"{repo_id}: revision {revision!r} not found on the hub") from e
+    except IncompleteSnapshotError as e:
+        raise SourceError(
+            f"{at}: the cached snapshot {e.snapshot_path} is incomplete and the hub cannot be reached — "
+            "download it again with network access"
+        ) from e
+    except LocalEntryNotFoundError as e:
+        if constants.HF_HUB_OFFLINE:
+            why = "the hub is offline (HF_HUB_OFFLINE=1)"
+        else:
+            cause = e.__cause__
+            why = f"the hub cannot be reached ({_one_line(cause) if cause else 'connection failed'})"
+        also = "" if "/" in repo_id else f"; there is no local file or folder named {repo_id!r} either"
+        raise SourceError(
+            f"{at} is not in the local Hugging Face cache ({cache}) and {why} — download it once with "
+            f"network access or point HF_HUB_CACHE at a cache that has it{also}"
+        ) from e
+    except HfHubHTTPError as e:
+        raise SourceError(f"{at}: the hub answered with an error: {_one_line(e)}") from e
+    except httpx2.HTTPError as e:
+        raise SourceError(f"{at}: cannot reach the hub ({_one_line(e)})") from e
+    except HFValidationError as e:
+        raise SourceError(f"{repo_id}: not a valid hub id and no such file or folder ({_one_line(e)})") from e
+
+
+def _one_line(err: BaseException) -> str:
+    """``Type: first line of the message`` of an exception."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def _scan_folder(
+    root: Path, *, what: str, snapshot: bool = False
+) -> tuple[list[SourceFile], dict[str, TensorInfo]]:
+    """Files and tensors of a folder (or hub snapshot), through its index when it has one."""
+    index_path = root / INDEX_NAME
+    if index_path.is_file():
+        return _scan_index(root, index_path, snapshot=snapshot)
+    paths = sorted(root.glob("*.safetensors"))
+    if not paths:
+        raise SourceError(_no_safetensors_message(root, what))
+    files = [SourceFile(p, p.name, p.stat().st_size) for p in paths]
+    return files, _scan_files(files)
+
+
+def _no_safetensors_message(root: Path, what: str) -> str:
+    found = sorted(p.name for p in root.iterdir() if p.is_file())
+    pickles = [n for n in found if n.endswith(_PICKLE_SUFFIXES)]
+    others = [n for n in found if n.endswith(_OTHER_WEIGHT_SUFFIXES)]
+    if pickles:
+        return f"{what}: only pickle weights ({', '.join(pickles)}); nnxport reads safetensors"
+    if others:
+        return f"{what}: only other weight formats ({', '.join(others)}); nnxport reads safetensors"
+    return f"{what}: no .safetensors files found in {root}"
+
+
+def _scan_index(
+    root: Path, index_path: Path, *, snapshot: bool
+) -> tuple[list[SourceFile], dict[str, TensorInfo]]:
+    """Files and tensors named by ``model.safetensors.index.json``, checked against the shards."""
+    doc = _read_json_object(index_path)
+    weight_map = doc.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise SourceError(f"{index_path}: 'weight_map' must be an object mapping tensor names to file names")
+    names = sorted(set(weight_map.values()))
+    missing = [n for n in names if not (root / n).is_file()]
+    if missing:
+        state = "the snapshot is incomplete" if snapshot else "the checkpoint is incomplete"
+        raise SourceError(f"{index_path}: {_few(missing)} named by the index not found in {root}; {state}")
+    files = [SourceFile(root / n, n, (root / n).stat().st_size) for n in names]
+    tensors = _scan_files(files)
+    misplaced: dict[str, list[str]] = {}
+    for key, name in weight_map.items():
+        if key not in tensors or tensors[key].file != root / name:
+            misplaced.setdefault(name, []).append(key)
+    if misplaced:
+        name, keys = min(misplaced.items())
+        raise SourceError(
+            f"{index_path}: the index puts {_few(sorted(keys))} in {name}, which does not hold it"
+        )
+    extra = sorted(set(tensors) - set(weight_map))
+    if extra:
+        where = sorted({tensors[k].file.name for k in extra})
+        raise SourceError(f"{index_path}: {_few(extra)} (in {', '.join(where)}) missing from the index")
+    return files, tensors
+
+
+def _scan_files(files: list[SourceFile]) -> dict[str, TensorInfo]:
+    """Every tensor's shape and dtype, from the headers (``safe_open`` + ``get_slice``: no data is read).
+    A key stored in two files is refused."""
+    found: dict[str, TensorInfo] = {}
+    owner: dict[str, SourceFile] = {}
+    for f in files:
+        with _safe_open(f.path) as handle:
+            keys: list[str] = handle.keys()
+            for key in keys:
+                if key in owner:
+                    raise SourceError(
+                        f"{f.path.parent}: tensor {key!r} is stored in both {owner[key].name} and {f.name}"
+                    )
+                owner[key] = f
+                found[key] = _tensor_info(key, handle.get_slice(key), f.path)
+    return dict(sorted(found.items()))
+
+
+def _tensor_info(key: str, view: Any, path: Path) -> TensorInfo:
+    code = view.get_dtype()
+    try:
+        dtype, bits = _DTYPES[code]
+    except KeyError:
+        raise SourceError(f"{path}: tensor {key!r} has dtype {code}, which nnxport does not know") from None
+    shape = tuple(int(d) for d in view.get_shape())
+    return TensorInfo(key, shape, dtype, path, (int(np.prod(shape)) * bits + 7) // 8)
+
+
+def _few(items: Sequence[str], limit: int = 3) -> str:
+    """``a, b, c (and 2 more)``."""
+    shown = ", ".join(items[:limit])
+    return shown if len(items) <= limit else f"{shown} (and {len(items) - limit} more)"
+
+
+def _safe_open(path: Path) -> Any:
+    """``safe_open(path)`` with errors as one-line :class:`SourceError`\\ s naming the file."""
+    try:
+        return safe_open(path, framework="numpy")
+    except SafetensorError as e:
+        what = str(e).removeprefix("Error while deserializing header: ")
+        raise SourceError(f"{path}: not a valid safetensors file, truncated or corrupt ({what})") from e
+    except OSError as e:
+        raise SourceError(f"{path}: cannot open ({e.strerror or e})") from e
+
+
+def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(offset of the data section, header JSON) of a safetensors file already validated by safe_open."""
+    with path.open("rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        return 8 + length, json.loads(fh.read(length))
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SourceError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise SourceError(f"{path}: cannot read ({e})") from e
+    if not isinstance(doc, dict):
+        raise SourceError(f"{path}: expected a JSON object, found {type(doc).__name__}")
+    return doc
+
+
+# ----------------------------------------------------------------------------------------- test/demo helper
+
+
+def write_hub_cache(
+    cache_dir: Path, repo_id: str, folder: Path, revision: str = "0123456789abcdef0123456789abcdef01234567"
+) -> Path:
+    """Copy the files of ``folder`` into a hub-style cache (``models--org--name/snapshots/<revision>/``
+    with ``refs/main`` = ``revision``), which ``snapshot_download`` resolves offline. Plain files, no
+    blobs. An existing snapshot of that revision is replaced. Returns the snapshot folder."""
+    if not is_hub_id(repo_id):
+        raise ValueError(f"not a hub id: {repo_id!r}")
+    repo_dir = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo_dir / "snapshots" / revision
+    if snapshot.exists():
+        shutil.rmtree(snapshot)
+    shutil.copytree(folder, snapshot)
+    refs = repo_dir / "refs"
+    refs.mkdir(parents=True, exist_ok=True)
+    (refs / "main").write_text(revision)  # no newline: huggingface_hub reads the ref without stripping it
+    return snapshot
