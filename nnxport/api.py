@@ -90,7 +90,7 @@ def family_for(mapping: Mapping) -> Family:
 def abstract_state(family: Family, config: dict[str, Any]) -> tuple[nnx.GraphDef, nnx.State]:
     """Graph definition and abstract (ShapeDtypeStruct) state of the family's model for ``config``."""
     model = nnx.eval_shape(lambda: family.build(config, nnx.Rngs(0)))
-    graphdef, state, _rest = nnx.split(model, STATE_FILTER, ...)
+    graphdef, state, *_rest = nnx.split(model, STATE_FILTER, ...)
     return graphdef, state
 
 

@@ -199,8 +199,7 @@ def _strict(construct: Callable[[_Loader, yaml.Node], object]) -> Callable[[_Loa
 
 _Loader.add_constructor("tag:yaml.org,2002:map", _construct_map)
 _Loader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
-for _tag in ("null", "bool", "int", "float", "binary", "timestamp"):
-    _tag = f"tag:yaml.org,2002:{_tag}"
+for _tag in [f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int", "float", "binary", "timestamp")]:
     _Loader.add_constructor(_tag, _strict(yaml.SafeLoader.yaml_constructors[_tag]))
 
 
@@ -230,7 +229,7 @@ def _parse_yaml(text: str, where: str) -> tuple[object, list[str]]:
         raise MappingError(where, [_yaml_error(text, e)]) from None
 
 
-def _key_line(d: object, key: str) -> int | None:
+def _key_line(d: object, key: object) -> int | None:
     return d.key_lines.get(key) if isinstance(d, _Dict) else None
 
 
@@ -378,12 +377,10 @@ def load_mapping_text(text: str, name: str = "<stdin>", path: Path | None = None
     ignore = _load_ignore(doc, problems)
     rules: list[Rule] = []
     specs = doc.get("rules")
-    if "rules" not in doc:
-        pass  # reported as a missing key
-    elif not isinstance(specs, list) or not specs:
+    if "rules" in doc and (not isinstance(specs, list) or not specs):
         problems.append(f"{_at(_key_line(doc, 'rules'))}'rules' must be a non-empty list of "
                         f"{{from: REGEX, to: TARGET}} rules, got {_type(specs)}")
-    else:
+    elif isinstance(specs, list):
         for i, spec in enumerate(specs):
             rule = _load_rule(i, _item_line(specs, i), spec, problems)
             if rule is not None:
@@ -405,23 +402,26 @@ def load_mapping_file(path: Path) -> Mapping:
     return load_mapping_text(text, name=path.stem, path=path)
 
 
+_SELECT = "cannot pick a mapping"
+
+
 def select_mapping(config: MappingABC[str, Any] | None, candidates: Sequence[Mapping]) -> Mapping:
     """The one candidate whose ``match`` fits ``config``; MappingError if none or several do."""
     found = [m for m in candidates if m.matches(config)]
     if len(found) == 1:
         return found[0]
     if config is None:
-        what = "no config.json to pick a mapping by"
+        what = "no config.json to match against"
     else:
         what = (f"model_type {show_value(config.get('model_type'))}, "
                 f"architectures {show_value(config.get('architectures'))}")
     if not found:
         available = ", ".join(f"{m.name} {show_value(m.match)}" for m in candidates) or "none"
         reason = what if config is None else f"no mapping matches {what}"
-        raise MappingError("mapping", [f"{reason} (available: {available}); "
-                                       "pass --mapping NAME|PATH to choose one"])
+        raise MappingError(_SELECT, [f"{reason} (available: {available}); "
+                                     "pass --mapping NAME|PATH to choose one"])
     names = ", ".join(m.name for m in found)
-    raise MappingError("mapping", [f"several mappings match {what}: {names}; pass --mapping to choose one"])
+    raise MappingError(_SELECT, [f"several mappings match {what}: {names}; pass --mapping to choose one"])
 
 
 # --------------------------------------------------------------------------------------------- analysis
@@ -478,9 +478,10 @@ class Analysis:
 
 @dataclass
 class _Claim:
-    """A key whose single rule produced an existing target (valid or not: it still fills it)."""
+    """A key whose one rule gave an existing target: it fills that target, validly or not."""
 
     key: str
+    target: str
     rule: Rule
     ops: tuple[Op, ...]
     target_shape: tuple[int, ...] | None
@@ -512,6 +513,59 @@ def _ops_text(ops: Sequence[Op]) -> str:
     return " -> ".join(op.describe() for op in ops) if ops else "no ops"
 
 
+def _unplaced(key: str, spec: TensorSpec, hits: list[tuple[Rule, re.Match[str]]], mapping: Mapping,
+              problems: list[str]) -> KeyReport:
+    """The report of a key matched by no rule (ignored or unmatched) or by several (ambiguous)."""
+    problem: str | None = None
+    status: Status = "ignored"
+    if hits:
+        names = [rule.label() for rule, _ in hits]
+        problem = f"ambiguous: key {_q(key)} matched by {', '.join(names[:-1])} and {names[-1]}"
+        status = "ambiguous"
+    elif not any(p.search(key) for p in mapping.ignore):
+        problem = f"unmatched source key {_q(key)} (no rule or ignore pattern matches)"
+        status = "unmatched"
+    if problem:
+        problems.append(problem)
+    return KeyReport(key, spec, status, None, None, (), None, problem)
+
+
+def _place(key: str, spec: TensorSpec, rule: Rule, target: str, resolved: tuple[Op, ...] | str,
+           targets: MappingABC[str, TensorSpec], problems: list[str]) -> KeyReport | _Claim:
+    """A key matched by one rule: its claim on an existing target, or the report of a missing one.
+
+    ``resolved`` is the rule's resolved ops, or its (already reported) config problem.
+    """
+    ops = rule.ops if isinstance(resolved, str) else resolved
+    mine: list[str] = []
+    status: Status = "mapped"
+    shape: tuple[int, ...] | None = None
+    if isinstance(resolved, str):
+        mine.append(resolved)
+        status = "op-error"
+    elif isinstance(inferred := _infer(ops, spec.shape), OpError):
+        mine.append(f"{rule.label()}: key {_q(key)} of shape {spec.shape}: {inferred}")
+        problems.append(mine[-1])
+        status = "op-error"
+    else:
+        shape = inferred
+    if target not in targets:
+        closest = difflib.get_close_matches(target, list(targets), n=3)
+        hint = f"; closest: {', '.join(map(_q, closest))}" if closest else ""
+        mine.append(f"{rule.label()}: target {_q(target)} (from key {_q(key)}) does not exist in the model"
+                    f"{hint}")
+        problems.append(mine[-1])
+        return KeyReport(key, spec, "bad-target", target, rule, tuple(op.describe() for op in ops), shape,
+                         "; ".join(mine))
+    expected = targets[target].shape
+    if shape is not None and shape != expected:
+        mine.append(f"shape mismatch: key {_q(key)} -> target {_q(target)} ({rule.label()}): "
+                    f"source {spec.shape} -> {_ops_text(ops)} -> {shape}, expected {expected}")
+        problems.append(mine[-1])
+        status = "shape-mismatch"
+    return _Claim(key, target, rule, ops, shape, mine, status)
+
+
 def analyze(mapping: Mapping, sources: MappingABC[str, TensorSpec], targets: MappingABC[str, TensorSpec],
             config: MappingABC[str, Any] | None) -> Analysis:
     """Match every source key to rules and targets and check shapes; collect every problem.
@@ -519,80 +573,43 @@ def analyze(mapping: Mapping, sources: MappingABC[str, TensorSpec], targets: Map
     A key must be matched by exactly one rule, or by no rule and some ``ignore`` pattern (ignore patterns
     are consulted only for keys no rule matches). Each target leaf must be filled by exactly one key, with
     the shape after the rule's ops equal to the leaf's. Rules matching no key are only reported in
-    ``unused_rules``. Targets mentioned by an ambiguous key are not also reported as unfilled.
+    ``unused_rules``, and their ops need not resolve against ``config``; a rule's config problem is
+    reported once. Targets named by an ambiguous key are not also reported as unfilled.
     """
     problems: list[str] = []
-    resolved: dict[int, tuple[Op, ...] | str] = {}
-    for rule in mapping.rules:
-        resolved[rule.index] = outcome = _resolve_ops(rule, config)
-        if isinstance(outcome, str):
-            problems.append(outcome)
-    order = {t: i for i, t in enumerate(targets)}
+    resolved: dict[int, tuple[Op, ...] | str] = {}  # per rule, on first use
     used: set[int] = set()
-    mentioned: set[str] = set()
+    mentioned: set[str] = set()  # targets of ambiguous keys
     claims: dict[str, list[_Claim]] = {}
     reports: dict[str, KeyReport] = {}
     for key in sorted(sources):
-        spec = sources[key]
         hits = [(rule, m) for rule in mapping.rules if (m := rule.pattern.search(key))]
         used.update(rule.index for rule, _ in hits)
         if len(hits) != 1:
-            problem: str | None = None
-            status: Status = "ignored"
-            if len(hits) > 1:
-                mentioned.update(m.expand(rule.target) for rule, m in hits)
-                names = [rule.label() for rule, _ in hits]
-                problem = f"ambiguous: key {_q(key)} matched by {', '.join(names[:-1])} and {names[-1]}"
-                status = "ambiguous"
-            elif not any(p.search(key) for p in mapping.ignore):
-                problem = f"unmatched source key {_q(key)} (no rule or ignore pattern matches)"
-                status = "unmatched"
-            if problem:
-                problems.append(problem)
-            reports[key] = KeyReport(key, spec, status, None, None, (), None, problem)
+            mentioned.update(m.expand(rule.target) for rule, m in hits)
+            reports[key] = _unplaced(key, sources[key], hits, mapping, problems)
             continue
         ((rule, m),) = hits
-        target = m.expand(rule.target)
-        outcome = resolved[rule.index]
-        ops = rule.ops if isinstance(outcome, str) else outcome
-        key_problems: list[str] = []
-        status = "mapped"
-        shape: tuple[int, ...] | None = None
-        if isinstance(outcome, str):
-            key_problems.append(outcome)  # already in problems, once per rule
-            status = "op-error"
-        elif isinstance(inferred := _infer(ops, spec.shape), OpError):
-            key_problems.append(f"{rule.label()}: key {_q(key)} of shape {spec.shape}: {inferred}")
-            problems.append(key_problems[-1])
-            status = "op-error"
+        if rule.index not in resolved:
+            resolved[rule.index] = outcome = _resolve_ops(rule, config)
+            if isinstance(outcome, str):
+                problems.append(outcome)
+        placed = _place(key, sources[key], rule, m.expand(rule.target), resolved[rule.index], targets,
+                        problems)
+        if isinstance(placed, KeyReport):
+            reports[key] = placed
         else:
-            shape = inferred
-        if target not in targets:
-            closest = difflib.get_close_matches(target, list(targets), n=3)
-            hint = f"; closest: {', '.join(map(_q, closest))}" if closest else ""
-            key_problems.append(f"{rule.label()}: target {_q(target)} (from key {_q(key)}) does not exist in "
-                                f"the model{hint}")
-            problems.append(key_problems[-1])
-            reports[key] = KeyReport(key, spec, "bad-target", target, rule,
-                                     tuple(op.describe() for op in ops), shape, "; ".join(key_problems))
-            continue
-        expected = targets[target].shape
-        if shape is not None and shape != expected:
-            key_problems.append(f"shape mismatch: key {_q(key)} -> target {_q(target)} ({rule.label()}): "
-                                f"source {spec.shape} -> {_ops_text(ops)} -> {shape}, expected {expected}")
-            problems.append(key_problems[-1])
-            status = "shape-mismatch"
-        claims.setdefault(target, []).append(_Claim(key, rule, ops, shape, key_problems, status))
+            claims.setdefault(placed.target, []).append(placed)
+    order = {t: i for i, t in enumerate(targets)}
     assignments: list[Assignment] = []
     for target in sorted(claims, key=order.__getitem__):
         group = claims[target]
         if len(group) > 1:
             who = [f"{_q(c.key)} ({c.rule.label()})" for c in group]
-            problem = (f"target {_q(target)} is filled by {len(group)} keys: "
-                       f"{', '.join(who[:-1])} and {who[-1]}")
-            problems.append(problem)
+            problems.append(f"target {_q(target)} is filled by {len(group)} keys: "
+                            f"{', '.join(who[:-1])} and {who[-1]}")
             for c in group:
-                c.problems.append(problem)
+                c.problems.append(problems[-1])
                 c.status = "duplicate-target"
         for c in group:
             reports[c.key] = KeyReport(c.key, sources[c.key], c.status, target, c.rule,

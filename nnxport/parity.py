@@ -46,7 +46,7 @@ class ParityReport:
     passed: bool
     reference: str
     inputs: list[dict[str, Any]]
-    tolerance: dict[str, float]
+    tolerance: dict[str, float | str]
     outputs: list[OutputDiff]
     dtype: str
     timings_s: dict[str, float] = field(default_factory=dict)
@@ -69,7 +69,7 @@ class ParityReport:
             f"# Parity report: {title}",
             "",
             f"**{verdict}** against `{self.reference}` (weights stored as {self.dtype}; "
-            f"tolerance atol={self.tolerance['atol']:g}, rtol={self.tolerance['rtol']:g}).",
+            f"tolerance {tolerance_text(self.tolerance)}).",
             "",
             "Inputs: " + ", ".join(f"`{i['name']}` {i['shape']} {i['dtype']} (seed {i['seed']})"
                                   for i in self.inputs),
@@ -85,6 +85,13 @@ class ParityReport:
                          f"{'pass' if o.passed else 'FAIL'} |")
         lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in self.timings_s.items()), ""]
         return "\n".join(lines)
+
+
+def tolerance_text(tol: dict[str, float | str]) -> str:
+    text = f"atol={tol['atol']:g}"
+    if "atol_relative_to" in tol:
+        text += "·max|ref|"
+    return f"{text} rtol={tol['rtol']:g}"
 
 
 def compare(name: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> OutputDiff:
@@ -103,7 +110,7 @@ def compare(name: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> Outp
     top1 = None
     if a.ndim >= 2 and a.shape[-1] > 1:
         top1 = float((a.argmax(-1) == b.argmax(-1)).mean())
-    violations = int((~(diff <= tol.atol + tol.rtol * np.abs(b))).sum())
+    violations = int((~(diff <= tol.effective_atol(scale) + tol.rtol * np.abs(b))).sum())
     return OutputDiff(
         name=name,
         shape=list(a.shape),
@@ -177,7 +184,7 @@ def run_parity(
         passed=all(o.passed for o in outputs),
         reference=ref_name,
         inputs=[i.describe() for i in inputs],
-        tolerance={"atol": tol.atol, "rtol": tol.rtol},
+        tolerance=tol.describe(),
         outputs=outputs,
         dtype=dtype,
         timings_s={k: round(v, 3) for k, v in timings.items()},

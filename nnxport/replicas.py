@@ -59,8 +59,8 @@ def build_replica(
     model_type = config.pop("model_type")
     hf_config = transformers.AutoConfig.for_model(model_type, **config)
     torch.manual_seed(seed)
-    cls = transformers.AutoModel if base_model else getattr(transformers, archs[0])
-    model = cls.from_config(hf_config) if base_model else cls(hf_config)
+    model: Any = (transformers.AutoModel.from_config(hf_config) if base_model
+                  else getattr(transformers, archs[0])(hf_config))
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             if not tensor.is_floating_point():

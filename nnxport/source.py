@@ -197,7 +197,7 @@ class Source:
         with self._lock:
             handles, self._handles = self._handles, {}
         for handle in handles.values():
-            pass
+            handle.__exit__(None, None, None)
 
     def __enter__(self) -> Source:
         return self

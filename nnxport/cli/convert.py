@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from nnxport.cli.common import EXIT_PARITY, Format, err, errors_handled, out, print_json, setup_logging
-from nnxport.cli.report import parity_table
+from nnxport.cli.report import failure_line, parity_table
 
 
 class Device(StrEnum):
@@ -68,6 +68,6 @@ def convert(
             if result.parity is not None:
                 out.print(parity_table(result.parity))
         if result.passed is False:
-            if not quiet:
-                err.print(f"parity FAILED: see {result.out / 'parity.md'}", style="red")
+            assert result.parity is not None
+            err.print(failure_line(result.parity, result.out / "parity.md"), style="red", soft_wrap=True)
             raise typer.Exit(EXIT_PARITY)

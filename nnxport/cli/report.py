@@ -11,10 +11,11 @@ if TYPE_CHECKING:
 
 
 def parity_table(report: ParityReport) -> Table:
+    from nnxport.parity import tolerance_text  # already imported by the command that made the report
+
     verdict = "[bold green]PASSED[/]" if report.passed else "[bold red]FAILED[/]"
-    tol = report.tolerance
     table = Table(title=f"Parity vs {report.reference}: {verdict}",
-                  caption=f"weights {report.dtype}; tolerance atol={tol['atol']:g} rtol={tol['rtol']:g}")
+                  caption=f"weights {report.dtype}; tolerance {tolerance_text(report.tolerance)}")
     for col in ("output", "shape", "max |Δ|", "max rel", "mean |Δ|", "cosine", "top-1", "out of tol", ""):
         table.add_column(col, justify="left" if col in ("output", "shape") else "right")
     for o in report.outputs:
@@ -25,3 +26,10 @@ def parity_table(report: ParityReport) -> Table:
             "[green]ok[/]" if o.passed else "[red]FAIL[/]",
         )
     return table
+
+
+def failure_line(report: ParityReport, md: object) -> str:
+    """One line naming every failing output, e.g. ``parity FAILED: logits max |Δ| 3.1e+00 ...``."""
+    bad = [f"{o.name} max |Δ| {o.max_abs_diff:.2e}, {o.violations} values out of tolerance"
+           for o in report.outputs if not o.passed]
+    return f"parity FAILED: {'; '.join(bad)} (report: {md})"

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from nnxport.cli.common import EXIT_PARITY, Format, err, errors_handled, out, print_json, setup_logging
-from nnxport.cli.report import parity_table
+from nnxport.cli.report import failure_line, parity_table
 
 
 def verify(
@@ -33,6 +33,5 @@ def verify(
         elif not quiet:
             out.print(parity_table(report))
         if not report.passed:
-            if not quiet:
-                err.print(f"parity FAILED: see {folder / 'parity.md'}", style="red")
+            err.print(failure_line(report, folder / "parity.md"), style="red", soft_wrap=True)
             raise typer.Exit(EXIT_PARITY)

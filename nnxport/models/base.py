@@ -28,8 +28,21 @@ class ParityInput:
 
 @dataclass(frozen=True)
 class Tolerance:
+    """Element-wise ``|Δ| <= atol + rtol·|reference|``. With ``atol_relative``, ``atol`` is a fraction of
+    max |reference| (for low-precision weights, whose error grows with the output's scale)."""
+
     atol: float
     rtol: float
+    atol_relative: bool = False
+
+    def effective_atol(self, scale: float) -> float:
+        return self.atol * scale if self.atol_relative else self.atol
+
+    def describe(self) -> dict[str, float | str]:
+        out: dict[str, float | str] = {"atol": self.atol, "rtol": self.rtol}
+        if self.atol_relative:
+            out["atol_relative_to"] = "max_abs_reference"
+        return out
 
 
 class Family(ABC):

@@ -235,9 +235,10 @@ class ResNetFamily(Family):
         return {"pooler_output": out.pooler_output.float().flatten(1).numpy()}
 
     def tolerance(self, dtype: str) -> Tolerance:
-        # Measured on CPU, fp32, random replicas of microsoft/resnet-50 (see docs/parity.md).
+        # From measurements on CPU with random replicas of microsoft/resnet-50 (docs/parity.md): fp32
+        # max |Δ| 6.1e-5 on logits up to 82; bf16 weights 0.57 (0.69% of max |logit|), fp16 0.08 (0.1%).
         if dtype in ("bfloat16", "float16"):
-            return Tolerance(atol=5e-2, rtol=5e-2)
+            return Tolerance(atol=2e-2, rtol=2e-2, atol_relative=True)
         return Tolerance(atol=1e-4, rtol=1e-3)
 
 
