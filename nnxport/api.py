@@ -195,9 +195,11 @@ def convert(
             assignments = analysis.assignments
             log.info("mapping %s -> family %s: %d tensors to place, %d ignored", the_mapping.name,
                      family.name, len(assignments), sum(k.status == "ignored" for k in analysis.keys))
+            target_dtype("float32", dtype)  # validates --dtype before anything is written
             if mesh:
-                sharding = default_sharding(None, build_mesh(parse_mesh(mesh)))
-                placement: dict[str, Any] = {"mesh": parse_mesh(mesh)}
+                axes = parse_mesh(mesh)
+                sharding = default_sharding(None, build_mesh(axes))
+                placement: dict[str, Any] = {"mesh": axes}
             else:
                 dev = resolve_device(device)
                 sharding = default_sharding(dev, None)

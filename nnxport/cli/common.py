@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Iterator
@@ -27,6 +28,15 @@ if not out.is_terminal:  # piped or redirected: don't squeeze tables into 80 col
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARITY = 0, 1, 2, 3
 EXIT_SIGINT = 130
 EXIT_SIGPIPE = 141
+EXIT_SIGTERM = 143
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that staged output is cleaned up on the way out."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 class Format(StrEnum):
@@ -70,6 +80,7 @@ def print_json(data: Any) -> None:
 @contextlib.contextmanager
 def errors_handled() -> Iterator[None]:
     """Turn failures into one line on stderr and the contract's exit code (traceback with NNXPORT_DEBUG=1)."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         yield
     except typer.Exit:
@@ -84,8 +95,11 @@ def errors_handled() -> Iterator[None]:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(EXIT_SIGPIPE) from None
     except KeyboardInterrupt:
-        err.print("interrupted", style="red")
+        err.print("interrupted (SIGINT): nothing was left behind", style="red")
         raise typer.Exit(EXIT_SIGINT) from None
+    except Terminated:
+        err.print("terminated (SIGTERM): nothing was left behind", style="red")
+        raise typer.Exit(EXIT_SIGTERM) from None
     except Exception as e:
         if debug():
             raise
