@@ -30,7 +30,15 @@ from nnxport.mapping import (
 )
 from nnxport.models import FAMILIES, Family, get_family
 from nnxport.parity import ParityReport, run_parity
-from nnxport.place import build_mesh, default_sharding, parse_mesh, put, resolve_device, target_dtype
+from nnxport.place import (
+    build_mesh,
+    check_dtype,
+    default_sharding,
+    parse_mesh,
+    put,
+    resolve_device,
+    target_dtype,
+)
 from nnxport.source import Source, open_source
 
 log = logging.getLogger("nnxport")
@@ -195,7 +203,7 @@ def convert(
             assignments = analysis.assignments
             log.info("mapping %s -> family %s: %d tensors to place, %d ignored", the_mapping.name,
                      family.name, len(assignments), sum(k.status == "ignored" for k in analysis.keys))
-            target_dtype("float32", dtype)  # validates --dtype before anything is written
+            check_dtype(dtype)  # before anything is written
             if mesh:
                 axes = parse_mesh(mesh)
                 sharding = default_sharding(None, build_mesh(axes))

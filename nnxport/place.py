@@ -23,10 +23,15 @@ def numpy_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
-def target_dtype(source_dtype: str, requested: str) -> str:
-    """Dtype a tensor is stored in: floats follow ``requested`` (unless "keep"), others never change."""
+def check_dtype(requested: str) -> None:
+    """NnxportError unless ``requested`` is one of :data:`DTYPES`."""
     if requested not in DTYPES:
         raise NnxportError(f"unknown --dtype {requested!r} (choose from {', '.join(DTYPES)})")
+
+
+def target_dtype(source_dtype: str, requested: str) -> str:
+    """Dtype a tensor is stored in: floats follow ``requested`` (unless "keep"), others never change."""
+    check_dtype(requested)
     if requested == "keep" or source_dtype not in _FLOAT_NAMES:
         return source_dtype
     return requested

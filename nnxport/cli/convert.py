@@ -67,7 +67,6 @@ def convert(
                       f"{m['mapping']['name']})")
             if result.parity is not None:
                 out.print(parity_table(result.parity))
-        if result.passed is False:
-            assert result.parity is not None
+        if result.parity is not None and not result.parity.passed:
             err.print(failure_line(result.parity, result.out / "parity.md"), style="red", soft_wrap=True)
             raise typer.Exit(EXIT_PARITY)
