@@ -95,9 +95,10 @@ def family_for(mapping: Mapping) -> Family:
     return get_family(mapping.model)
 
 
-def abstract_state(family: Family, config: dict[str, Any]) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_state(family: Family, config: dict[str, Any],
+                   options: dict[str, Any]) -> tuple[nnx.GraphDef, nnx.State]:
     """Graph definition and abstract (ShapeDtypeStruct) state of the family's model for ``config``."""
-    model = nnx.eval_shape(lambda: family.build(config, nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: family.build(config, nnx.Rngs(0), options))
     graphdef, state, *_rest = nnx.split(model, STATE_FILTER, ...)
     return graphdef, state
 
@@ -194,7 +195,8 @@ def convert(
             family = family_for(the_mapping)
             cfg = _require_config(src)
             family.check_config(cfg)
-            graphdef, abstract = abstract_state(family, cfg)
+            options = family.options(cfg, src.tensors.keys())
+            graphdef, abstract = abstract_state(family, cfg, options)
             analysis = analyze(the_mapping, source_specs(src), target_specs(abstract), cfg)
             if analysis.problems:
                 raise MappingError(the_mapping.name, analysis.problems)
@@ -226,13 +228,14 @@ def convert(
                     _set_path(pure, a.target, arr)
             with _timed(timings, "write_checkpoint"):
                 ckpt.save_state(staging.staging / ckpt.CHECKPOINT, pure)
-            manifest = _manifest(src, the_mapping, family, cfg, dtype, placement, len(assignments), nbytes)
+            manifest = _manifest(src, the_mapping, family, cfg, options, dtype, placement, len(assignments),
+                                 nbytes)
             report = None
             if parity:
                 with _timed(timings, "parity"):
                     nnx.replace_by_pure_dict(abstract, pure)
                     model = nnx.merge(graphdef, abstract)
-                    report = run_parity(family, model, src, cfg, _weakest(stored))
+                    report = run_parity(family, model, src, cfg, _weakest(stored), options=options)
                 _write_reports(staging.staging, report, src.spec)
                 manifest["parity"] = {"passed": report.passed}
             manifest["timings_s"] = timings
@@ -262,8 +265,8 @@ def _weakest(dtypes: set[str]) -> str:
     return "float32"
 
 
-def _manifest(src: Source, mapping: Mapping, family: Family, cfg: dict[str, Any], dtype: str,
-              placement: dict[str, Any], n: int, nbytes: int) -> dict[str, Any]:
+def _manifest(src: Source, mapping: Mapping, family: Family, cfg: dict[str, Any], options: dict[str, Any],
+              dtype: str, placement: dict[str, Any], n: int, nbytes: int) -> dict[str, Any]:
     return {
         "nnxport_version": version(),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -277,7 +280,7 @@ def _manifest(src: Source, mapping: Mapping, family: Family, cfg: dict[str, Any]
         },
         "mapping": {"name": mapping.name, "path": str(mapping.path) if mapping.path else None,
                     "sha256": mapping.sha256, "text": mapping.text},
-        "model": {"family": family.name, "config": cfg},
+        "model": {"family": family.name, "config": cfg, "options": options},
         "dtype": dtype,
         **placement,
         "tensors": n,
@@ -298,7 +301,8 @@ def load(folder: str | Path, *, device: str | None = None) -> nnx.Module:
     folder = Path(folder)
     manifest = ckpt.read_manifest(folder)
     family = get_family(manifest["model"]["family"])
-    graphdef, abstract = abstract_state(family, manifest["model"]["config"])
+    graphdef, abstract = abstract_state(family, manifest["model"]["config"],
+                                        manifest["model"].get("options", {}))
     if device is None:
         recorded = str(manifest.get("device", "auto")).split(":")[0]
         device = recorded if recorded in {d.platform for d in jax.devices()} else "auto"
@@ -326,7 +330,8 @@ def verify(folder: str | Path, *, source: str | Path | None = None) -> ParityRep
         spec, revision = str(source), None
     with open_source(spec, revision=revision) as src:
         stored = {str(leaf.dtype) for leaf in jax.tree.leaves(nnx.state(model, STATE_FILTER))}
-        report = run_parity(family, model, src, cfg, _weakest(stored))
+        report = run_parity(family, model, src, cfg, _weakest(stored),
+                            options=manifest["model"].get("options", {}))
     _write_reports(folder, report, str(recorded["spec"]))
     manifest["parity"] = {"passed": report.passed}
     ckpt.write_json(folder / ckpt.MANIFEST, manifest)
@@ -384,7 +389,7 @@ def inspect_keys(
     family = family_for(the_mapping)
     cfg = _require_config(src)
     family.check_config(cfg)
-    _, abstract = abstract_state(family, cfg)
+    _, abstract = abstract_state(family, cfg, family.options(cfg, src.tensors.keys()))
     return Inspection(src, the_mapping, analyze(the_mapping, source_specs(src), target_specs(abstract), cfg))
 
 

@@ -28,6 +28,9 @@ class OutputDiff:
 
     ``max_rel_diff`` is max |Δ| divided by max |reference| (the error relative to the output's scale);
     ``violations`` counts elements outside ``|Δ| <= atol + rtol * |reference|`` (numpy.allclose).
+    For logits of a distribution: ``top5_agreement`` is the mean fraction of the reference's 5 most
+    likely classes that are also among the NNX model's 5, and ``kl_divergence`` is the mean over rows of
+    KL(reference || NNX) of the softmax over the last axis, in nats.
     """
 
     name: str
@@ -39,6 +42,8 @@ class OutputDiff:
     top1_agreement: float | None
     violations: int
     passed: bool
+    top5_agreement: float | None = None
+    kl_divergence: float | None = None
 
 
 @dataclass
@@ -75,14 +80,16 @@ class ParityReport:
                                   for i in self.inputs),
             "",
             "| output | shape | max abs diff | max rel diff | mean abs diff | cosine | top-1 agreement "
-            "| out of tolerance | result |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| top-5 agreement | KL divergence | out of tolerance | result |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for o in self.outputs:
             top1 = "" if o.top1_agreement is None else f"{o.top1_agreement:.4f}"
+            top5 = "" if o.top5_agreement is None else f"{o.top5_agreement:.4f}"
+            kl = "" if o.kl_divergence is None else f"{o.kl_divergence:.3e}"
             lines.append(f"| {o.name} | {o.shape} | {o.max_abs_diff:.3e} | {o.max_rel_diff:.3e} | "
-                         f"{o.mean_abs_diff:.3e} | {o.cosine:.7f} | {top1} | {o.violations} | "
-                         f"{'pass' if o.passed else 'FAIL'} |")
+                         f"{o.mean_abs_diff:.3e} | {o.cosine:.7f} | {top1} | {top5} | {kl} | "
+                         f"{o.violations} | {'pass' if o.passed else 'FAIL'} |")
         lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in self.timings_s.items()), ""]
         return "\n".join(lines)
 
@@ -94,8 +101,29 @@ def tolerance_text(tol: dict[str, float | str]) -> str:
     return f"{text} rtol={tol['rtol']:g}"
 
 
-def compare(name: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> OutputDiff:
-    """Metrics of ``got`` (NNX) against ``ref`` (reference), computed in float64."""
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _distribution_metrics(a: np.ndarray, b: np.ndarray) -> tuple[float | None, float]:
+    """top-5 agreement (None with fewer than 6 classes) and mean KL(b || a) over the rows of the last
+    axis; ``a`` is NNX, ``b`` the reference, both float64 logits."""
+    log_p, log_q = _log_softmax(b), _log_softmax(a)
+    kl = float((np.exp(log_p) * (log_p - log_q)).sum(axis=-1).mean())
+    top5 = None
+    if a.shape[-1] > 5:
+        mine = np.argpartition(-a, 5, axis=-1)[..., :5]
+        theirs = np.argpartition(-b, 5, axis=-1)[..., :5]
+        shared = (mine[..., :, None] == theirs[..., None, :]).any(-1).sum(-1)
+        top5 = float(shared.mean() / 5)
+    return top5, max(kl, 0.0)
+
+
+def compare(name: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance, *,
+            distribution: bool = False) -> OutputDiff:
+    """Metrics of ``got`` (NNX) against ``ref`` (reference), computed in float64. ``distribution``:
+    the last axis holds logits of a distribution (adds top-5 agreement and KL divergence)."""
     if got.shape != ref.shape:
         raise NnxportError(f"parity: output '{name}' has shape {got.shape} in NNX but {ref.shape} in the "
                            "reference")
@@ -111,6 +139,9 @@ def compare(name: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> Outp
     if a.ndim >= 2 and a.shape[-1] > 1:
         top1 = float((a.argmax(-1) == b.argmax(-1)).mean())
     violations = int((~(diff <= tol.effective_atol(scale) + tol.rtol * np.abs(b))).sum())
+    top5, kl = None, None
+    if distribution and finite and a.ndim >= 1 and a.size:
+        top5, kl = _distribution_metrics(a, b)
     return OutputDiff(
         name=name,
         shape=list(a.shape),
@@ -121,10 +152,13 @@ def compare(name: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> Outp
         top1_agreement=top1,
         violations=violations,
         passed=finite and violations == 0,
+        top5_agreement=top5,
+        kl_divergence=kl,
     )
 
 
-def load_reference(family: Family, source: Source, config: dict[str, Any]) -> tuple[Any, str]:
+def load_reference(family: Family, source: Source, config: dict[str, Any],
+                   options: dict[str, Any]) -> tuple[Any, str]:
     """The transformers model of ``family`` with the source's weights, in float32, in eval mode.
 
     The source's files are linked into a scratch folder with its config, so that folders, hub snapshots
@@ -135,7 +169,7 @@ def load_reference(family: Family, source: Source, config: dict[str, Any]) -> tu
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    cls_name = family.reference_class(config)
+    cls_name = family.reference_class(config, options)
     cls = getattr(transformers, cls_name)
     with tempfile.TemporaryDirectory(prefix="nnxport-ref-") as tmp:
         folder = Path(tmp)
@@ -148,7 +182,7 @@ def load_reference(family: Family, source: Source, config: dict[str, Any]) -> tu
             os.symlink(index.absolute(), folder / index.name)
         (folder / "config.json").write_text(json.dumps(config))
         model, info = cls.from_pretrained(folder, dtype=torch.float32, output_loading_info=True,
-                                          local_files_only=True)
+                                          local_files_only=True, **family.reference_kwargs(config, options))
     missing = [k for k in info.get("missing_keys", []) if k]
     if missing:
         raise NnxportError(f"parity: the reference {cls_name} did not find {len(missing)} of its weights in "
@@ -163,12 +197,13 @@ def run_parity(
     config: dict[str, Any],
     dtype: str,
     *,
+    options: dict[str, Any] | None = None,
     seed: int = 0,
 ) -> ParityReport:
     """Compare ``model`` with the reference built from ``source``; ``passed`` is computed."""
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    reference, ref_name = load_reference(family, source, config)
+    reference, ref_name = load_reference(family, source, config, options or {})
     timings["load_reference"] = time.perf_counter() - t
     inputs: list[ParityInput] = family.parity_inputs(config, seed)
     t = time.perf_counter()
@@ -179,7 +214,8 @@ def run_parity(
     got = family.run_nnx(model, inputs)
     timings["run_nnx"] = time.perf_counter() - t
     tol = family.tolerance(dtype)
-    outputs = [compare(name, got[name], expected[name], tol) for name in expected]
+    outputs = [compare(name, got[name], expected[name], tol, distribution=name in family.distributions)
+               for name in expected]
     return ParityReport(
         passed=all(o.passed for o in outputs),
         reference=ref_name,

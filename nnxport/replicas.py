@@ -10,29 +10,21 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-#: Published configs (architecture fields only; label names are replaced by LABEL_i).
-PUBLISHED: dict[str, dict[str, Any]] = {
-    "microsoft/resnet-50": {
-        "architectures": ["ResNetForImageClassification"], "model_type": "resnet",
-        "depths": [3, 4, 6, 3], "hidden_sizes": [256, 512, 1024, 2048], "embedding_size": 64,
-        "layer_type": "bottleneck", "hidden_act": "relu", "downsample_in_first_stage": False,
-        "num_channels": 3, "num_labels": 1000,
-    },
-    "microsoft/resnet-18": {
-        "architectures": ["ResNetForImageClassification"], "model_type": "resnet",
-        "depths": [2, 2, 2, 2], "hidden_sizes": [64, 128, 256, 512], "embedding_size": 64,
-        "layer_type": "basic", "hidden_act": "relu", "downsample_in_first_stage": False,
-        "num_channels": 3, "num_labels": 1000,
-    },
-}
+
+def published() -> dict[str, dict[str, Any]]:
+    """Every family's published configs: hub id -> config.json fields (architecture fields only)."""
+    from nnxport.models import FAMILIES
+
+    return {repo: dict(cfg) for f in FAMILIES.values() for repo, cfg in f.published.items()}
 
 
 def published_config(repo_id: str, **overrides: Any) -> dict[str, Any]:
     """The published config of ``repo_id`` with ``overrides`` applied."""
-    config = copy.deepcopy(PUBLISHED[repo_id])
+    config = copy.deepcopy(published()[repo_id])
     config.update(overrides)
     return config
 
@@ -45,10 +37,14 @@ def build_replica(
     base_model: bool = False,
     max_shard_size: str | None = None,
     dtype: str = "float32",
+    hub_config: bool = False,
 ) -> Path:
     """Write a random-weight transformers checkpoint for ``config`` into folder ``out``.
 
     ``base_model`` saves the headless model (e.g. ResNetModel: keys without the ``resnet.`` prefix).
+    ``hub_config`` writes ``config`` itself as config.json, as the hub has it (older field names such
+    as ``rope_scaling`` included), instead of what this transformers version's ``save_pretrained``
+    writes.
     """
     import torch
     import transformers
@@ -67,7 +63,7 @@ def build_replica(
                 continue
             if name.endswith("running_var"):
                 tensor.uniform_(0.5, 2.0)  # must stay positive
-            elif name.endswith(("normalization.weight", "norm.weight", "LayerNorm.weight")):
+            elif name.endswith("weight") and tensor.ndim == 1:  # norm scales (initialised to 1)
                 tensor.uniform_(0.5, 1.5)
             elif name.endswith(("running_mean", "bias")):
                 tensor.normal_(0.0, 0.1)
@@ -79,10 +75,36 @@ def build_replica(
     model.save_pretrained(out, **kwargs)
     # save_pretrained writes config.json; make its architectures match what was saved.
     cfg_path = out / "config.json"
-    saved = json.loads(cfg_path.read_text())
+    saved = {"model_type": model_type, **config} if hub_config else json.loads(cfg_path.read_text())
     saved["architectures"] = [type(model).__name__]
     cfg_path.write_text(json.dumps(saved, indent=2) + "\n")
     return out
+
+
+def edit_safetensors(folder: Path, *, add: dict[str, Any] | None = None, drop: Iterable[str] = (),
+                     rename: Callable[[str], str] | None = None) -> None:
+    """Rewrite every ``*.safetensors`` file of ``folder`` (and its index) the way older or differently
+    saved checkpoints look: ``add`` tensors (numpy arrays, into the first file), ``drop`` keys, ``rename``
+    keys (e.g. strip a ``bert.`` prefix)."""
+    import ml_dtypes  # noqa: F401  (bf16 through numpy)
+    from safetensors.numpy import load_file, save_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    dropped = set(drop)
+    weight_map: dict[str, str] = {}
+    for i, path in enumerate(files):
+        tensors = {k: v for k, v in load_file(path).items() if k not in dropped}
+        if rename is not None:
+            tensors = {rename(k): v for k, v in tensors.items()}
+        if i == 0 and add:
+            tensors.update(add)
+        save_file(tensors, path, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, path.name))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        doc = json.loads(index.read_text())
+        doc["weight_map"] = dict(sorted(weight_map.items()))
+        index.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     from nnxport.source import write_hub_cache
 
     parser = argparse.ArgumentParser(prog="python -m nnxport.replicas", description=main.__doc__)
-    parser.add_argument("repo_id", choices=sorted(PUBLISHED))
+    parser.add_argument("repo_id", choices=sorted(published()))
     parser.add_argument("--hub-cache", type=Path, required=True)
     args = parser.parse_args(argv)
     repo_dir = args.hub_cache / ("models--" + args.repo_id.replace("/", "--"))

@@ -21,7 +21,7 @@ RESNET_YAML = (Path(__file__).resolve().parents[1] / "mappings" / "resnet.yaml")
 
 
 def _abstract_pure(config: dict) -> dict:
-    model = nnx.eval_shape(lambda: get_family("resnet").build(config, nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: get_family("resnet").build(config, nnx.Rngs(0), {}))
     _, state, _ = nnx.split(model, (nnx.Param, nnx.BatchStat), ...)
     return nnx.to_pure_dict(state)
 

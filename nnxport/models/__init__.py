@@ -1,12 +1,25 @@
-"""Registry of model families. One module per family; each exports ``FAMILY``."""
+"""Registry of model families: every module in this package that defines ``FAMILY`` (one file per family)."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from nnxport.errors import NnxportError
-from nnxport.models import resnet
 from nnxport.models.base import Family, ParityInput, Tolerance
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (resnet.FAMILY,)}
+
+def _discover() -> dict[str, Family]:
+    found: dict[str, Family] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        family = getattr(module, "FAMILY", None)
+        if isinstance(family, Family):
+            found[family.name] = family
+    return found
+
+
+FAMILIES: dict[str, Family] = _discover()
 
 
 def get_family(name: str) -> Family:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from flax import nnx
@@ -46,23 +46,41 @@ class Tolerance:
 
 
 class Family(ABC):
-    """A model family: one NNX implementation configured from a Hugging Face ``config.json``."""
+    """A model family: one NNX implementation configured from a Hugging Face ``config.json``.
+
+    ``options`` are architecture choices that config.json does not state but the checkpoint's keys do
+    (e.g. whether a BERT base model was saved with its pooler). :meth:`options` derives them once at
+    conversion; they are recorded in the manifest and passed back to :meth:`build` and the reference.
+    """
 
     name: str
     description: str
     #: Built-in mappings (file stems in ``mappings/``) that target this family.
     mappings: tuple[str, ...]
+    #: Published configs (hub id -> config.json fields) that tests, the demo and benchmarks replicate.
+    published: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    #: Outputs that are logits of a distribution over the last axis: parity also reports KL divergence
+    #: and top-1 / top-5 agreement for them.
+    distributions: tuple[str, ...] = ("logits",)
+
+    def options(self, config: Mapping[str, Any], keys: Collection[str]) -> dict[str, Any]:
+        """Architecture options read from the source's tensor names (JSON-serialisable; default none)."""
+        return {}
+
+    def reference_kwargs(self, config: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
+        """Extra keyword arguments for the reference's ``from_pretrained`` (e.g. ``add_pooling_layer``)."""
+        return {}
 
     @abstractmethod
     def check_config(self, config: Mapping[str, Any]) -> None:
         """Raise ConfigError naming the field if ``config`` asks for something this family cannot do."""
 
     @abstractmethod
-    def build(self, config: Mapping[str, Any], rngs: nnx.Rngs) -> nnx.Module:
+    def build(self, config: Mapping[str, Any], rngs: nnx.Rngs, options: Mapping[str, Any]) -> nnx.Module:
         """Construct the model (called under ``nnx.eval_shape``: never materialised randomly)."""
 
     @abstractmethod
-    def reference_class(self, config: Mapping[str, Any]) -> str:
+    def reference_class(self, config: Mapping[str, Any], options: Mapping[str, Any]) -> str:
         """Name of the ``transformers`` class that is the reference implementation."""
 
     @abstractmethod
@@ -97,3 +115,22 @@ def require(config: Mapping[str, Any], field: str, kind: type | tuple[type, ...]
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join(k.__name__ for k in kinds)
+
+
+def token_inputs(vocab_size: int, seed: int, *, batch: int = 2, length: int = 16, padding: int = 5,
+                 low: int = 0) -> list[ParityInput]:
+    """Seeded ``input_ids`` [batch, length] (int32) and ``attention_mask``: the last row is right-padded
+    with ``padding`` masked positions (pad id 0). Token ids are drawn from ``[low, vocab_size)``."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(low, vocab_size, size=(batch, length), dtype=np.int64).astype(np.int32)
+    mask = np.ones((batch, length), dtype=np.int32)
+    if padding:
+        mask[-1, length - padding:] = 0
+        ids[-1, length - padding:] = 0
+    return [ParityInput("input_ids", ids, seed), ParityInput("attention_mask", mask, seed)]
+
+
+def valid_positions(out: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Rows of a [batch, length, ...] output at unmasked positions, as [n_valid, ...]: padded positions
+    carry no meaning and are not compared."""
+    return np.asarray(out)[np.asarray(mask).astype(bool)]

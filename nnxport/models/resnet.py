@@ -10,8 +10,8 @@ Target paths (what ``mappings/resnet.yaml`` fills)::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -20,16 +20,7 @@ from flax import nnx
 
 from nnxport.errors import ConfigError
 from nnxport.models.base import Family, ParityInput, Tolerance, require
-
-# transformers' ACT2FN names -> jax functions with the same definition.
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": jax.nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-    "sigmoid": jax.nn.sigmoid,
-}
+from nnxport.models.layers import ACTIVATIONS
 
 
 def _conv(cin: int, cout: int, k: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
@@ -170,6 +161,20 @@ class ResNetFamily(Family):
     name = "resnet"
     description = "ResNet-18/34/50/101/152 (transformers ResNetForImageClassification / ResNetModel)"
     mappings = ("resnet",)
+    published: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "microsoft/resnet-50": {
+            "architectures": ["ResNetForImageClassification"], "model_type": "resnet",
+            "depths": [3, 4, 6, 3], "hidden_sizes": [256, 512, 1024, 2048], "embedding_size": 64,
+            "layer_type": "bottleneck", "hidden_act": "relu", "downsample_in_first_stage": False,
+            "num_channels": 3, "num_labels": 1000,
+        },
+        "microsoft/resnet-18": {
+            "architectures": ["ResNetForImageClassification"], "model_type": "resnet",
+            "depths": [2, 2, 2, 2], "hidden_sizes": [64, 128, 256, 512], "embedding_size": 64,
+            "layer_type": "basic", "hidden_act": "relu", "downsample_in_first_stage": False,
+            "num_channels": 3, "num_labels": 1000,
+        },
+    }
     image_size = 224
     batch = 2
 
@@ -192,7 +197,7 @@ class ResNetFamily(Family):
         if layer_type == "bottleneck" and any(s % 4 for s in sizes):
             raise ConfigError("config.json: bottleneck 'hidden_sizes' must be multiples of 4")
 
-    def build(self, config: Mapping[str, Any], rngs: nnx.Rngs) -> nnx.Module:
+    def build(self, config: Mapping[str, Any], rngs: nnx.Rngs, options: Mapping[str, Any]) -> nnx.Module:
         self.check_config(config)
         return ResNet(
             num_channels=int(config.get("num_channels", 3)),
@@ -207,7 +212,7 @@ class ResNetFamily(Family):
             rngs=rngs,
         )
 
-    def reference_class(self, config: Mapping[str, Any]) -> str:
+    def reference_class(self, config: Mapping[str, Any], options: Mapping[str, Any]) -> str:
         if num_labels(config) == 0:
             return "ResNetModel"
         return "ResNetForImageClassification"
