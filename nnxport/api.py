@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 
 from nnxport import checkpoint as ckpt
@@ -29,6 +30,7 @@ from nnxport.mapping import (
     select_mapping,
 )
 from nnxport.models import FAMILIES, Family, get_family
+from nnxport.ops import apply_ops
 from nnxport.parity import ParityReport, run_parity
 from nnxport.place import (
     build_mesh,
@@ -200,8 +202,12 @@ def convert(
             analysis = analyze(the_mapping, source_specs(src), target_specs(abstract), cfg)
             if analysis.problems:
                 raise MappingError(the_mapping.name, analysis.problems)
+            tied = {tie.to for tie in the_mapping.ties}
             for rule in analysis.unused_rules:
-                log.warning("mapping %s: %s matched no source key", the_mapping.name, rule.label())
+                # Optional rules and stored copies of tied weights are absent from many checkpoints.
+                expected = rule.optional or all(t in tied for t in rule.targets)
+                (log.debug if expected else log.warning)("mapping %s: %s matched no source key",
+                                                         the_mapping.name, rule.label())
             assignments = analysis.assignments
             log.info("mapping %s -> family %s: %d tensors to place, %d ignored", the_mapping.name,
                      family.name, len(assignments), sum(k.status == "ignored" for k in analysis.keys))
@@ -221,15 +227,17 @@ def convert(
                 pure = nnx.to_pure_dict(abstract)
                 stored: set[str] = set()
                 nbytes = 0
+                filled = 0
                 for a in assignments:
-                    arr = _materialize(src, a, dtype, sharding)
-                    stored.add(str(arr.dtype))
-                    nbytes += arr.nbytes
-                    _set_path(pure, a.target, arr)
+                    placed = _materialize(src, a, dtype, sharding, pure)
+                    for target, arr in zip(a.targets, placed, strict=True):
+                        stored.add(str(arr.dtype))
+                        nbytes += arr.nbytes
+                        filled += 1
+                        _set_path(pure, target, arr)
             with _timed(timings, "write_checkpoint"):
                 ckpt.save_state(staging.staging / ckpt.CHECKPOINT, pure)
-            manifest = _manifest(src, the_mapping, family, cfg, options, dtype, placement, len(assignments),
-                                 nbytes)
+            manifest = _manifest(src, the_mapping, family, cfg, options, dtype, placement, filled, nbytes)
             report = None
             if parity:
                 with _timed(timings, "parity"):
@@ -250,11 +258,28 @@ def convert(
     return ConvertResult(out=out_path, manifest=manifest, parity=report, timings_s=timings)
 
 
-def _materialize(src: Source, a: Assignment, dtype: str, sharding: jax.sharding.Sharding) -> jax.Array:
-    arr = src.read(a.source)
-    for op in a.ops:
-        arr = op.apply(arr)
-    return put(arr, target_dtype(a.source_spec.dtype, dtype), sharding)
+def _materialize(src: Source, a: Assignment, dtype: str, sharding: jax.sharding.Sharding,
+                 pure: dict[Any, Any]) -> list[jax.Array]:
+    """The placed arrays of ``a.targets``: its source keys read and run through its ops, or, for a tie
+    fill, the already-placed value of ``a.tied_from`` run through them."""
+    if a.tied_from is not None:
+        base = np.asarray(_get_path(pure, a.tied_from))
+        source_dtype = str(base.dtype)
+        arrays = apply_ops(a.ops, [base])
+    else:
+        source_dtype = a.source_specs[0].dtype
+        arrays = apply_ops(a.ops, [src.read(key) for key in a.sources])
+    want = target_dtype(source_dtype, dtype)
+    placed: list[jax.Array] = []
+    while arrays:  # drop each host array as soon as it is placed
+        placed.append(put(arrays.pop(0), want, sharding))
+    return placed
+
+
+def _get_path(tree: dict[Any, Any], dotted: str) -> Any:
+    for k in dotted.split("."):
+        tree = tree[int(k) if k.isdigit() else k]
+    return tree
 
 
 def _weakest(dtypes: set[str]) -> str:
@@ -347,14 +372,17 @@ class Inspection:
     analysis: Analysis | None
 
     def rows(self) -> list[dict[str, Any]]:
+        """One dict per source key: key, shape, dtype, status, target (the targets joined by ", "),
+        targets, ops, target_shape (when exactly one target), target_shapes, problem, note."""
         if self.analysis is None:
             return [{"key": k, "shape": list(t.shape), "dtype": t.dtype, "status": None, "target": None,
-                     "ops": [], "target_shape": None, "problem": None}
+                     "targets": [], "ops": [], "target_shape": None, "target_shapes": [], "problem": None,
+                     "note": None}
                     for k, t in self.source.tensors.items()]
         return [{"key": r.key, "shape": list(r.spec.shape), "dtype": r.spec.dtype, "status": r.status,
-                 "target": r.target, "ops": list(r.ops),
+                 "target": r.target, "targets": list(r.targets), "ops": list(r.ops),
                  "target_shape": None if r.target_shape is None else list(r.target_shape),
-                 "problem": r.problem}
+                 "target_shapes": [list(s) for s in r.target_shapes], "problem": r.problem, "note": r.note}
                 for r in self.analysis.keys]
 
     def to_json(self) -> dict[str, Any]:

@@ -7,7 +7,10 @@ together in one :class:`~nnxport.errors.MappingError`.
 Matching semantics (see :func:`analyze`): each source key is tried against every rule with
 ``re.search`` (authors anchor with ``^``/``$``). Exactly one rule must match; ``ignore`` patterns are
 consulted only for keys that no rule matches, so a broad ignore list never competes with a rule. The
-rule's ``to`` template is expanded with the match (``\\1``, ``\\g<name>``) into a dotted target path.
+rule's ``to`` template is expanded with the match (``\\1``, ``\\g<name>``) into a dotted target path; a
+list of templates receives the parts of a ``split``. Keys of a rule with a ``concat``/``stack`` op are
+gathered per expanded target. ``optional`` rules ignore keys whose target the model lacks, and ``tie``
+entries declare model parameters that share a value (see docs/mappings.md for the whole format).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any, Literal
 import yaml
 
 from nnxport.errors import MappingError
-from nnxport.ops import Op, OpError, parse_op, show_value
+from nnxport.ops import Op, OpError, Split, infer_ops, parse_op, show_value
 
 __all__ = [
     "Analysis",
@@ -33,6 +36,7 @@ __all__ = [
     "Mapping",
     "Rule",
     "TensorSpec",
+    "Tie",
     "analyze",
     "load_mapping_file",
     "load_mapping_text",
@@ -41,11 +45,12 @@ __all__ = [
 ]
 
 VERSION = 1
-TOP_KEYS = ("version", "model", "match", "ignore", "rules")
+TOP_KEYS = ("version", "model", "match", "ignore", "rules", "tie")
 REQUIRED_KEYS = ("version", "model", "rules")
-RULE_KEYS = ("from", "to", "ops")
+RULE_KEYS = ("from", "to", "ops", "optional")
+TIE_KEYS = ("to", "from", "ops")
 
-Status = Literal["mapped", "ignored", "unmatched", "ambiguous", "bad-target", "duplicate-target",
+Status = Literal["mapped", "ignored", "tied", "unmatched", "ambiguous", "bad-target", "duplicate-target",
                  "shape-mismatch", "op-error"]
 
 
@@ -76,18 +81,47 @@ def _rule_label(index: int, line: int | None, source: str | None) -> str:
 
 @dataclass(frozen=True)
 class Rule:
-    """One ``from`` regex -> ``to`` template rule, with its ops (config references not yet resolved)."""
+    """One ``from`` regex -> ``to`` template(s) rule, with its ops (config references not yet resolved).
+
+    ``targets`` has one template, or several when the rule splits one key into several targets.
+    """
 
     index: int
     line: int | None
     source: str
     pattern: re.Pattern[str]
-    target: str
+    targets: tuple[str, ...]
     ops: tuple[Op, ...]
+    optional: bool = False
+
+    @property
+    def target(self) -> str:
+        """The ``to`` template(s), joined by ", " when there are several."""
+        return ", ".join(self.targets)
+
+    @property
+    def gather(self) -> Op | None:
+        """The rule's concat/stack op, if any."""
+        return next((op for op in self.ops if op.kind == "gather"), None)
 
     def label(self) -> str:
         """How messages name the rule: ``rule 3 (line 14, from '^fc\\.weight$')`` (1-based number)."""
         return _rule_label(self.index, self.line, self.source)
+
+
+@dataclass(frozen=True)
+class Tie:
+    """A declared alias between model targets: ``to`` holds the value of ``from`` through ``ops``."""
+
+    index: int
+    line: int | None
+    to: str
+    source: str
+    ops: tuple[Op, ...]
+
+    def label(self) -> str:
+        """How messages name the tie: ``tie 1 (line 30, to 'lm_head.kernel')``."""
+        return _tie_label(self.index, self.line, self.to)
 
 
 @dataclass(frozen=True)
@@ -103,6 +137,7 @@ class Mapping:
     match: dict[str, Any] = field(hash=False)
     ignore: tuple[re.Pattern[str], ...]
     rules: tuple[Rule, ...]
+    ties: tuple[Tie, ...] = ()
 
     def matches(self, config: MappingABC[str, Any] | None) -> bool:
         """Whether ``config`` (config.json) satisfies every ``match`` entry.
@@ -273,6 +308,67 @@ def _check_template(pattern: re.Pattern[str], template: str) -> str | None:
     return None
 
 
+def _load_targets(label: str, target: object, pattern: re.Pattern[str] | None,
+                  problems: list[str]) -> tuple[str, ...] | None:
+    """The rule's ``to`` templates (a string, or a list for a split), or None after reporting why not."""
+    if isinstance(target, list) and target:
+        bad = [t for t in target if not isinstance(t, str) or not t]
+        if bad:
+            problems.append(f"{label}: 'to' list items must be non-empty target path strings, "
+                            f"got {_type(bad[0])}")
+            return None
+        templates = tuple(target)
+    elif isinstance(target, str) and target:
+        templates = (target,)
+    else:
+        problems.append(f"{label}: 'to' must be a non-empty target path string (or a list of them for a "
+                        f"split), got {_type(target)}")
+        return None
+    ok = True
+    if len(set(templates)) < len(templates):
+        repeated = sorted({t for t in templates if templates.count(t) > 1})
+        problems.append(f"{label}: 'to' lists {', '.join(map(_q, repeated))} more than once")
+        ok = False
+    for t in templates:
+        if pattern is not None and (why := _check_template(pattern, t)):
+            problems.append(f"{label}: invalid target template {_q(t)}: {why}")
+            ok = False
+    return templates if ok else None
+
+
+def _check_op_order(label: str, ops: Sequence[Op], lines: list[int | None], listed: bool | None,
+                    n_targets: int, pattern: re.Pattern[str] | None, problems: list[str]) -> None:
+    """At most one gather before at most one split; a list ``to`` exactly with a split; ``by`` templates."""
+    gathers = [j for j, op in enumerate(ops) if op.kind == "gather"]
+    splits = [j for j, op in enumerate(ops) if op.kind == "split"]
+    if len(gathers) > 1:
+        problems.append(f"{label}: {_at(lines[gathers[1]])}a rule has at most one concat/stack op "
+                        f"(ops {', '.join(str(j + 1) for j in gathers)} are)")
+    if len(splits) > 1:
+        problems.append(f"{label}: {_at(lines[splits[1]])}a rule has at most one split op "
+                        f"(ops {', '.join(str(j + 1) for j in splits)} are)")
+    if gathers and splits and splits[0] < gathers[-1]:
+        problems.append(f"{label}: {_at(lines[splits[0]])}op {splits[0] + 1} (split) comes before op "
+                        f"{gathers[-1] + 1} ({ops[gathers[-1]].name}); "
+                        f"a concat/stack must come before a split")
+    if listed is True and not splits:
+        problems.append(f"{label}: 'to' is a list of {n_targets} targets but the rule has no split op; "
+                        f"use a single target, or add {{split: {{axis: A, parts: {n_targets}}}}}")
+    if listed is False and splits:
+        problems.append(f"{label}: {_at(lines[splits[0]])}a split gives several tensors, so 'to' must be a "
+                        f"list of targets, one per part")
+    if listed is True and len(splits) == 1:
+        split = ops[splits[0]]
+        count = split.count if isinstance(split, Split) else None
+        if count is not None and count != n_targets:
+            problems.append(f"{label}: {_at(lines[splits[0]])}{split.describe()} gives {count} tensors but "
+                            f"'to' lists {n_targets} targets")
+    for j in gathers:
+        by = getattr(ops[j], "by", None)
+        if by is not None and pattern is not None and (why := _check_template(pattern, by)):
+            problems.append(f"{label}: {_at(lines[j])}op {j + 1}: invalid 'by' template {_q(by)}: {why}")
+
+
 def _load_rule(index: int, line: int | None, spec: object, problems: list[str]) -> Rule | None:
     if not isinstance(spec, dict):
         problems.append(f"{_rule_label(index, line, None)}: a rule is a mapping with 'from' and 'to', "
@@ -294,23 +390,91 @@ def _load_rule(index: int, line: int | None, spec: object, problems: list[str]) 
     else:
         pattern = compiled
     target = spec.get("to")
-    if not isinstance(target, str) or not target:
-        problems.append(f"{label}: 'to' must be a non-empty target path string, got {_type(target)}")
-    elif pattern is not None and (why := _check_template(pattern, target)):
-        problems.append(f"{label}: invalid target template {_q(target)}: {why}")
+    templates = _load_targets(label, target, pattern, problems)
+    optional = spec.get("optional", False)
+    if not isinstance(optional, bool):
+        at = _at(_other_line(_key_line(spec, "optional"), line))
+        problems.append(f"{label}: {at}'optional' must be true or false, got {_type(optional)}")
     ops: list[Op] = []
+    lines: list[int | None] = []
     op_specs = spec.get("ops", [])
+    ops_ok = True
     if not isinstance(op_specs, list):
         problems.append(f"{label}: 'ops' must be a list like [{{transpose: [1, 0]}}], got {_type(op_specs)}")
+        ops_ok = False
     else:
         for j, op_spec in enumerate(op_specs):
+            at_line = _other_line(_item_line(op_specs, j), line)
             try:
                 ops.append(parse_op(op_spec))
+                lines.append(at_line)
             except OpError as e:
-                problems.append(f"{label}: {_at(_other_line(_item_line(op_specs, j), line))}op {j + 1}: {e}")
-    if len(problems) > n or pattern is None or not isinstance(target, str):
+                problems.append(f"{label}: {_at(at_line)}op {j + 1}: {e}")
+                ops_ok = False
+    if ops_ok:
+        listed = None if templates is None else isinstance(target, list)
+        _check_op_order(label, ops, lines, listed, len(templates or ()), pattern, problems)
+    if len(problems) > n or pattern is None or templates is None:
         return None
-    return Rule(index, line, pattern.pattern, pattern, target, tuple(ops))
+    return Rule(index, line, pattern.pattern, pattern, templates, tuple(ops), optional is True)
+
+
+def _tie_label(index: int, line: int | None, to: str | None) -> str:
+    parts = ([] if line is None else [f"line {line}"]) + ([] if to is None else [f"to {_q(to)}"])
+    return f"tie {index + 1}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _load_ties(doc: dict[Any, Any], problems: list[str]) -> list[Tie]:
+    specs = doc.get("tie", [])
+    if not isinstance(specs, list):
+        problems.append(f"{_at(_key_line(doc, 'tie'))}'tie' must be a list of {{to: TARGET, from: TARGET}} "
+                        f"entries, got {_type(specs)}")
+        return []
+    ties: list[Tie] = []
+    seen: dict[str, str] = {}
+    for i, spec in enumerate(specs):
+        line = _item_line(specs, i) or _key_line(doc, "tie")
+        if not isinstance(spec, dict):
+            problems.append(f"{_tie_label(i, line, None)}: a tie is a mapping with 'to' and 'from', "
+                            f"got {_type(spec)}")
+            continue
+        to, source = spec.get("to"), spec.get("from")
+        label = _tie_label(i, line, to if isinstance(to, str) else None)
+        n = len(problems)
+        for key in spec:
+            if key not in TIE_KEYS:
+                at = _at(_other_line(_key_line(spec, key), line))
+                problems.append(f"{label}: {at}unknown key {show_value(key)}{_hint(key, TIE_KEYS)}; "
+                                f"a tie has {', '.join(TIE_KEYS)}")
+        for what, value in (("to", to), ("from", source)):
+            if not isinstance(value, str) or not value:
+                problems.append(f"{label}: {what!r} must be a non-empty target path string, "
+                                f"got {_type(value)}")
+        ops: list[Op] = []
+        op_specs = spec.get("ops", [])
+        if not isinstance(op_specs, list):
+            problems.append(f"{label}: 'ops' must be a list like [{{transpose: [1, 0]}}], "
+                            f"got {_type(op_specs)}")
+        else:
+            for j, op_spec in enumerate(op_specs):
+                at = _at(_other_line(_item_line(op_specs, j), line))
+                try:
+                    op = parse_op(op_spec)
+                except OpError as e:
+                    problems.append(f"{label}: {at}op {j + 1}: {e}")
+                    continue
+                if op.kind != "map":
+                    problems.append(f"{label}: {at}op {j + 1}: a tie takes one-tensor ops only (transpose, "
+                                    f"reshape), not {op.name}")
+                ops.append(op)
+        if isinstance(to, str) and to:
+            if to in seen:
+                problems.append(f"{label}: target {_q(to)} is already tied by {seen[to]}")
+            else:
+                seen[to] = label
+        if len(problems) == n and isinstance(to, str) and isinstance(source, str):
+            ties.append(Tie(i, line, to, source, tuple(ops)))
+    return ties
 
 
 def _load_match(doc: dict[Any, Any], problems: list[str]) -> dict[str, Any]:
@@ -385,10 +549,12 @@ def load_mapping_text(text: str, name: str = "<stdin>", path: Path | None = None
             rule = _load_rule(i, _item_line(specs, i), spec, problems)
             if rule is not None:
                 rules.append(rule)
+    ties = _load_ties(doc, problems)
     if problems:
         raise MappingError(where, problems)
     return Mapping(name=name, path=path, text=text, sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
-                   version=version, model=model, match=match, ignore=tuple(ignore), rules=tuple(rules))
+                   version=version, model=model, match=match, ignore=tuple(ignore), rules=tuple(rules),
+                   ties=tuple(ties))
 
 
 def load_mapping_file(path: Path) -> Mapping:
@@ -436,28 +602,51 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class Assignment:
-    """One target leaf filled from one source key through ``ops`` (config values substituted)."""
+    """Target leaves filled from source keys through ``ops`` (config values substituted).
 
-    target: str
-    source: str
-    rule: Rule
+    Usually one key -> one target. A split rule fills several ``targets`` (in order) from one key; a
+    gathering rule (concat/stack) fills one target from several ``sources`` (in gather order). A tie fill
+    has no sources and no rule: its one target is computed from the already-filled target ``tied_from``.
+    Run the ops with :func:`nnxport.ops.apply_ops` over the source arrays (or the ``tied_from`` value).
+    """
+
+    targets: tuple[str, ...]
+    sources: tuple[str, ...]
+    rule: Rule | None
     ops: tuple[Op, ...]
-    source_spec: TensorSpec
-    target_spec: TensorSpec
+    source_specs: tuple[TensorSpec, ...]
+    target_specs: tuple[TensorSpec, ...]
+    tied_from: str | None = None
 
 
 @dataclass(frozen=True)
 class KeyReport:
-    """What the mapping does with one source key (a line of ``inspect-keys``)."""
+    """What the mapping does with one source key (a line of ``inspect-keys``).
+
+    ``targets`` are the expanded targets of its rule (several for a split); ``target_shapes`` the shapes
+    the rule's ops give (empty when they cannot be inferred). ``note`` explains an ``ignored`` key of an
+    optional rule or a ``tied`` key; ``problem`` is None exactly for mapped, ignored and tied keys.
+    """
 
     key: str
     spec: TensorSpec
     status: Status
-    target: str | None
+    targets: tuple[str, ...]
     rule: Rule | None
     ops: tuple[str, ...]
-    target_shape: tuple[int, ...] | None
+    target_shapes: tuple[tuple[int, ...], ...]
     problem: str | None
+    note: str | None = None
+
+    @property
+    def target(self) -> str | None:
+        """The target(s) joined by ", ", or None."""
+        return ", ".join(self.targets) or None
+
+    @property
+    def target_shape(self) -> tuple[int, ...] | None:
+        """The shape after the ops when the key has exactly one target (and it is known), else None."""
+        return self.target_shapes[0] if len(self.targets) == 1 and len(self.target_shapes) == 1 else None
 
 
 @dataclass(frozen=True)
@@ -472,25 +661,25 @@ class Analysis:
 
     @property
     def ok(self) -> bool:
-        """No problems: every key mapped or ignored, every target filled exactly once, shapes agree."""
+        """No problems: every key mapped, ignored or tied, every target filled exactly once, shapes agree."""
         return not self.problems
 
 
 @dataclass
 class _Claim:
-    """A key whose one rule gave an existing target: it fills that target, validly or not."""
+    """The keys of one rule that fill existing targets together (one key, or a gathered group)."""
 
-    key: str
-    target: str
+    keys: list[str]
+    targets: tuple[str, ...]
     rule: Rule
     ops: tuple[Op, ...]
-    target_shape: tuple[int, ...] | None
+    shapes: tuple[tuple[int, ...], ...]
     problems: list[str]
     status: Status
 
 
-def _resolve_ops(rule: Rule, config: MappingABC[str, Any] | None) -> tuple[Op, ...] | str:
-    """The rule's ops with config values substituted, or the problem that prevents it."""
+def _resolve_ops(rule: Rule | Tie, config: MappingABC[str, Any] | None) -> tuple[Op, ...] | str:
+    """The rule's (or tie's) ops with config values substituted, or the problem that prevents it."""
     resolved: list[Op] = []
     for op in rule.ops:
         try:
@@ -500,17 +689,28 @@ def _resolve_ops(rule: Rule, config: MappingABC[str, Any] | None) -> tuple[Op, .
     return tuple(resolved)
 
 
-def _infer(ops: Sequence[Op], shape: tuple[int, ...]) -> tuple[int, ...] | OpError:
-    for op in ops:
-        try:
-            shape = op.infer(shape)
-        except OpError as e:
-            return e
-    return shape
-
-
 def _ops_text(ops: Sequence[Op]) -> str:
     return " -> ".join(op.describe() for op in ops) if ops else "no ops"
+
+
+def _keys_text(keys: Sequence[str]) -> str:
+    if len(keys) == 1:
+        return f"key {_q(keys[0])}"
+    return f"keys {', '.join(map(_q, keys[:-1]))} and {_q(keys[-1])}"
+
+
+def _targets_text(targets: Sequence[str]) -> str:
+    return ("target " if len(targets) == 1 else "targets ") + ", ".join(map(_q, targets))
+
+
+def _shapes_text(shapes: Sequence[tuple[int, ...]]) -> str:
+    return str(shapes[0]) if len(shapes) == 1 else ", ".join(map(str, shapes))
+
+
+def _natural(text: str) -> tuple[tuple[int, int, str], ...]:
+    """Sort key comparing runs of ASCII digits as numbers: 'layer.2' < 'layer.10'."""
+    return tuple((0, int(part), part) if part.isascii() and part.isdigit() else (1, 0, part)
+                 for part in re.split(r"([0-9]+)", text) if part)
 
 
 def _unplaced(key: str, spec: TensorSpec, hits: list[tuple[Rule, re.Match[str]]], mapping: Mapping,
@@ -527,43 +727,238 @@ def _unplaced(key: str, spec: TensorSpec, hits: list[tuple[Rule, re.Match[str]]]
         status = "unmatched"
     if problem:
         problems.append(problem)
-    return KeyReport(key, spec, status, None, None, (), None, problem)
+    return KeyReport(key, spec, status, (), None, (), (), problem)
 
 
-def _place(key: str, spec: TensorSpec, rule: Rule, target: str, resolved: tuple[Op, ...] | str,
-           targets: MappingABC[str, TensorSpec], problems: list[str]) -> KeyReport | _Claim:
-    """A key matched by one rule: its claim on an existing target, or the report of a missing one.
+class _Analyzer:
+    """State of one :func:`analyze` run."""
 
-    ``resolved`` is the rule's resolved ops, or its (already reported) config problem.
-    """
-    ops = rule.ops if isinstance(resolved, str) else resolved
-    mine: list[str] = []
-    status: Status = "mapped"
-    shape: tuple[int, ...] | None = None
-    if isinstance(resolved, str):
-        mine.append(resolved)
-        status = "op-error"
-    elif isinstance(inferred := _infer(ops, spec.shape), OpError):
-        mine.append(f"{rule.label()}: key {_q(key)} of shape {spec.shape}: {inferred}")
-        problems.append(mine[-1])
-        status = "op-error"
-    else:
-        shape = inferred
-    if target not in targets:
-        closest = difflib.get_close_matches(target, list(targets), n=3)
-        hint = f"; closest: {', '.join(map(_q, closest))}" if closest else ""
-        mine.append(f"{rule.label()}: target {_q(target)} (from key {_q(key)}) does not exist in the model"
-                    f"{hint}")
-        problems.append(mine[-1])
-        return KeyReport(key, spec, "bad-target", target, rule, tuple(op.describe() for op in ops), shape,
-                         "; ".join(mine))
-    expected = targets[target].shape
-    if shape is not None and shape != expected:
-        mine.append(f"shape mismatch: key {_q(key)} -> target {_q(target)} ({rule.label()}): "
-                    f"source {spec.shape} -> {_ops_text(ops)} -> {shape}, expected {expected}")
-        problems.append(mine[-1])
-        status = "shape-mismatch"
-    return _Claim(key, target, rule, ops, shape, mine, status)
+    def __init__(self, mapping: Mapping, sources: MappingABC[str, TensorSpec],
+                 targets: MappingABC[str, TensorSpec], config: MappingABC[str, Any] | None) -> None:
+        self.mapping, self.sources, self.targets, self.config = mapping, sources, targets, config
+        self.problems: list[str] = []
+        self.resolved: dict[tuple[str, int], tuple[Op, ...] | str] = {}  # per rule / tie, on first use
+        self.reports: dict[str, KeyReport] = {}
+        self.claims: dict[str, list[_Claim]] = {}
+        self.ties = {t.to: t for t in mapping.ties}
+        self.mentioned: set[str] = set()  # targets not to report as unfilled: named by ambiguous keys, ...
+
+    def resolve(self, what: Rule | Tie) -> tuple[Op, ...] | str:
+        """``what``'s resolved ops (its problem reported once, on first use)."""
+        slot = ("rule" if isinstance(what, Rule) else "tie", what.index)
+        if slot not in self.resolved:
+            self.resolved[slot] = outcome = _resolve_ops(what, self.config)
+            if isinstance(outcome, str):
+                self.problems.append(outcome)
+        return self.resolved[slot]
+
+    def report(self, keys: Sequence[str], status: Status, targets: tuple[str, ...], rule: Rule,
+               ops: Sequence[Op], shapes: tuple[tuple[int, ...], ...], problems: Sequence[str],
+               note: str | None = None) -> None:
+        for key in keys:
+            self.reports[key] = KeyReport(key, self.sources[key], status, targets, rule,
+                                          tuple(op.describe() for op in ops), shapes,
+                                          "; ".join(problems) or None, note)
+
+    def order_pieces(self, rule: Rule, gather: Op, targets: tuple[str, ...],
+                     members: list[tuple[str, re.Match[str]]]) -> tuple[list[str], str | None]:
+        """The group's keys in gather order, and the problem with its pieces (or None)."""
+        by: str | None = getattr(gather, "by", None)
+        order: tuple[str, ...] | None = getattr(gather, "order", None)
+        pieces: dict[str, list[str]] = {}
+        for key, m in members:
+            pieces.setdefault(key if by is None else m.expand(by), []).append(key)
+        wrong: list[str] = []
+        if order is not None:
+            if missing := [p for p in order if p not in pieces]:
+                wrong.append(f"missing piece{'s' * (len(missing) > 1)} {', '.join(map(_q, missing))}")
+            extra = sorted((p for p in pieces if p not in order), key=_natural)
+            if extra:
+                wrong.append(f"unexpected piece{'s' * (len(extra) > 1)} " + ", ".join(
+                    f"{_q(p)} ({_keys_text(pieces[p])})" for p in extra))
+        for piece, keys in sorted(pieces.items(), key=lambda kv: _natural(kv[0])):
+            if len(keys) > 1:
+                wrong.append(f"piece {_q(piece)} is given by {len(keys)} {_keys_text(keys)}")
+        rank = {p: i for i, p in enumerate(order or ())}
+        ordered = sorted(pieces, key=lambda p: (rank.get(p, len(rank)), _natural(p)))
+        keys = [k for p in ordered for k in pieces[p]]
+        if not wrong:
+            return keys, None
+        what = "" if order is None else f" (order: {', '.join(order)})"
+        return keys, (f"{rule.label()}: {_targets_text(targets)} gathers pieces by "
+                      f"{_q(by) if by is not None else 'key'}: {'; '.join(wrong)}{what}")
+
+    def infer(self, rule: Rule, ops: tuple[Op, ...], keys: list[str], targets: tuple[str, ...]
+              ) -> tuple[tuple[int, ...], ...] | str:
+        """The shapes the ops give for the keys (in order), or the problem."""
+        cut = next((j for j, op in enumerate(ops) if op.kind == "gather"), len(ops))
+        shapes: list[tuple[int, ...]] = []
+        for key in keys:
+            shape = self.sources[key].shape
+            try:
+                shapes += infer_ops(ops[:cut], [shape])
+            except OpError as e:
+                return f"{rule.label()}: key {_q(key)} of shape {shape}: {e}"
+        try:
+            out = infer_ops(ops[cut:], shapes)
+        except OpError as e:
+            given = ", ".join(f"{_q(k)} {s}" for k, s in zip(keys, shapes, strict=True))
+            return f"{rule.label()}: {_targets_text(targets)} from keys {given}: {e}"
+        if len(out) != len(targets):
+            return (f"{rule.label()}: {_keys_text(keys)} gives {len(out)} tensors after {_ops_text(ops)}, "
+                    f"but 'to' lists {len(targets)} targets")
+        return tuple(out)
+
+    def place(self, rule: Rule, targets: tuple[str, ...], members: list[tuple[str, re.Match[str]]]) -> None:
+        """One key, or the gathered keys of one rule expanding to the same targets."""
+        keys = [k for k, _ in members]
+        if len(set(targets)) < len(targets):
+            twice = sorted({t for t in targets if targets.count(t) > 1})
+            self.problems.append(f"{rule.label()}: {_keys_text(keys)}: 'to' expands to "
+                                 f"{_targets_text(twice)} more than once ({', '.join(map(_q, targets))})")
+            self.report(keys, "bad-target", targets, rule, rule.ops, (), [self.problems[-1]])
+            self.mentioned.update(targets)
+            return
+        missing = [t for t in targets if t not in self.targets]
+        tie = self.ties.get(targets[0]) if missing and len(targets) == 1 else None
+        if missing and rule.optional and tie is None:
+            self.report(keys, "ignored", targets, rule, rule.ops, (), (),
+                        f"optional: model has no {_targets_text(missing)}")
+            return
+        resolved = self.resolve(rule)
+        ops = rule.ops if isinstance(resolved, str) else resolved
+        mine: list[str] = []
+        status: Status = "mapped"
+        if isinstance(resolved, str):
+            mine.append(resolved)
+            status = "op-error"
+        gather = rule.gather
+        if gather is not None:
+            keys, wrong = self.order_pieces(rule, gather, targets, members)
+            dtypes = {self.sources[k].dtype for k in keys}
+            if len(dtypes) > 1:
+                mixed = ", ".join(f"{_q(k)} {self.sources[k].dtype}" for k in keys)
+                wrong = "; ".join(filter(None, [wrong, f"{rule.label()}: {_targets_text(targets)}: gathered "
+                                                       f"keys have different dtypes: {mixed}"]))
+            if wrong:
+                mine.append(wrong)
+                self.problems.append(wrong)
+                status = "op-error"
+        shapes: tuple[tuple[int, ...], ...] = ()
+        if not isinstance(resolved, str):
+            inferred = self.infer(rule, ops, keys, targets)
+            if isinstance(inferred, str):
+                mine.append(inferred)
+                self.problems.append(inferred)
+                status = "op-error"
+            else:
+                shapes = inferred
+        if tie is not None:
+            self.tied(rule, tie, keys, ops, shapes, mine, status)
+            return
+        if missing:
+            for t in missing:
+                closest = difflib.get_close_matches(t, list(self.targets), n=3)
+                hint = f"; closest: {', '.join(map(_q, closest))}" if closest else ""
+                mine.append(f"{rule.label()}: target {_q(t)} (from {_keys_text(keys)}) does not exist in the "
+                            f"model{hint}")
+                self.problems.append(mine[-1])
+            self.report(keys, "bad-target", targets, rule, ops, shapes, mine)
+            self.mentioned.update(t for t in targets if t in self.targets)  # not also "unfilled"
+            return
+        for i, t in enumerate(targets):
+            expected = self.targets[t].shape
+            if status == "mapped" and shapes and shapes[i] != expected:
+                given = f"source{'s' * (len(keys) > 1)} {_shapes_text([self.sources[k].shape for k in keys])}"
+                part = f" (part {i + 1} of {len(targets)})" if len(targets) > 1 else ""
+                mine.append(f"shape mismatch: {_keys_text(keys)} -> target {_q(t)} ({rule.label()}): "
+                            f"{given} -> {_ops_text(ops)} -> {shapes[i]}{part}, expected {expected}")
+                self.problems.append(mine[-1])
+                status = "shape-mismatch"
+        claim = _Claim(keys, targets, rule, ops, shapes, mine, status)
+        for t in targets:
+            self.claims.setdefault(t, []).append(claim)
+
+    def tied(self, rule: Rule, tie: Tie, keys: list[str], ops: tuple[Op, ...],
+             shapes: tuple[tuple[int, ...], ...], mine: list[str], status: Status) -> None:
+        """Keys whose target the model does not have but shares (a tie): checked, not read."""
+        target = tie.to
+        if tie.source not in self.targets:
+            mine.append(f"{rule.label()}: target {_q(target)} (from {_keys_text(keys)}) does not exist in "
+                        f"the model, and {tie.label()} ties it to {_q(tie.source)}, which does not exist "
+                        f"either")
+            self.problems.append(mine[-1])
+            self.report(keys, "bad-target", (target,), rule, ops, shapes, mine)
+            return
+        tie_ops = self.resolve(tie)
+        if isinstance(tie_ops, str):
+            mine.append(tie_ops)
+            status = "op-error"
+        elif shapes:
+            source_shape = self.targets[tie.source].shape
+            try:
+                (expected,) = infer_ops(tie_ops, [source_shape])
+            except OpError as e:
+                mine.append(f"{tie.label()}: target {_q(tie.source)} of shape {source_shape}: {e}")
+                self.problems.append(mine[-1])
+                status = "op-error"
+            else:
+                if shapes[0] != expected:
+                    given = _shapes_text([self.sources[k].shape for k in keys])
+                    mine.append(f"shape mismatch: {_keys_text(keys)} -> tied target {_q(target)} "
+                                f"({rule.label()}, {tie.label()}): source {given} -> {_ops_text(ops)} -> "
+                                f"{shapes[0]}, expected {expected} ({_q(tie.source)} {source_shape} -> "
+                                f"{_ops_text(tie_ops)})")
+                    self.problems.append(mine[-1])
+                    status = "shape-mismatch"
+        note = None
+        if status == "mapped":
+            status = "tied"
+            note = f"tied: the model shares {_q(tie.source)} ({tie.label()}); not read"
+        self.report(keys, status, (target,), rule, ops, shapes, mine, note)
+
+    def fill_ties(self, assignments: list[Assignment], mentioned: set[str]) -> set[str]:
+        """Append tie fills for leaves no key fills; the targets the ties took care of."""
+        valid = {t for a in assignments for t in a.targets}
+        handled: set[str] = set()
+        pending = [t for t in self.mapping.ties if t.to in self.targets and t.to not in self.claims
+                   and t.to not in mentioned]
+        progress = True
+        while progress:
+            progress = False
+            for tie in [t for t in pending if t.source in valid]:
+                pending.remove(tie)
+                progress = True
+                handled.add(tie.to)
+                if (filled := self.tie_fill(tie)) is not None:
+                    assignments.append(filled)
+                    valid.add(tie.to)
+        for tie in pending:
+            handled.add(tie.to)
+            if tie.source not in self.targets:
+                self.problems.append(f"{tie.label()}: target {_q(tie.to)} is not filled by any key, and its "
+                                     f"'from' target {_q(tie.source)} does not exist in the model")
+            elif not (tie.source in self.claims or tie.source in mentioned or tie.source in handled):
+                self.problems.append(f"{tie.label()}: target {_q(tie.to)} is not filled by any key, and its "
+                                     f"'from' target {_q(tie.source)} is not filled either")
+        return handled
+
+    def tie_fill(self, tie: Tie) -> Assignment | None:
+        ops = self.resolve(tie)
+        if isinstance(ops, str):
+            return None
+        source, target = self.targets[tie.source], self.targets[tie.to]
+        try:
+            (shape,) = infer_ops(ops, [source.shape])
+        except OpError as e:
+            self.problems.append(f"{tie.label()}: target {_q(tie.source)} of shape {source.shape}: {e}")
+            return None
+        if shape != target.shape:
+            self.problems.append(f"shape mismatch: {tie.label()}: {_q(tie.source)} {source.shape} -> "
+                                 f"{_ops_text(ops)} -> {shape}, expected {target.shape} for target "
+                                 f"{_q(tie.to)}")
+            return None
+        return Assignment((tie.to,), (), None, ops, (), (target,), tied_from=tie.source)
 
 
 def analyze(mapping: Mapping, sources: MappingABC[str, TensorSpec], targets: MappingABC[str, TensorSpec],
@@ -571,60 +966,64 @@ def analyze(mapping: Mapping, sources: MappingABC[str, TensorSpec], targets: Map
     """Match every source key to rules and targets and check shapes; collect every problem.
 
     A key must be matched by exactly one rule, or by no rule and some ``ignore`` pattern (ignore patterns
-    are consulted only for keys no rule matches). Each target leaf must be filled by exactly one key, with
-    the shape after the rule's ops equal to the leaf's. Rules matching no key are only reported in
-    ``unused_rules``, and their ops need not resolve against ``config``; a rule's config problem is
-    reported once. Targets named by an ambiguous key are not also reported as unfilled.
+    are consulted only for keys no rule matches). Each target leaf must be filled by exactly one key (or
+    one gathered group of keys, or a tie), with the shape after the rule's ops equal to the leaf's. Keys of
+    a rule with a concat/stack op are grouped by their expanded target(s) and joined in piece order. A key
+    whose target is missing is ``ignored`` when its rule is ``optional`` and ``tied`` when a tie declares
+    that target an alias of an existing one. Rules matching no key are only reported in ``unused_rules``,
+    and their ops need not resolve against ``config``; a rule's config problem is reported once. Targets
+    named by an ambiguous key are not also reported as unfilled. Tie fills come last among the
+    assignments, each after the assignment filling its ``from``.
     """
-    problems: list[str] = []
-    resolved: dict[int, tuple[Op, ...] | str] = {}  # per rule, on first use
+    state = _Analyzer(mapping, sources, targets, config)
     used: set[int] = set()
-    mentioned: set[str] = set()  # targets of ambiguous keys
-    claims: dict[str, list[_Claim]] = {}
-    reports: dict[str, KeyReport] = {}
+    mentioned = state.mentioned
+    groups: dict[tuple[int, tuple[str, ...], str], tuple[Rule, list[tuple[str, re.Match[str]]]]] = {}
     for key in sorted(sources):
         hits = [(rule, m) for rule in mapping.rules if (m := rule.pattern.search(key))]
         used.update(rule.index for rule, _ in hits)
         if len(hits) != 1:
-            mentioned.update(m.expand(rule.target) for rule, m in hits)
-            reports[key] = _unplaced(key, sources[key], hits, mapping, problems)
+            mentioned.update(m.expand(t) for rule, m in hits for t in rule.targets)
+            state.reports[key] = _unplaced(key, sources[key], hits, mapping, state.problems)
             continue
         ((rule, m),) = hits
-        if rule.index not in resolved:
-            resolved[rule.index] = outcome = _resolve_ops(rule, config)
-            if isinstance(outcome, str):
-                problems.append(outcome)
-        placed = _place(key, sources[key], rule, m.expand(rule.target), resolved[rule.index], targets,
-                        problems)
-        if isinstance(placed, KeyReport):
-            reports[key] = placed
+        expanded = tuple(m.expand(t) for t in rule.targets)
+        if rule.gather is None:
+            state.place(rule, expanded, [(key, m)])
         else:
-            claims.setdefault(placed.target, []).append(placed)
+            groups.setdefault((rule.index, expanded, ""), (rule, []))[1].append((key, m))
+    for (_, expanded, _), (rule, members) in groups.items():
+        state.place(rule, expanded, members)
     order = {t: i for i, t in enumerate(targets)}
-    assignments: list[Assignment] = []
-    for target in sorted(claims, key=order.__getitem__):
-        group = claims[target]
+    claims: list[_Claim] = []
+    for target in sorted(state.claims, key=order.__getitem__):
+        group = state.claims[target]
+        claims += [c for c in group if c not in claims]
         if len(group) > 1:
-            who = [f"{_q(c.key)} ({c.rule.label()})" for c in group]
-            problems.append(f"target {_q(target)} is filled by {len(group)} keys: "
-                            f"{', '.join(who[:-1])} and {who[-1]}")
+            named = sorted(((k, c.rule) for c in group for k in c.keys), key=lambda kr: kr[0])
+            who = [f"{_q(k)} ({rule.label()})" for k, rule in named]
+            state.problems.append(f"target {_q(target)} is filled by {len(who)} keys: "
+                                  f"{', '.join(who[:-1])} and {who[-1]}")
             for c in group:
-                c.problems.append(problems[-1])
+                c.problems.append(state.problems[-1])
                 c.status = "duplicate-target"
-        for c in group:
-            reports[c.key] = KeyReport(c.key, sources[c.key], c.status, target, c.rule,
-                                       tuple(op.describe() for op in c.ops), c.target_shape,
-                                       "; ".join(c.problems) or None)
-            if c.status == "mapped":
-                assignments.append(Assignment(target, c.key, c.rule, c.ops, sources[c.key], targets[target]))
-    unfilled = tuple(t for t in targets if t not in claims and t not in mentioned)
-    problems += [f"target {_q(t)} is not filled by any rule" for t in unfilled]
+    assignments: list[Assignment] = []
+    for c in claims:
+        state.report(c.keys, c.status, c.targets, c.rule, c.ops, c.shapes, c.problems)
+        if c.status == "mapped":
+            assignments.append(Assignment(c.targets, tuple(c.keys), c.rule, c.ops,
+                                          tuple(sources[k] for k in c.keys),
+                                          tuple(targets[t] for t in c.targets)))
+    tie_filled = state.fill_ties(assignments, mentioned)
+    covered = state.claims.keys() | mentioned | tie_filled
+    unfilled = tuple(t for t in targets if t not in covered)
+    state.problems += [f"target {_q(t)} is not filled by any rule" for t in unfilled]
     return Analysis(
-        keys=tuple(reports[k] for k in sorted(reports)),
+        keys=tuple(state.reports[k] for k in sorted(state.reports)),
         assignments=tuple(assignments),
         unfilled=unfilled,
         unused_rules=tuple(r for r in mapping.rules if r.index not in used),
-        problems=tuple(problems),
+        problems=tuple(state.problems),
     )
 
 

@@ -5,8 +5,9 @@ under its YAML name with :func:`register`; adding an op is adding one class. Ops
 refer to config.json values (see :class:`Expr`); :meth:`Op.resolve` substitutes them and returns a
 concrete op, the only kind that can :meth:`~Op.infer` shapes or :meth:`~Op.apply` to arrays.
 
-Every op here takes one tensor and gives one tensor. Ops over several source keys (split, concat/stack,
-tie) are meant to join as further subclasses with their own shape rule over several inputs.
+The engine runs a rule's ops over a *list* of tensors (:func:`apply_ops`, :func:`infer_ops`): a one-tensor
+op (``kind == "map"``: transpose, reshape) is applied to each element; ``split`` (``kind == "split"``) turns
+its one input into several parts; ``concat`` / ``stack`` (``kind == "gather"``) join the list into one.
 """
 
 from __future__ import annotations
@@ -19,17 +20,23 @@ import reprlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Self, TypeVar
+from typing import Any, ClassVar, Literal, Self, TypeVar
 
 import numpy as np
 
 __all__ = [
     "OPS",
+    "Concat",
     "Expr",
+    "Gather",
     "Op",
     "OpError",
     "Reshape",
+    "Split",
+    "Stack",
     "Transpose",
+    "apply_ops",
+    "infer_ops",
     "parse_op",
     "register",
     "show_value",
@@ -139,6 +146,9 @@ class Op(ABC):
     """One transform of a rule. Subclasses are frozen dataclasses with a class-level ``name``."""
 
     name: ClassVar[str]
+    kind: ClassVar[Literal["map", "split", "gather"]] = "map"
+    """``map``: one tensor -> one tensor, applied to each tensor of the list; ``split``: one -> several;
+    ``gather``: the whole list -> one."""
 
     @classmethod
     @abstractmethod
@@ -160,6 +170,30 @@ class Op(ABC):
     @abstractmethod
     def describe(self) -> str:
         """Compact form for listings, e.g. ``transpose(2,3,1,0)``."""
+
+    def infer_many(self, shapes: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        """The shapes of the results for a list of inputs (default: :meth:`infer` on each)."""
+        return [self.infer(tuple(s)) for s in shapes]
+
+    def apply_many(self, arrs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The op on a list of arrays (default: :meth:`apply` on each)."""
+        return [self.apply(a) for a in arrs]
+
+
+def infer_ops(ops: Sequence[Op], shapes: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """The shapes after running ``ops`` (resolved) over tensors of ``shapes``; OpError if one cannot."""
+    out = [tuple(s) for s in shapes]
+    for op in ops:
+        out = op.infer_many(out)
+    return out
+
+
+def apply_ops(ops: Sequence[Op], arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``ops`` (resolved) run over ``arrays``: views where numpy gives them, dtypes unchanged."""
+    out = list(arrays)
+    for op in ops:
+        out = op.apply_many(out)
+    return out
 
 
 OPS: dict[str, type[Op]] = {}
@@ -290,3 +324,251 @@ class Reshape(Op):
 
     def describe(self) -> str:
         return f"reshape({','.join(str(d) for d in self.dims)})"
+
+
+# -------------------------------------------------------------------------------------- multi-tensor ops
+
+def _int_arg(op: str, what: str, value: object) -> int:
+    if type(value) is not int:
+        raise OpError(f"{op} '{what}' must be an integer, got {show_value(value)}")
+    if abs(value) >= _DIM_LIMIT:
+        raise OpError(f"{op} '{what}' {show_value(value)} is too large")
+    return value
+
+
+def _args_dict(op: str, args: object, allowed: Sequence[str], required: Sequence[str], example: str
+               ) -> Mapping[Any, Any]:
+    if not isinstance(args, Mapping):
+        raise OpError(f"{op} takes a mapping, e.g. {{{op}: {example}}}, got {show_value(args)}")
+    for key in args:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), list(allowed), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise OpError(f"{op}: unknown argument {show_value(key)}{hint}; {op} takes {', '.join(allowed)}")
+    for key in required:
+        if key not in args:
+            raise OpError(f"{op} needs '{key}', e.g. {{{op}: {example}}}")
+    return args
+
+
+def _axis(op: str, axis: int, rank: int) -> int:
+    """``axis`` of a ``rank``-d tensor made non-negative; OpError if out of range."""
+    if not -rank <= axis < rank:
+        raise OpError(f"{op} axis {axis} is out of range for a {rank}-d tensor")
+    return axis % rank
+
+
+def _size(op: str, what: str, value: object) -> int | Expr:
+    if isinstance(value, str):
+        return Expr.parse(value)
+    number = _int_arg(op, what, value)
+    if number < 1:
+        raise OpError(f"{op} '{what}' must be positive, got {number}")
+    return number
+
+
+def _evaluate(op: str, what: str, value: int | Expr, config: Mapping[str, Any] | None) -> int:
+    if isinstance(value, int):
+        return value
+    number = value.evaluate(config)
+    if number < 1 or number >= _DIM_LIMIT:
+        raise OpError(f"{op} '{what}' {str(value)!r} evaluates to {number}, not a positive size")
+    return number
+
+
+@register
+@dataclass(frozen=True)
+class Split(Op):
+    """One tensor -> several along ``axis``: ``parts`` equal parts, or parts of ``sizes`` (numpy views).
+
+    ``parts`` and each size may be a config expression (:class:`Expr`). The rule's ``to`` list receives
+    the parts in order.
+    """
+
+    name: ClassVar[str] = "split"
+    kind: ClassVar[Literal["map", "split", "gather"]] = "split"
+    axis: int
+    parts: int | Expr | None = None
+    sizes: tuple[int | Expr, ...] | None = None
+
+    @classmethod
+    def from_args(cls, args: object) -> Self:
+        spec = _args_dict(cls.name, args, ("axis", "parts", "sizes"), ("axis",), "{axis: 1, parts: 3}")
+        axis = _int_arg(cls.name, "axis", spec["axis"])
+        if ("parts" in spec) == ("sizes" in spec):
+            raise OpError("split takes exactly one of 'parts' (a count) and 'sizes' (a list), "
+                          "e.g. {split: {axis: 1, parts: 3}}")
+        if "parts" in spec:
+            return cls(axis, parts=_size(cls.name, "parts", spec["parts"]))
+        sizes = spec["sizes"]
+        if not isinstance(sizes, list) or not sizes:
+            raise OpError(f"split 'sizes' must be a non-empty list of sizes, got {show_value(sizes)}")
+        return cls(axis, sizes=tuple(_size(cls.name, "sizes", s) for s in sizes))
+
+    @property
+    def count(self) -> int | None:
+        """How many tensors the split gives, when known without a config."""
+        if self.sizes is not None:
+            return len(self.sizes)
+        return self.parts if isinstance(self.parts, int) else None
+
+    def resolve(self, config: Mapping[str, Any] | None) -> Split:
+        if self.parts is not None:
+            if isinstance(self.parts, int):
+                return self
+            return Split(self.axis, parts=_evaluate(self.name, "parts", self.parts, config))
+        assert self.sizes is not None
+        if all(isinstance(s, int) for s in self.sizes):
+            return self
+        return Split(self.axis, sizes=tuple(_evaluate(self.name, "sizes", s, config) for s in self.sizes))
+
+    def _sizes(self, length: int) -> tuple[int, ...]:
+        if self.parts is not None:
+            if not isinstance(self.parts, int):
+                raise OpError(f"{self.describe()} has unresolved config references; resolve() it first")
+            if length % self.parts:
+                raise OpError(f"split into {self.parts} equal parts along axis {self.axis} "
+                              f"cannot divide length {length}")
+            return (length // self.parts,) * self.parts
+        assert self.sizes is not None
+        sizes = tuple(s for s in self.sizes if isinstance(s, int))
+        if len(sizes) != len(self.sizes):
+            raise OpError(f"{self.describe()} has unresolved config references; resolve() it first")
+        if sum(sizes) != length:
+            raise OpError(f"split sizes {list(sizes)} sum to {sum(sizes)}, but axis {self.axis} "
+                          f"has length {length}")
+        return sizes
+
+    def _check_one(self, n: int) -> None:
+        if n != 1:
+            raise OpError(f"split needs exactly one input tensor, got {n}")
+
+    def infer_many(self, shapes: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        self._check_one(len(shapes))
+        (shape,) = shapes
+        axis = _axis(self.name, self.axis, len(shape))
+        return [(*shape[:axis], size, *shape[axis + 1:]) for size in self._sizes(shape[axis])]
+
+    def apply_many(self, arrs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        self._check_one(len(arrs))
+        (arr,) = arrs
+        axis = _axis(self.name, self.axis, arr.ndim)
+        bounds = np.cumsum(self._sizes(arr.shape[axis]))[:-1]
+        return list(np.split(arr, bounds, axis=axis))
+
+    def infer(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        raise OpError(f"{self.describe()} gives several tensors; use infer_many")
+
+    def apply(self, arr: np.ndarray) -> np.ndarray:
+        raise OpError(f"{self.describe()} gives several tensors; use apply_many")
+
+    def describe(self) -> str:
+        if self.parts is not None:
+            return f"split(axis={self.axis},parts={self.parts})"
+        return f"split(axis={self.axis},sizes={','.join(str(s) for s in self.sizes or ())})"
+
+
+@dataclass(frozen=True)
+class Gather(Op):
+    """Base of ops that join the keys of one rule expanding to the same target(s) into one tensor.
+
+    ``by`` is a template (``\\2``, ``\\g<name>``) expanded with each key's match to name its piece
+    (default: the key itself); ``order`` lists the pieces in the order they are joined (default: natural
+    order of the piece names, digit runs compared as numbers). Validation of ``by`` against the rule's
+    regex and of the pieces against ``order`` is done by the mapping.
+    """
+
+    kind: ClassVar[Literal["map", "split", "gather"]] = "gather"
+    axis: int
+    by: str | None = None
+    order: tuple[str, ...] | None = None
+
+    @classmethod
+    def from_args(cls, args: object) -> Self:
+        spec = _args_dict(cls.name, args, ("axis", "by", "order"), ("axis",),
+                          "{axis: 1, by: '\\2', order: [query, key, value]}")
+        axis = _int_arg(cls.name, "axis", spec["axis"])
+        by = spec.get("by")
+        if by is not None and (not isinstance(by, str) or not by):
+            raise OpError(f"{cls.name} 'by' must be a template string like '\\1', got {show_value(by)}")
+        order: tuple[str, ...] | None = None
+        if "order" in spec:
+            raw = spec["order"]
+            if not isinstance(raw, list) or not raw:
+                raise OpError(f"{cls.name} 'order' must be a non-empty list of piece names, got "
+                              f"{show_value(raw)}")
+            names: list[str] = []
+            for item in raw:
+                if isinstance(item, bool) or not isinstance(item, str | int):
+                    raise OpError(f"{cls.name} 'order' items are piece names (strings), "
+                                  f"got {show_value(item)}")
+                names.append(str(item))
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise OpError(f"{cls.name} 'order' lists {', '.join(map(repr, dupes))} more than once")
+            order = tuple(names)
+        return cls(axis, by, order)
+
+    def infer(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        (out,) = self.infer_many([shape])
+        return out
+
+    def apply(self, arr: np.ndarray) -> np.ndarray:
+        (out,) = self.apply_many([arr])
+        return out
+
+    def _args(self) -> str:
+        extra = [] if self.by is None else [f"by={self.by}"]
+        extra += [] if self.order is None else [f"order={','.join(self.order)}"]
+        return ",".join([f"axis={self.axis}", *extra])
+
+    def describe(self) -> str:
+        return f"{self.name}({self._args()})"
+
+
+def _need_some(op: str, n: int) -> None:
+    if n == 0:
+        raise OpError(f"{op} needs at least one tensor")
+
+
+@register
+@dataclass(frozen=True)
+class Concat(Gather):
+    """Join the tensors along an existing ``axis`` (``numpy.concatenate``)."""
+
+    name: ClassVar[str] = "concat"
+
+    def infer_many(self, shapes: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        _need_some(self.name, len(shapes))
+        first = tuple(shapes[0])
+        axis = _axis(self.name, self.axis, len(first))
+        for shape in shapes[1:]:
+            if len(shape) != len(first) or any(
+                    a != b for i, (a, b) in enumerate(zip(shape, first, strict=True)) if i != axis):
+                raise OpError(f"concat along axis {self.axis} needs equal shapes except on that axis, got "
+                              f"{', '.join(_shape(s) for s in shapes)}")
+        return [(*first[:axis], sum(s[axis] for s in shapes), *first[axis + 1:])]
+
+    def apply_many(self, arrs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        self.infer_many([a.shape for a in arrs])
+        return [np.concatenate(list(arrs), axis=self.axis)]
+
+
+@register
+@dataclass(frozen=True)
+class Stack(Gather):
+    """Join equal-shaped tensors along a new ``axis`` (``numpy.stack``)."""
+
+    name: ClassVar[str] = "stack"
+
+    def infer_many(self, shapes: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        _need_some(self.name, len(shapes))
+        first = tuple(shapes[0])
+        axis = _axis(self.name, self.axis, len(first) + 1)
+        if any(tuple(s) != first for s in shapes[1:]):
+            raise OpError(f"stack needs equal shapes, got {', '.join(_shape(s) for s in shapes)}")
+        return [(*first[:axis], len(shapes), *first[axis:])]
+
+    def apply_many(self, arrs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        self.infer_many([a.shape for a in arrs])
+        return [np.stack(list(arrs), axis=self.axis)]

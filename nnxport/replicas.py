@@ -50,10 +50,11 @@ def build_replica(
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    config = dict(config)
+    config = copy.deepcopy(config)
     archs = config.pop("architectures", None) or []
     model_type = config.pop("model_type")
-    hf_config = transformers.AutoConfig.for_model(model_type, **config)
+    # for_model fills nested dicts (rope_scaling) in place: give it its own copy.
+    hf_config = transformers.AutoConfig.for_model(model_type, **copy.deepcopy(config))
     torch.manual_seed(seed)
     model: Any = (transformers.AutoModel.from_config(hf_config) if base_model
                   else getattr(transformers, archs[0])(hf_config))

@@ -26,7 +26,8 @@ def test_json_lists_all_320_keys_with_targets(resnet50_hub: str, hub_cache: Path
     stem = by_key["resnet.embedder.embedder.convolution.weight"]
     assert stem == {"key": "resnet.embedder.embedder.convolution.weight", "shape": [64, 3, 7, 7],
                     "dtype": "float32", "status": "mapped", "target": "stem.conv.kernel",
-                    "ops": ["transpose(2,3,1,0)"], "target_shape": [7, 7, 3, 64], "problem": None}
+                    "ops": ["transpose(2,3,1,0)"], "target_shape": [7, 7, 3, 64], "problem": None,
+                    "targets": ["stem.conv.kernel"], "target_shapes": [[7, 7, 3, 64]], "note": None}
     assert sum(k["status"] == "ignored" for k in keys) == 53
     assert sum(k["status"] == "mapped" for k in keys) == 267
 

@@ -24,7 +24,7 @@ from nnxport.mapping import (
     plan,
     select_mapping,
 )
-from nnxport.ops import Reshape, Transpose
+from nnxport.ops import Reshape, Transpose, infer_ops
 
 # Rule numbers and lines below are relied on by the tests.
 TINY = r"""version: 1
@@ -197,7 +197,7 @@ def test_all_load_problems_reported_together_with_lines() -> None:
     expected = [
         "line 24: duplicate key 'to'",
         "line 2: unknown key 'modle' (did you mean 'model'?); "
-        "a mapping has version, model, match, ignore, rules",
+        "a mapping has version, model, match, ignore, rules, tie",
         "missing required key 'model'",
         "line 1: unsupported version 2 (this nnxport reads version 1)",
         "line 3: match 'model_type' must be a value or a list of values, got a list",
@@ -206,20 +206,22 @@ def test_all_load_problems_reported_together_with_lines() -> None:
         "line 6: ignore pattern 2 must be a regex string, got int 3",
         rf"{r1}: invalid target template 'x.\2': invalid group reference 2 at position 3",
         rf"{r2}: invalid target template 'y.\g<m>': unknown group name 'm'",
-        f"{r2}: line 13: op 1: unknown op 'flip'; known ops: reshape, transpose",
+        f"{r2}: line 13: op 1: unknown op 'flip'; known ops: concat, reshape, split, stack, transpose",
         f"{r2}: line 14: op 2: unknown op 'transpos' (did you mean 'transpose'?); "
-        "known ops: reshape, transpose",
+        "known ops: concat, reshape, split, stack, transpose",
         f"{r2}: line 15: op 3: transpose [0, 0] is not a permutation of 0..1",
         f"{r2}: line 16: op 4: expression \"__import__('os')\" may only use config names, integers, "
         "+ - * // and parentheses (found Call)",
         f"{r2}: line 17: op 5: an op is a one-key mapping like {{transpose: [1, 0]}}, got 'transpose'",
-        f"{r3}: line 19: unknown key 'too' (did you mean 'to'?); a rule has from, to, ops",
+        f"{r3}: line 19: unknown key 'too' (did you mean 'to'?); a rule has from, to, ops, optional",
         f"{r3}: invalid regex: unterminated character set at position 0",
-        f"{r3}: 'to' must be a non-empty target path string, got nothing",
+        f"{r3}: 'to' must be a non-empty target path string (or a list of them for a split), "
+        "got nothing",
         "rule 4 (line 20): a rule is a mapping with 'from' and 'to', got int 42",
         "rule 5 (line 21): 'from' must be a regex string, got nothing",
         "rule 6 (line 22): 'from' must be a regex string, got int 1",
-        "rule 6 (line 22): 'to' must be a non-empty target path string, got a string",
+        "rule 6 (line 22): 'to' must be a non-empty target path string (or a list of them for a split), "
+        "got a string",
         "rule 7 (line 23, from 'q'): 'ops' must be a list like [{transpose: [1, 0]}], got a mapping",
     ]
     assert problems == expected
@@ -278,18 +280,20 @@ def test_valid_mapping_plans_every_key() -> None:
     assert by_key["head.weight"].ops == ("transpose(1,0)",) and by_key["head.weight"].target_shape == (6, 3)
     assigned = plan(m, sources(), targets(), CONFIG)
     assert assigned == result.assignments
-    assert [(a.target, a.source) for a in assigned] == [
-        ("layers.0.attn.kernel", "enc.layers.0.attn.weight"),
-        ("layers.0.norm.weight", "enc.layers.0.norm.weight"),
-        ("layers.0.norm.bias", "enc.layers.0.norm.bias"),
-        ("layers.1.attn.kernel", "enc.layers.1.attn.weight"),
-        ("layers.1.norm.weight", "enc.layers.1.norm.weight"),
-        ("layers.1.norm.bias", "enc.layers.1.norm.bias"),
-        ("head.kernel", "head.weight"),
-        ("head.bias", "head.bias"),
+    assert [(a.targets, a.sources) for a in assigned] == [
+        (("layers.0.attn.kernel",), ("enc.layers.0.attn.weight",)),
+        (("layers.0.norm.weight",), ("enc.layers.0.norm.weight",)),
+        (("layers.0.norm.bias",), ("enc.layers.0.norm.bias",)),
+        (("layers.1.attn.kernel",), ("enc.layers.1.attn.weight",)),
+        (("layers.1.norm.weight",), ("enc.layers.1.norm.weight",)),
+        (("layers.1.norm.bias",), ("enc.layers.1.norm.bias",)),
+        (("head.kernel",), ("head.weight",)),
+        (("head.bias",), ("head.bias",)),
     ]
     assert assigned[0].ops == (Reshape((2, 4, -1)),)  # config values substituted
-    assert assigned[0].source_spec == spec(8, 6) and assigned[0].target_spec == spec(2, 4, 6)
+    assert assigned[0].source_specs == (spec(8, 6),) and assigned[0].target_specs == (spec(2, 4, 6),)
+    assert assigned[0].tied_from is None and attn.targets == ("layers.1.attn.kernel",)
+    assert attn.target_shapes == ((2, 4, 6),)
     assert assigned[1].rule is m.rules[1]
 
 
@@ -300,8 +304,8 @@ def test_backrefs_numbered_named_and_unmatched_optional_group() -> None:
     result = analyze(m, {"blk.7.w": spec(1), "blk.8.extra.w": spec(1)},
                      {"out.blk.7.k": spec(1), "out.blk.8.k.extra": spec(1)}, None)
     assert result.ok, result.problems
-    assert {(a.source, a.target) for a in result.assignments} == {("blk.7.w", "out.blk.7.k"),
-                                                                  ("blk.8.extra.w", "out.blk.8.k.extra")}
+    assert {(a.sources, a.targets) for a in result.assignments} == {
+        (("blk.7.w",), ("out.blk.7.k",)), (("blk.8.extra.w",), ("out.blk.8.k.extra",))}
 
 
 def test_unmatched_key_and_unfilled_targets() -> None:
@@ -385,7 +389,7 @@ def test_target_filled_twice_names_both_keys() -> None:
     rows = {k.key: k for k in result.keys}
     assert rows["head.bias"].status == rows["head.weight"].status == "duplicate-target"
     assert result.problems[1] in (rows["head.weight"].problem or "")
-    assert "head.kernel" not in {a.target for a in result.assignments}
+    assert "head.kernel" not in {t for a in result.assignments for t in a.targets}
 
 
 def test_shape_mismatch_names_key_rule_shapes_and_ops() -> None:
@@ -510,24 +514,43 @@ def test_mapping_without_match_is_never_auto_selected() -> None:
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=12),
                     st.sampled_from(["^a$", "(", "\\1", "x.\\1", "[", "num_heads", "-1", "__import__('os')"]))
 KEYS = st.one_of(st.sampled_from(["from", "to", "ops", "transpose", "reshape", "version", "model", "match",
-                                  "ignore", "rules", "model_type"]), st.text(max_size=6))
+                                  "ignore", "rules", "model_type", "optional", "tie", "split", "concat",
+                                  "stack", "axis", "parts", "sizes", "by", "order"]), st.text(max_size=6))
 YAMLISH = st.recursive(
     SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(KEYS, inner, max_size=4)),
     max_leaves=20)
+EXPR = st.text(alphabet=string.ascii_lowercase + " +-*/()_0123456789", max_size=20)
+GATHER = st.fixed_dictionaries(
+    {}, optional={"axis": st.one_of(st.integers(-3, 3), SCALARS),
+                  "by": st.one_of(st.sampled_from(["\\1", "\\2", "\\g<x>", ""]), SCALARS),
+                  "order": st.one_of(st.lists(st.one_of(st.text(max_size=3), st.integers(0, 3)), max_size=3),
+                                     YAMLISH)})
 OP = st.one_of(st.fixed_dictionaries({"transpose": st.lists(st.integers(-1, 3), max_size=4)}),
-               st.fixed_dictionaries({"reshape": st.lists(st.one_of(st.integers(-3, 9), st.text(
-                   alphabet=string.ascii_lowercase + " +-*/()_0123456789", max_size=20)), max_size=4)}),
+               st.fixed_dictionaries({"reshape": st.lists(st.one_of(st.integers(-3, 9), EXPR), max_size=4)}),
+               st.fixed_dictionaries({"split": st.fixed_dictionaries(
+                   {}, optional={"axis": st.one_of(st.integers(-3, 3), SCALARS),
+                                 "parts": st.one_of(st.integers(-1, 4), EXPR, SCALARS),
+                                 "sizes": st.one_of(st.lists(st.one_of(st.integers(-1, 4), EXPR), max_size=3),
+                                                    YAMLISH)})}),
+               st.sampled_from(["concat", "stack"]).flatmap(lambda n: st.fixed_dictionaries({n: GATHER})),
                YAMLISH)
 RULE = st.one_of(st.fixed_dictionaries({"from": st.one_of(st.text(max_size=10), SCALARS),
-                                        "to": st.one_of(st.text(max_size=10), SCALARS)},
-                                       optional={"ops": st.one_of(st.lists(OP, max_size=3), YAMLISH)}),
+                                        "to": st.one_of(st.text(max_size=10), SCALARS,
+                                                        st.lists(st.text(max_size=6), max_size=3))},
+                                       optional={"ops": st.one_of(st.lists(OP, max_size=3), YAMLISH),
+                                                 "optional": st.one_of(st.booleans(), SCALARS)}),
                  YAMLISH)
+TIE_ENTRY = st.one_of(st.fixed_dictionaries({"to": st.one_of(st.text(max_size=6), SCALARS),
+                                             "from": st.one_of(st.text(max_size=6), SCALARS)},
+                                            optional={"ops": st.one_of(st.lists(OP, max_size=2), YAMLISH)}),
+                      YAMLISH)
 DOC = st.fixed_dictionaries(
     {},
     optional={"version": st.one_of(st.just(1), SCALARS), "model": st.one_of(st.just("m"), SCALARS),
               "match": st.one_of(st.dictionaries(st.text(max_size=5), YAMLISH, max_size=3), YAMLISH),
               "ignore": st.one_of(st.lists(st.text(max_size=8), max_size=3), YAMLISH),
-              "rules": st.one_of(st.lists(RULE, max_size=4), YAMLISH), "extra": YAMLISH},
+              "rules": st.one_of(st.lists(RULE, max_size=4), YAMLISH),
+              "tie": st.one_of(st.lists(TIE_ENTRY, max_size=3), YAMLISH), "extra": YAMLISH},
 )
 
 
@@ -570,45 +593,66 @@ def test_fuzz_yaml_line_soup(lines: list[str]) -> None:
 
 
 RULE_POOL = [
-    ("^s\\.(\\w)\\.(\\d)$", "\\1.\\2", ""),
-    ("^s\\.a\\.(\\d)$", "a.\\1", "[{transpose: [1, 0]}]"),
-    ("^s\\.b", "b.0", "[{reshape: [-1]}]"),
-    ("^s\\.c\\.(\\d)$", "c.\\1", "[{reshape: [n, -1]}]"),
+    ("^s\\.(\\w)\\.(\\d)$", "'\\1.\\2'", ""),
+    ("^s\\.a\\.(\\d)$", "'a.\\1'", "[{transpose: [1, 0]}]"),
+    ("^s\\.b", "'b.0'", "[{reshape: [-1]}]"),
+    ("^s\\.c\\.(\\d)$", "'c.\\1'", "[{reshape: [n, -1]}]"),
     ("\\.9$", "zz", ""),
+    ("^s\\.(\\w)\\.(\\d)$", "'\\1.0'", "[{stack: {axis: 0}}]"),
+    ("^s\\.(a|b)\\.(\\d)$", "'c.\\2'", "[{concat: {axis: -1, by: '\\1', order: [a, b]}}]"),
+    ("^s\\.c\\.(\\d)$", "['a.\\1', 'b.\\1']", "[{split: {axis: 0, parts: 2}}]"),
+    ("^s\\.c\\.(\\d)$", "['a.\\1', 'b.\\1']", "[{split: {axis: 0, sizes: [n, 2]}}]"),
+    ("^s\\.b\\.(\\d)$", "'b.\\1'", "[{transpose: [1, 0]}]\n    optional: true"),
 ]
 NAMES = [f"{g}.{i}" for g in "abc" for i in (0, 1, 9)]
-SHAPES = st.sampled_from([(2, 3), (3, 2), (6,), (4,), (2, 2)])
+SHAPES = st.sampled_from([(2, 3), (2, 2), (4,), (2,), (1, 2, 2), (2, 4), (2, 2, 2)])
+TIES = ["  - {to: 'a.0', from: 'b.0'}\n", "  - {to: 'b.1', from: 'a.1', ops: [{transpose: [1, 0]}]}\n",
+        "  - {to: 'c.9', from: 'c.1', ops: [{reshape: [n, -1]}]}\n", "  - {to: 'a.9', from: 'b.9'}\n"]
 
 
-@settings(max_examples=150, deadline=None)
-@given(rules=st.lists(st.sampled_from(RULE_POOL), min_size=1, max_size=5),
+@settings(max_examples=300, deadline=None)
+@given(rules=st.lists(st.sampled_from(RULE_POOL), min_size=1, max_size=4, unique=True),
        srcs=st.dictionaries(st.sampled_from([f"s.{n}" for n in NAMES]), SHAPES, max_size=6),
        tgts=st.dictionaries(st.sampled_from(NAMES), SHAPES, max_size=6),
-       ignore=st.booleans(), config=st.sampled_from([None, {}, {"n": 2}, {"n": 0}]))
+       ignore=st.booleans(), config=st.sampled_from([None, {}, {"n": 2}, {"n": 0}]),
+       ties=st.lists(st.sampled_from(TIES), unique=True, max_size=3))
 def test_analysis_invariants(rules: list[tuple[str, str, str]], srcs: dict[str, tuple[int, ...]],
                              tgts: dict[str, tuple[int, ...]], ignore: bool,
-                             config: dict[str, int] | None) -> None:
+                             config: dict[str, int] | None, ties: list[str]) -> None:
     text = "version: 1\nmodel: m\n" + ("ignore: ['1$']\n" if ignore else "") + "rules:\n" + "".join(
-        f"  - from: '{f}'\n    to: '{t}'\n" + (f"    ops: {o}\n" if o else "") for f, t, o in rules)
+        f"  - from: '{f}'\n    to: {t}\n" + (f"    ops: {o}\n" if o else "") for f, t, o in rules)
+    text += ("tie:\n" + "".join(ties)) if ties else ""
     m = load_mapping_text(text)
     sources_ = {k: spec(*v) for k, v in srcs.items()}
     targets_ = {k: spec(*v) for k, v in tgts.items()}
     result = analyze(m, sources_, targets_, config)
     assert [k.key for k in result.keys] == sorted(srcs)
     assert result.ok == (result.problems == ())
-    assigned = [a.target for a in result.assignments]
-    assert len(assigned) == len(set(assigned)) == sum(k.status == "mapped" for k in result.keys)
-    assert assigned == [t for t in tgts if t in assigned]  # model order
-    for a in result.assignments:
-        shape = a.source_spec.shape
-        for op in a.ops:
-            shape = op.infer(shape)
-        assert shape == targets_[a.target].shape and a.source_spec == sources_[a.source]
+    assigned = [t for a in result.assignments for t in a.targets]
+    read = [k for a in result.assignments for k in a.sources]
+    assert len(assigned) == len(set(assigned)) and len(read) == len(set(read))
+    assert sorted(read) == sorted(k.key for k in result.keys if k.status == "mapped")
+    position = {t: i for i, t in enumerate(tgts)}
+    first = [min(position[t] for t in a.targets) for a in result.assignments if a.tied_from is None]
+    assert first == sorted(first)  # model order (of each assignment's earliest target), tie fills after
+    assert all(a.tied_from is not None for a in result.assignments[len(first):])
+    for i, a in enumerate(result.assignments):
+        if a.tied_from is None:
+            shapes = [s.shape for s in a.source_specs]
+            assert a.rule is not None and a.source_specs == tuple(sources_[k] for k in a.sources)
+        else:
+            shapes = [targets_[a.tied_from].shape]
+            assert a.rule is None and a.sources == () and a.tied_from in {
+                t for b in result.assignments[:i] for t in b.targets}  # filled before
+        assert infer_ops(a.ops, shapes) == [targets_[t].shape for t in a.targets]
+        assert a.target_specs == tuple(targets_[t] for t in a.targets)
     assert not set(result.unfilled) & set(assigned)
-    assert all(k.problem is None for k in result.keys if k.status in ("mapped", "ignored"))
     for k in result.keys:
-        assert (k.problem is not None) == (k.status not in ("mapped", "ignored"))
+        assert (k.problem is not None) == (k.status not in ("mapped", "ignored", "tied"))
         assert all(p in (k.problem or "") for p in result.problems if f"key '{k.key}'" in p)
+        assert (k.note is not None) == (k.status == "tied" or (k.status == "ignored" and k.rule is not None))
+        if k.status == "tied":
+            assert k.target in {t.to for t in m.ties} and k.target not in tgts
     for rule in result.unused_rules:
         assert not any(rule.pattern.search(k) for k in srcs)
     if result.ok:

@@ -6,13 +6,27 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from nnxport.ops import OPS, Expr, OpError, Reshape, Transpose, parse_op, show_value
+from nnxport.ops import (
+    OPS,
+    Concat,
+    Expr,
+    OpError,
+    Reshape,
+    Split,
+    Stack,
+    Transpose,
+    apply_ops,
+    infer_ops,
+    parse_op,
+    show_value,
+)
 
 CONFIG = {"num_attention_heads": 4, "hidden_size": 32, "flag": True, "ratio": 0.5, "name": "x", "zero": 0}
 
 
-def test_registry_holds_both_ops() -> None:
-    assert dict(OPS) == {"transpose": Transpose, "reshape": Reshape}
+def test_registry_holds_every_op() -> None:
+    assert dict(OPS) == {"transpose": Transpose, "reshape": Reshape, "split": Split, "concat": Concat,
+                         "stack": Stack}
 
 
 @pytest.mark.parametrize("perm", [[1, 0], [2, 3, 1, 0], [0], [0, 2, 1]])
@@ -176,7 +190,7 @@ def test_other_dtypes_kept(dtype: type) -> None:
 
 @pytest.mark.parametrize(
     ("spec", "fragment"),
-    [({"flip": [0]}, "unknown op 'flip'; known ops: reshape, transpose"),
+    [({"flip": [0]}, "unknown op 'flip'; known ops: concat, reshape, split, stack, transpose"),
      ({"transpos": [1, 0]}, "unknown op 'transpos' (did you mean 'transpose'?)"),
      ({"transpose": [1, 0], "reshape": [-1]}, "one-key mapping"),
      ({}, "one-key mapping"),
@@ -204,3 +218,181 @@ def test_ops_are_hashable_values() -> None:
     spec = {"reshape": ["hidden_size", -1]}
     assert hash(parse_op(spec)) == hash(parse_op(spec)) and parse_op(spec) == parse_op(spec)
     assert parse_op({"reshape": ["a"]}) != parse_op({"reshape": ["b"]})
+
+
+# ------------------------------------------------------------------------------------- multi-tensor ops
+
+def test_split_parts_gives_views_in_order() -> None:
+    fused = np.arange(4 * 12, dtype=np.float32).reshape(4, 12)
+    op = parse_op({"split": {"axis": 1, "parts": 3}})
+    assert op == Split(1, parts=3) and op.kind == "split" and op.describe() == "split(axis=1,parts=3)"
+    assert op.infer_many([(4, 12)]) == [(4, 4)] * 3
+    q, k, v = op.apply_many([fused])
+    np.testing.assert_array_equal(q, fused[:, 0:4])
+    np.testing.assert_array_equal(k, fused[:, 4:8])
+    np.testing.assert_array_equal(v, fused[:, 8:12])
+    assert all(np.shares_memory(part, fused) for part in (q, k, v))  # views, no copies
+
+
+def test_split_sizes_negative_axis_and_config_expressions() -> None:
+    arr = np.arange(2 * 10, dtype=np.int32).reshape(2, 10)
+    op = parse_op({"split": {"axis": -1, "sizes": [6, 2, 2]}})
+    assert op.infer_many([(2, 10)]) == [(2, 6), (2, 2), (2, 2)]
+    parts = op.apply_many([arr])
+    for part, expected in zip(parts, np.split(arr, [6, 8], axis=1), strict=True):
+        np.testing.assert_array_equal(part, expected)
+    gqa = parse_op({"split": {"axis": 0, "sizes": ["num_attention_heads * 2", "kv * 2", "kv * 2"]}})
+    assert gqa.describe() == "split(axis=0,sizes=num_attention_heads * 2,kv * 2,kv * 2)"
+    with pytest.raises(OpError, match="unresolved"):
+        gqa.infer_many([(12, 3)])
+    concrete = gqa.resolve({**CONFIG, "kv": 1})
+    assert concrete == Split(0, sizes=(8, 2, 2))
+    assert concrete.infer_many([(12, 3)]) == [(8, 3), (2, 3), (2, 3)]
+    heads = parse_op({"split": {"axis": 0, "parts": "num_attention_heads"}}).resolve(CONFIG)
+    assert heads == Split(0, parts=4) and len(heads.apply_many([np.zeros((8, 1))])) == 4
+    literal = parse_op({"split": {"axis": 0, "parts": 2}})
+    assert literal.resolve(None) is literal
+
+
+@pytest.mark.parametrize(
+    ("args", "shape", "message"),
+    [({"axis": 1, "sizes": [2, 3]}, (4, 6), r"^split sizes \[2, 3\] sum to 5, but axis 1 has length 6$"),
+     ({"axis": 0, "parts": 4}, (6, 2), r"^split into 4 equal parts along axis 0 cannot divide length 6$"),
+     ({"axis": 2, "parts": 2}, (4, 6), r"^split axis 2 is out of range for a 2-d tensor$"),
+     ({"axis": -3, "parts": 2}, (4, 6), r"^split axis -3 is out of range for a 2-d tensor$")],
+)
+def test_split_shape_errors(args: dict[str, object], shape: tuple[int, ...], message: str) -> None:
+    op = parse_op({"split": args})
+    with pytest.raises(OpError, match=message):
+        op.infer_many([shape])
+    with pytest.raises(OpError, match=message):
+        op.apply_many([np.zeros(shape)])
+
+
+def test_split_takes_exactly_one_tensor() -> None:
+    op = parse_op({"split": {"axis": 0, "parts": 2}})
+    with pytest.raises(OpError, match=r"^split needs exactly one input tensor, got 2$"):
+        op.infer_many([(4,), (4,)])
+    with pytest.raises(OpError, match="gives several tensors"):
+        op.infer((4,))
+    with pytest.raises(OpError, match="gives several tensors"):
+        op.apply(np.zeros(4))
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [([1, 3], "split takes a mapping, e.g. {split: {axis: 1, parts: 3}}"),
+     ({"parts": 3}, "split needs 'axis'"),
+     ({"axis": 1}, "exactly one of 'parts'"),
+     ({"axis": 1, "parts": 3, "sizes": [1, 2]}, "exactly one of 'parts'"),
+     ({"axis": 1, "part": 3},
+      "unknown argument 'part' (did you mean 'parts'?); split takes axis, parts, sizes"),
+     ({"axis": 1.0, "parts": 3}, "split 'axis' must be an integer, got 1.0"),
+     ({"axis": True, "parts": 3}, "split 'axis' must be an integer, got True"),
+     ({"axis": 0, "parts": 0}, "split 'parts' must be positive, got 0"),
+     ({"axis": 0, "sizes": [2, -1]}, "split 'sizes' must be positive, got -1"),
+     ({"axis": 0, "sizes": []}, "'sizes' must be a non-empty list"),
+     ({"axis": 0, "sizes": 3}, "'sizes' must be a non-empty list"),
+     ({"axis": 0, "parts": "a / 2"}, "found Div"),
+     ({"axis": 2**70, "parts": 2}, "too large")],
+)
+def test_split_bad_args(args: object, fragment: str) -> None:
+    with pytest.raises(OpError) as err:
+        parse_op({"split": args})
+    assert fragment in str(err.value)
+
+
+def test_split_expression_must_give_a_positive_size() -> None:
+    with pytest.raises(OpError, match="'zero' evaluates to 0, not a positive size"):
+        parse_op({"split": {"axis": 0, "parts": "zero"}}).resolve(CONFIG)
+    with pytest.raises(OpError, match="config key 'nope' is missing"):
+        parse_op({"split": {"axis": 0, "sizes": [1, "nope"]}}).resolve(CONFIG)
+
+
+def test_concat_and_stack_match_numpy() -> None:
+    arrs = [np.full((2, 3), i, dtype=np.float32) for i in range(3)]
+    concat = parse_op({"concat": {"axis": 1, "by": "\\2", "order": ["query", "key", "value"]}})
+    assert concat == Concat(1, "\\2", ("query", "key", "value")) and concat.kind == "gather"
+    assert concat.describe() == "concat(axis=1,by=\\2,order=query,key,value)"
+    assert concat.infer_many([a.shape for a in arrs]) == [(2, 9)]
+    np.testing.assert_array_equal(concat.apply_many(arrs)[0], np.concatenate(arrs, axis=1))
+    assert parse_op({"concat": {"axis": -2}}).infer_many([(2, 3), (5, 3)]) == [(7, 3)]
+    stack = parse_op({"stack": {"axis": 0}})
+    assert stack == Stack(0) and stack.describe() == "stack(axis=0)"
+    assert stack.infer_many([(2, 3)] * 3) == [(3, 2, 3)]
+    np.testing.assert_array_equal(stack.apply_many(arrs)[0], np.stack(arrs))
+    last = parse_op({"stack": {"axis": -1}})
+    assert last.infer_many([(2, 3)] * 4) == [(2, 3, 4)]
+    np.testing.assert_array_equal(last.apply_many(arrs)[0], np.stack(arrs, axis=-1))
+    assert concat.infer((2, 3)) == (2, 3) and stack.infer((2, 3)) == (1, 2, 3)  # one tensor: trivial join
+    np.testing.assert_array_equal(stack.apply(arrs[0]), arrs[0][None])
+
+
+@pytest.mark.parametrize(
+    ("spec", "shapes", "message"),
+    [({"concat": {"axis": 1}}, [(2, 3), (3, 3)],
+      r"^concat along axis 1 needs equal shapes except on that axis, got \(2, 3\), \(3, 3\)$"),
+     ({"concat": {"axis": 0}}, [(2, 3), (2,)], "needs equal shapes except on that axis"),
+     ({"concat": {"axis": 2}}, [(2, 3)], r"^concat axis 2 is out of range for a 2-d tensor$"),
+     ({"stack": {"axis": 0}}, [(2, 3), (3, 2)], r"^stack needs equal shapes, got \(2, 3\), \(3, 2\)$"),
+     ({"stack": {"axis": 3}}, [(2, 3)], r"^stack axis 3 is out of range for a 3-d tensor$"),
+     ({"stack": {"axis": 0}}, [], r"^stack needs at least one tensor$")],
+)
+def test_gather_shape_errors(spec: object, shapes: list[tuple[int, ...]], message: str) -> None:
+    op = parse_op(spec)
+    with pytest.raises(OpError, match=message):
+        op.infer_many(shapes)
+    if shapes:
+        with pytest.raises(OpError, match=message):
+            op.apply_many([np.zeros(s) for s in shapes])
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [({"concat": [1]}, "concat takes a mapping"),
+     ({"stack": {}}, "stack needs 'axis'"),
+     ({"concat": {"axis": 0, "order": []}}, "'order' must be a non-empty list"),
+     ({"concat": {"axis": 0, "order": "q, k"}}, "'order' must be a non-empty list"),
+     ({"concat": {"axis": 0, "order": ["q", True]}}, "'order' items are piece names (strings), got True"),
+     ({"concat": {"axis": 0, "order": ["q", ["k"]]}}, "'order' items are piece names"),
+     ({"concat": {"axis": 0, "order": ["q", "k", "q"]}}, "concat 'order' lists 'q' more than once"),
+     ({"stack": {"axis": 0, "order": [1, "1"]}}, "stack 'order' lists '1' more than once"),
+     ({"stack": {"axis": 0, "by": 1}}, "'by' must be a template string"),
+     ({"stack": {"axis": 0, "by": ""}}, "'by' must be a template string"),
+     ({"stack": {"axis": 0, "oder": ["a"]}}, "unknown argument 'oder' (did you mean 'order'?)")],
+)
+def test_gather_bad_args(spec: object, fragment: str) -> None:
+    with pytest.raises(OpError) as err:
+        parse_op(spec)
+    assert fragment in str(err.value)
+
+
+def test_order_accepts_integers_as_piece_names() -> None:
+    assert parse_op({"stack": {"axis": 0, "order": [0, 1, 2]}}) == Stack(0, None, ("0", "1", "2"))
+
+
+def test_apply_ops_runs_per_tensor_then_joins_then_per_part() -> None:
+    rng = np.random.default_rng(0)
+    w = [rng.standard_normal((5, 4)).astype(np.float32) for _ in range(3)]  # torch Linear [out, in]
+    ops = [Transpose((1, 0)), Concat(1)]
+    (fused,) = apply_ops(ops, w)
+    np.testing.assert_array_equal(fused, np.concatenate([x.T for x in w], axis=1))
+    assert infer_ops(ops, [x.shape for x in w]) == [fused.shape] == [(4, 15)]
+    c_attn = rng.standard_normal((4, 12)).astype(np.float32)  # GPT-2 Conv1D: [in, 3*out]
+    q, k, v = apply_ops([Split(1, parts=3)], [c_attn])
+    np.testing.assert_array_equal(np.concatenate([q, k, v], axis=1), c_attn)
+    np.testing.assert_array_equal(k, c_attn[:, 4:8])
+    heads = apply_ops([Split(1, parts=3), Reshape((4, 2, 2))], [c_attn])
+    assert [h.shape for h in heads] == [(4, 2, 2)] * 3
+    np.testing.assert_array_equal(heads[2], c_attn[:, 8:].reshape(4, 2, 2))
+    assert apply_ops([], w) == w and infer_ops([], [(1,)]) == [(1,)]
+
+
+def test_multi_ops_keep_bfloat16() -> None:
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    arr = np.arange(12, dtype=np.float32).reshape(2, 6).astype(bf16)
+    parts = parse_op({"split": {"axis": 1, "sizes": [2, 4]}}).apply_many([arr])
+    joined = parse_op({"concat": {"axis": 1}}).apply_many(parts)
+    stacked = parse_op({"stack": {"axis": 0}}).apply_many([arr, arr])
+    assert {p.dtype for p in [*parts, *joined, *stacked]} == {bf16}
+    np.testing.assert_array_equal(joined[0].astype(np.float32), arr.astype(np.float32))

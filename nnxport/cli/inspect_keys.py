@@ -12,7 +12,7 @@ from rich.table import Table
 
 from nnxport.cli.common import errors_handled, out, print_json, setup_logging
 
-STATUS_STYLE = {"mapped": "green", "ignored": "dim", None: ""}
+STATUS_STYLE = {"mapped": "green", "ignored": "dim", "tied": "dim", None: ""}
 
 
 class KeysFormat(StrEnum):
