@@ -209,6 +209,10 @@ def convert(
                 (log.debug if expected else log.warning)("mapping %s: %s matched no source key",
                                                          the_mapping.name, rule.label())
             assignments = analysis.assignments
+            for a in assignments:
+                if a.tied_from is not None:
+                    log.warning("mapping %s: no source key fills %s; filled from %s as its tie declares",
+                                the_mapping.name, ", ".join(a.targets), a.tied_from)
             log.info("mapping %s -> family %s: %d tensors to place, %d ignored", the_mapping.name,
                      family.name, len(assignments), sum(k.status == "ignored" for k in analysis.keys))
             check_dtype(dtype)  # before anything is written

@@ -344,10 +344,12 @@ SLOW = [
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize(("repo", "overrides"), SLOW, ids=[r for r, _ in SLOW])
-def test_published_size(repo: str, overrides: dict[str, Any], hub_cache: Path,
+def test_published_size(repo: str, overrides: dict[str, Any], dtype: str, hub_cache: Path,
                         tmp_path_factory: pytest.TempPathFactory, cli) -> None:
-    """Full published configs, bf16 weights as published (sharded like the hub), from the offline cache.
+    """Full published configs, in bf16 as published and in fp32 (sharded like the hub), from the offline
+    cache.
 
     Mistral-7B keeps its full width (hidden 4096, 32 heads, 8 kv heads, intermediate 14336, vocab 32000,
     sliding_window 4096) with num_hidden_layers reduced to 2: the float32 transformers reference of all 32
@@ -355,10 +357,13 @@ def test_published_size(repo: str, overrides: dict[str, Any], hub_cache: Path,
     """
     config = published_config(repo, **overrides)
     tmp = tmp_path_factory.mktemp("published")
-    folder = build_replica(config, tmp / "src", dtype="bfloat16", hub_config=True, max_shard_size="1GB")
-    write_hub_cache(hub_cache, f"nnxport-test/{repo.split('/')[1]}", folder)
+    folder = build_replica(config, tmp / "src", dtype=dtype, hub_config=True, max_shard_size="1GB")
+    repo_id = f"nnxport-test/{repo.split('/')[1]}-{dtype}"
+    write_hub_cache(hub_cache, repo_id, folder)
     shutil.rmtree(folder)
-    report = _convert_ok(cli, f"nnxport-test/{repo.split('/')[1]}", tmp / "out")
-    assert report["dtype"] == "bfloat16"
+    report = _convert_ok(cli, repo_id, tmp / "out")
+    assert report["dtype"] == dtype
     logits = _logits(report, config["vocab_size"])
+    print(f"{repo} {dtype}:", {k: logits[k] for k in ("max_abs_diff", "max_rel_diff", "top1_agreement",
+                                                      "top5_agreement", "kl_divergence")})
     assert logits["kl_divergence"] < 1e-3 and logits["top5_agreement"] > 0.9

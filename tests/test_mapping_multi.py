@@ -592,6 +592,13 @@ def test_docs_yaml_examples_load() -> None:
         assert mapping.rules
 
 
+def test_readme_yaml_example_loads() -> None:
+    readme = DOCS.parents[1] / "README.md"
+    (block,) = re.findall(r"^```yaml\n(.*?)^```", readme.read_text(encoding="utf-8"), flags=re.S | re.M)
+    mapping = load_mapping_text(block, name="README.md")
+    assert mapping.model == "gpt2" and len(mapping.rules) == 2 and len(mapping.ties) == 1
+
+
 def test_docs_worked_examples_plan() -> None:
     """The doc's worked examples, applied to the shapes they state, give the shapes they state."""
     blocks = {b.split("\n", 1)[0]: b for b in doc_blocks()}
