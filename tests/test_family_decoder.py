@@ -366,4 +366,4 @@ def test_published_size(repo: str, overrides: dict[str, Any], dtype: str, hub_ca
     logits = _logits(report, config["vocab_size"])
     print(f"{repo} {dtype}:", {k: logits[k] for k in ("max_abs_diff", "max_rel_diff", "top1_agreement",
                                                       "top5_agreement", "kl_divergence")})
-    assert logits["kl_divergence"] < 1e-3 and logits["top5_agreement"] > 0.9
+    assert logits["kl_divergence"] < 1e-3 and logits["top5_agreement"] > 0.85
