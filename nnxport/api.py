@@ -116,13 +116,6 @@ def source_specs(source: Source) -> dict[str, TensorSpec]:
     return {k: TensorSpec(t.shape, t.dtype) for k, t in source.tensors.items()}
 
 
-def _set_path(tree: dict[Any, Any], dotted: str, value: Any) -> None:
-    keys: list[Any] = [int(k) if k.isdigit() else k for k in dotted.split(".")]
-    for k in keys[:-1]:
-        tree = tree[k]
-    tree[keys[-1]] = value
-
-
 def _require_config(source: Source) -> dict[str, Any]:
     if source.config is None:
         raise SourceError(f"{source.spec}: no config.json found; pass --config PATH")
@@ -227,25 +220,39 @@ def convert(
         out_path = Path(out) if out is not None else default_out(src)
         staging = ckpt.OutputDir(out_path, force=force)
         try:
-            with _timed(timings, "read_and_place"):
-                pure = nnx.to_pure_dict(abstract)
+            with _timed(timings, "read_place_write"):
+                # Streaming: arrays are written group by group and dropped (StateWriter), so memory stays
+                # at about one group whatever the model's size. Only the sources of tie fills are kept
+                # until they are used.
+                writer = ckpt.StateWriter(staging.staging / ckpt.CHECKPOINT)
+                tie_sources = {a.tied_from for a in assignments if a.tied_from is not None}
+                kept: dict[Any, Any] = {}
                 stored: set[str] = set()
                 nbytes = 0
                 filled = 0
                 for a in assignments:
-                    placed = _materialize(src, a, dtype, sharding, pure)
+                    placed = _materialize(src, a, dtype, sharding, kept)
                     for target, arr in zip(a.targets, placed, strict=True):
                         stored.add(str(arr.dtype))
                         nbytes += arr.nbytes
                         filled += 1
-                        _set_path(pure, target, arr)
-            with _timed(timings, "write_checkpoint"):
-                ckpt.save_state(staging.staging / ckpt.CHECKPOINT, pure)
+                        writer.add(target, arr)
+                        if target in tie_sources:
+                            ckpt.set_path(kept, target, arr, create=True)
+                    del placed
+                kept.clear()
+                writer.finish()
+            log.info("checkpoint: %d arrays, %.2f GB in %d group(s)", filled, nbytes / 1e9,
+                     writer.groups_written)
             manifest = _manifest(src, the_mapping, family, cfg, options, dtype, placement, filled, nbytes)
             report = None
             if parity:
                 with _timed(timings, "parity"):
-                    nnx.replace_by_pure_dict(abstract, pure)
+                    # The model is restored from the checkpoint just written: parity checks what is on disk.
+                    home = default_sharding(resolve_device("auto" if mesh else device), None)
+                    restored = ckpt.restore_state(staging.staging / ckpt.CHECKPOINT,
+                                                  nnx.to_pure_dict(abstract), home)
+                    nnx.replace_by_pure_dict(abstract, restored)
                     model = nnx.merge(graphdef, abstract)
                     report = run_parity(family, model, src, cfg, _weakest(stored), options=options)
                 _write_reports(staging.staging, report, src.spec)

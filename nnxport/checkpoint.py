@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+import orbax.checkpoint.experimental.v1 as ocp_v1
 
 from nnxport.errors import OutputError, SourceError
 
@@ -79,16 +80,63 @@ def write_text(path: Path, text: str) -> None:
         raise OutputError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
-def save_state(path: Path, state: Mapping[str, Any]) -> None:
-    """Save a nested dict of arrays (``nnx.to_pure_dict`` layout) as an Orbax checkpoint at ``path``."""
-    ckptr = ocp.StandardCheckpointer()
-    try:
-        ckptr.save(path.absolute(), state)
-        ckptr.wait_until_finished()
-    except OSError as e:
-        raise OutputError(f"{path}: cannot write the checkpoint ({e.strerror or e})") from None
-    finally:
-        ckptr.close()
+GROUP_BYTES = 512 * 2**20
+"""Arrays are written in groups of about this many bytes: the writer never holds more than one group."""
+
+
+class StateWriter:
+    """Write a model state into one Orbax checkpoint group by group, so that memory stays at about one
+    group however large the model is.
+
+    Uses Orbax's partial-save sessions (``orbax.checkpoint.experimental.v1.partial``): each
+    :meth:`add`-ed group is written into the session and dropped; :meth:`finish` finalises the checkpoint
+    (``commit_success.txt``). The result is an ordinary Orbax checkpoint of the nested dict
+    (``nnx.to_pure_dict`` layout): ``orbax.checkpoint.experimental.v1.load(path, abstract)`` restores it.
+    Orbax's one-shot ``save`` would instead hold every array (and up to ~3x their bytes, orbax issue 1640).
+    In a multi-process run every process must make the same calls (Orbax saves collectively).
+    """
+
+    def __init__(self, path: Path, *, group_bytes: int | None = None) -> None:
+        self.path = path.absolute()
+        self.group_bytes = GROUP_BYTES if group_bytes is None else group_bytes
+        self._group: dict[Any, Any] = {}
+        self._bytes = 0
+        self.groups_written = 0
+
+    def add(self, dotted: str, array: jax.Array) -> None:
+        """Queue ``array`` for target ``dotted`` (``a.b.0.c``; digit parts become int keys); writes the
+        group once it reaches ``group_bytes``."""
+        set_path(self._group, dotted, array, create=True)
+        self._bytes += array.nbytes
+        if self._bytes >= self.group_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._group:
+            return
+        try:
+            ocp_v1.partial.save(self.path, self._group)
+        except OSError as e:
+            raise OutputError(f"{self.path}: cannot write the checkpoint ({e.strerror or e})") from None
+        self._group, self._bytes = {}, 0
+        self.groups_written += 1
+
+    def finish(self) -> None:
+        """Write what is queued and finalise the checkpoint."""
+        self.flush()
+        try:
+            ocp_v1.partial.finalize(self.path)
+        except OSError as e:
+            raise OutputError(f"{self.path}: cannot finalise the checkpoint ({e.strerror or e})") from None
+
+
+def set_path(tree: dict[Any, Any], dotted: str, value: Any, *, create: bool = False) -> None:
+    """``tree[a][b][0][c] = value`` for ``dotted`` ``a.b.0.c`` (digit parts are int keys, as in
+    ``nnx.to_pure_dict``); ``create`` makes missing intermediate dicts."""
+    keys: list[Any] = [int(k) if k.isdigit() else k for k in dotted.split(".")]
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {}) if create else tree[k]
+    tree[keys[-1]] = value
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -114,24 +162,21 @@ def restore_state(path: Path, abstract: Mapping[str, Any], sharding: jax.shardin
     """Restore the checkpoint at ``path`` into the layout of ``abstract`` (a nested dict of
     ShapeDtypeStruct); dtypes and shapes come from the checkpoint's own metadata, arrays go to
     ``sharding``."""
-    ckptr = ocp.StandardCheckpointer()
+    saved = ocp_v1.metadata(path.absolute()).metadata
+
+    def target(keypath: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+        node: Any = saved
+        for k in keypath:
+            key = getattr(k, "key", k)
+            node = node[key] if key in node else node[str(key)]
+        if tuple(node.shape) != tuple(leaf.shape):
+            dotted = ".".join(str(getattr(k, "key", k)) for k in keypath)
+            raise SourceError(f"{path}: '{dotted}' has shape {tuple(node.shape)} in the checkpoint, "
+                              f"the model expects {tuple(leaf.shape)}")
+        return jax.ShapeDtypeStruct(leaf.shape, node.dtype, sharding=sharding)
+
     try:
-        saved = ckptr.metadata(path.absolute()).item_metadata.tree
-
-        def target(keypath: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
-            node: Any = saved
-            for k in keypath:
-                node = node[str(getattr(k, "key", k))]
-            if tuple(node.shape) != tuple(leaf.shape):
-                dotted = ".".join(str(getattr(k, "key", k)) for k in keypath)
-                raise SourceError(f"{path}: '{dotted}' has shape {tuple(node.shape)} in the checkpoint, "
-                                  f"the model expects {tuple(leaf.shape)}")
-            return jax.ShapeDtypeStruct(leaf.shape, node.dtype, sharding=sharding)
-
-        try:
-            target_tree = jax.tree_util.tree_map_with_path(target, abstract)
-        except KeyError as e:
-            raise SourceError(f"{path}: the checkpoint lacks {e} that the model needs") from None
-        return ckptr.restore(path.absolute(), target_tree)
-    finally:
-        ckptr.close()
+        target_tree = jax.tree_util.tree_map_with_path(target, abstract)
+    except KeyError as e:
+        raise SourceError(f"{path}: the checkpoint lacks {e} that the model needs") from None
+    return ocp_v1.load(path.absolute(), target_tree)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
+import orbax.checkpoint.experimental.v1 as ocp_v1
 import pytest
 from flax import nnx
 from safetensors import safe_open
@@ -57,7 +57,10 @@ def test_resnet50_from_offline_hub_cache(resnet50_hub: str, tmp_path: Path) -> N
 
     # Plain Orbax restores it, given the abstract state of the model; values are the source's, transposed.
     config = manifest["model"]["config"]
-    restored = ocp.StandardCheckpointer().restore((out / "checkpoint").absolute(), _abstract_pure(config))
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu),
+                            _abstract_pure(config))
+    restored = ocp_v1.load((out / "checkpoint").absolute(), abstract)
     with safe_open(Path(src["path"]) / f["name"], framework="numpy") as st:
         conv = st.get_tensor("resnet.embedder.embedder.convolution.weight")
         kernel = np.asarray(restored["stem"]["conv"]["kernel"])
@@ -193,13 +196,14 @@ def test_failure_mid_write_leaves_nothing(tiny_resnet_dir: Path, tmp_path: Path,
     from nnxport import checkpoint
 
     def boom(path: Path, state: dict) -> None:
-        (path / "partial").mkdir(parents=True)
+        (path.parent / "partial").mkdir(parents=True)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_state", boom)
+    monkeypatch.setattr(checkpoint.ocp_v1.partial, "save", boom)
     out = tmp_path / "never"
     res = cli("convert", tiny_resnet_dir, "--out", out, "--no-parity")
     assert res.exit_code == 1
+    assert "cannot write the checkpoint (No space left on device)" in res.stderr
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # the staging folder is gone too
 
