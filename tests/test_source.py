@@ -512,11 +512,15 @@ def test_handles_open_lazily_and_close(tmp_path: Path) -> None:
     def mapped() -> bool:
         return path in Path("/proc/self/maps").read_text()
 
+    def opened() -> bool:
+        fds = Path("/proc/self/fd")
+        return any(os.path.realpath(fds / fd) == os.path.realpath(path) for fd in os.listdir(fds))
+
     with open_source(folder) as src:
-        assert not mapped()  # metadata is read and the file closed again
+        assert not mapped() and not opened()  # metadata is read and the file closed again
         first = src.read("a")
-        assert mapped()
-    assert not mapped()
+        assert opened() and not mapped()  # whole tensors are read with pread, not through a mapping
+    assert not mapped() and not opened()
     np.testing.assert_array_equal(first, np.arange(4, dtype=np.float32))
     np.testing.assert_array_equal(src.read_slice("a", (slice(1, 3),)), [1, 2])  # reopens on demand
     src.close()
