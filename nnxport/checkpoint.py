@@ -30,22 +30,37 @@ PARTIAL_TAG = ".nnxport-partial-"
 
 
 class OutputDir:
-    """Stage an output folder next to ``final`` and publish it atomically with :meth:`commit`."""
+    """Stage an output folder next to ``final`` and publish it atomically with :meth:`commit`.
 
-    def __init__(self, final: Path, *, force: bool = False) -> None:
+    In a multi-process run (``process_count > 1``) every process gets the same staging path (Orbax writes
+    into it collectively); only process 0 creates, commits or removes it. Callers put a barrier between
+    process 0 creating it and the others using it, and before the commit.
+    """
+
+    def __init__(self, final: Path, *, force: bool = False, process_index: int = 0,
+                 process_count: int = 1) -> None:
         self.final = final
+        self.primary = process_index == 0
         if final.exists() and not final.is_dir():
             raise OutputError(f"{final}: exists and is not a folder")
         if final.is_dir() and any(final.iterdir()) and not force:
             raise OutputError(f"{final}: folder exists and is not empty (use --force to replace it)")
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            self.staging = Path(tempfile.mkdtemp(prefix=f".{final.name}{PARTIAL_TAG}", dir=final.parent))
+            if process_count > 1:
+                self.staging = final.parent / f".{final.name}{PARTIAL_TAG}multiprocess"
+                if self.primary:
+                    shutil.rmtree(self.staging, ignore_errors=True)  # left by an earlier, killed run
+                    self.staging.mkdir(parents=True)
+            else:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                self.staging = Path(tempfile.mkdtemp(prefix=f".{final.name}{PARTIAL_TAG}", dir=final.parent))
         except OSError as e:
             raise OutputError(f"{final}: cannot create the output folder ({e.strerror or e})") from None
 
     def commit(self) -> None:
-        """Move the staged folder to its final name, replacing an old one only now."""
+        """Move the staged folder to its final name, replacing an old one only now (process 0 only)."""
+        if not self.primary:
+            return
         old = None
         try:
             if self.final.exists():
@@ -60,8 +75,9 @@ class OutputDir:
             shutil.rmtree(old, ignore_errors=True)
 
     def abort(self) -> None:
-        """Remove everything staged."""
-        shutil.rmtree(self.staging, ignore_errors=True)
+        """Remove everything staged (process 0 only)."""
+        if self.primary:
+            shutil.rmtree(self.staging, ignore_errors=True)
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
