@@ -117,6 +117,7 @@ class StateWriter:
         self.group_bytes = GROUP_BYTES if group_bytes is None else group_bytes
         self._group: dict[Any, Any] = {}
         self._bytes = 0
+        self._pending: Any = None  # the group being written in the background
         self.groups_written = 0
 
     def add(self, dotted: str, array: jax.Array) -> None:
@@ -128,18 +129,31 @@ class StateWriter:
             self.flush()
 
     def flush(self) -> None:
+        """Start writing the queued group in the background, after the previous one has finished: reading
+        and placing the next group overlaps with writing this one, and at most two groups are alive."""
         if not self._group:
             return
+        self.wait()
         try:
-            ocp_v1.partial.save(self.path, self._group)
+            self._pending = ocp_v1.partial.save_async(self.path, self._group)
         except OSError as e:
             raise OutputError(f"{self.path}: cannot write the checkpoint ({e.strerror or e})") from None
         self._group, self._bytes = {}, 0
         self.groups_written += 1
 
+    def wait(self) -> None:
+        """Block until the group being written is on disk."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                pending.result()
+            except OSError as e:
+                raise OutputError(f"{self.path}: cannot write the checkpoint ({e.strerror or e})") from None
+
     def finish(self) -> None:
         """Write what is queued and finalise the checkpoint."""
         self.flush()
+        self.wait()
         try:
             ocp_v1.partial.finalize(self.path)
         except OSError as e:

@@ -50,14 +50,23 @@ def test_groups_are_written_into_one_checkpoint_that_orbax_restores(tmp_path: Pa
     assert np.array_equal(np.asarray(again["layers"][10]["norm"]["scale"]), arrays["layers.10.norm.scale"])
 
 
-def test_a_failed_write_is_an_output_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def full(path: Path, tree: dict) -> None:
-        raise OSError(28, "No space left on device")
+@pytest.mark.parametrize("when", ["scheduling", "writing"])
+def test_a_failed_write_is_an_output_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           when: str) -> None:
+    class Failed:
+        def result(self) -> None:
+            raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.ocp_v1.partial, "save", full)
+    def full(path: Path, tree: dict) -> Failed:
+        if when == "scheduling":
+            raise OSError(28, "No space left on device")
+        return Failed()  # the background write fails; seen when the writer waits for it
+
+    monkeypatch.setattr(checkpoint.ocp_v1.partial, "save_async", full)
     writer = checkpoint.StateWriter(tmp_path / "ckpt", group_bytes=1)
     with pytest.raises(OutputError, match="No space left on device"):
         writer.add("w", jax.device_put(np.ones(4, np.float32)))
+        writer.finish()
 
 
 def test_convert_streams_in_groups_and_restores_exactly(tiny_resnet_dir: Path, tmp_path: Path,

@@ -199,7 +199,7 @@ def test_failure_mid_write_leaves_nothing(tiny_resnet_dir: Path, tmp_path: Path,
         (path.parent / "partial").mkdir(parents=True)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.ocp_v1.partial, "save", boom)
+    monkeypatch.setattr(checkpoint.ocp_v1.partial, "save_async", boom)
     out = tmp_path / "never"
     res = cli("convert", tiny_resnet_dir, "--out", out, "--no-parity")
     assert res.exit_code == 1
