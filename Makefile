@@ -36,5 +36,10 @@ lint: install
 	$(VENV)/bin/ruff check nnxport tests
 	$(VENV)/bin/mypy
 
+# Conversion speed and memory against a floor, on Llama-3.2-1B-shaped checkpoints built into .bench/
+# (~7 GB, reused); writes docs/benchmarks.md. Takes 10+ minutes; not part of CI.
+bench: install
+	$(PY) bench/run.py
+
 clean:
 	rm -rf $(DEMO) .pytest_cache .mypy_cache .ruff_cache
