@@ -36,8 +36,10 @@ __all__ = [
     "Stack",
     "Transpose",
     "apply_ops",
+    "box_slices",
     "infer_ops",
     "parse_op",
+    "pull_part",
     "register",
     "show_value",
 ]
@@ -171,6 +173,13 @@ class Op(ABC):
     def describe(self) -> str:
         """Compact form for listings, e.g. ``transpose(2,3,1,0)``."""
 
+    def pull(self, box: Box, in_shape: tuple[int, ...]) -> tuple[Box, Step]:
+        """The part of an input of ``in_shape`` that gives ``box`` of the result, and the step that turns
+        that part into it: ``step(x[part]) == self.apply(x)[box]``. The default takes the whole input;
+        ops that can do better override it."""
+        whole = tuple((0, n) for n in in_shape)
+        return whole, lambda arr: self.apply(arr)[box_slices(box)]
+
     def infer_many(self, shapes: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
         """The shapes of the results for a list of inputs (default: :meth:`infer` on each)."""
         return [self.infer(tuple(s)) for s in shapes]
@@ -194,6 +203,41 @@ def apply_ops(ops: Sequence[Op], arrays: Sequence[np.ndarray]) -> list[np.ndarra
     for op in ops:
         out = op.apply_many(out)
     return out
+
+
+Box = tuple[tuple[int, int], ...]
+"""A rectangular part of a tensor: ``(start, stop)`` per dimension."""
+Step = Callable[[np.ndarray], np.ndarray]
+
+
+def box_slices(box: Box) -> tuple[slice, ...]:
+    return tuple(slice(a, b) for a, b in box)
+
+
+def pull_part(ops: Sequence[Op], source_shape: tuple[int, ...], position: int, box: Box
+              ) -> tuple[Box, list[Step]] | None:
+    """Which part of a rule's one source tensor gives ``box`` of its ``position``-th result, and the steps
+    that turn the part into it: ``steps`` applied in order to ``source[part]`` equal
+    ``apply_ops(ops, [source])[position][box]``. This is how a device's shard is read without the rest of
+    the tensor. None for ops that join several tensors (concat, stack): they have no one source part.
+    """
+    if any(op.kind == "gather" for op in ops):
+        return None
+    stages: list[list[tuple[int, ...]]] = [[tuple(source_shape)]]
+    for op in ops:
+        stages.append(op.infer_many(stages[-1]))
+    steps: list[Step] = []
+    for k in reversed(range(len(ops))):
+        op = ops[k]
+        if isinstance(op, Split):  # the part sits at an offset along the split axis; no step needed
+            axis = _axis(op.name, op.axis, len(stages[k][0]))
+            offset = sum(shape[axis] for shape in stages[k + 1][:position])
+            box = tuple((a + offset, b + offset) if d == axis else (a, b) for d, (a, b) in enumerate(box))
+            position = 0
+        else:
+            box, step = op.pull(box, stages[k][position])
+            steps.append(step)
+    return box, steps[::-1]
 
 
 OPS: dict[str, type[Op]] = {}
@@ -255,6 +299,12 @@ class Transpose(Op):
     def apply(self, arr: np.ndarray) -> np.ndarray:
         self.infer(arr.shape)
         return np.transpose(arr, self.perm)
+
+    def pull(self, box: Box, in_shape: tuple[int, ...]) -> tuple[Box, Step]:
+        part = [(0, 0)] * len(self.perm)
+        for i, p in enumerate(self.perm):
+            part[p] = box[i]
+        return tuple(part), lambda arr: np.transpose(arr, self.perm)
 
     def describe(self) -> str:
         return f"transpose({','.join(map(str, self.perm))})"
@@ -322,8 +372,58 @@ class Reshape(Op):
     def apply(self, arr: np.ndarray) -> np.ndarray:
         return arr.reshape(self.infer(arr.shape))
 
+    def pull(self, box: Box, in_shape: tuple[int, ...]) -> tuple[Box, Step]:
+        """Exact for each group of dims that reshape merges or splits when only the group's first result
+        dim is cut at a boundary of the input's first dim (heads, rows); other groups are read whole."""
+        out_shape = self.infer(in_shape)
+        groups = _reshape_groups(in_shape, out_shape)
+        if groups is None:
+            return super().pull(box, in_shape)
+        part: list[tuple[int, int]] = []
+        part_shape: list[int] = []
+        local: list[slice] = []
+        for (i0, i1), (j0, j1) in groups:
+            cut, dims_in, dims_out = box[j0:j1], in_shape[i0:i1], out_shape[j0:j1]
+            if dims_in and dims_out and all(c == (0, n) for c, n in zip(cut[1:], dims_out[1:], strict=True)):
+                inner_out, inner_in = math.prod(dims_out[1:]), math.prod(dims_in[1:])
+                start, stop = cut[0][0] * inner_out, cut[0][1] * inner_out
+                if start % inner_in == 0 and stop % inner_in == 0:
+                    part += [(start // inner_in, stop // inner_in), *((0, n) for n in dims_in[1:])]
+                    part_shape += [cut[0][1] - cut[0][0], *dims_out[1:]]
+                    local += [slice(None)] * len(dims_out)
+                    continue
+            part += [(0, n) for n in dims_in]
+            part_shape += dims_out
+            local += [slice(a, b) for a, b in cut]
+        return tuple(part), lambda arr: arr.reshape(part_shape)[tuple(local)]
+
     def describe(self) -> str:
         return f"reshape({','.join(str(d) for d in self.dims)})"
+
+
+def _reshape_groups(a: tuple[int, ...], b: tuple[int, ...]
+                    ) -> list[tuple[tuple[int, int], tuple[int, int]]] | None:
+    """The runs of dims of ``a`` and ``b`` with equal products (what a reshape merges or splits), as
+    ``((i0, i1), (j0, j1))`` index ranges; None when a shape has a zero."""
+    if 0 in a or 0 in b:
+        return None
+    groups = []
+    i = j = 0
+    while i < len(a) or j < len(b):
+        i0, j0, pa, pb = i, j, 1, 1
+        if i < len(a):
+            pa, i = a[i], i + 1
+        if j < len(b):
+            pb, j = b[j], j + 1
+        while pa != pb:
+            if pa < pb and i < len(a):
+                pa, i = pa * a[i], i + 1
+            elif pb < pa and j < len(b):
+                pb, j = pb * b[j], j + 1
+            else:
+                return None
+        groups.append(((i0, i), (j0, j)))
+    return groups
 
 
 # -------------------------------------------------------------------------------------- multi-tensor ops

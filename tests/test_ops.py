@@ -396,3 +396,84 @@ def test_multi_ops_keep_bfloat16() -> None:
     stacked = parse_op({"stack": {"axis": 0}}).apply_many([arr, arr])
     assert {p.dtype for p in [*parts, *joined, *stacked]} == {bf16}
     np.testing.assert_array_equal(joined[0].astype(np.float32), arr.astype(np.float32))
+
+
+# ------------------------------------------------------------------------------- reading one part (--mesh)
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from nnxport.ops import box_slices, pull_part  # noqa: E402
+
+
+def _chain(draw: st.DrawFn) -> tuple[list[object], tuple[int, ...]]:
+    """A random one-source op chain (transposes, reshapes that merge or split dims, at most one split)."""
+    shape = tuple(draw(st.lists(st.sampled_from([1, 2, 3, 4, 6]), min_size=1, max_size=4)))
+    ops: list[object] = []
+    current = shape
+    split_done = False
+    for _ in range(draw(st.integers(0, 3))):
+        kind = draw(st.sampled_from(["transpose", "reshape", "split"]))
+        if kind == "transpose":
+            perm = draw(st.permutations(range(len(current))))
+            ops.append(Transpose(tuple(perm)))
+            current = tuple(current[p] for p in perm)
+        elif kind == "reshape":
+            if len(current) > 1 and draw(st.booleans()):  # merge two neighbours
+                i = draw(st.integers(0, len(current) - 2))
+                new = (*current[:i], current[i] * current[i + 1], *current[i + 2:])
+            else:  # split a dim into two factors
+                i = draw(st.integers(0, len(current) - 1))
+                factors = [f for f in range(1, current[i] + 1) if current[i] % f == 0]
+                f = draw(st.sampled_from(factors))
+                new = (*current[:i], f, current[i] // f, *current[i + 1:])
+            ops.append(Reshape(new))
+            current = new
+        elif not split_done:
+            axis = draw(st.integers(0, len(current) - 1))
+            factors = [f for f in range(1, current[axis] + 1) if current[axis] % f == 0]
+            parts = draw(st.sampled_from(factors))
+            ops.append(Split(axis, parts=parts))
+            current = (*current[:axis], current[axis] // parts, *current[axis + 1:])
+            split_done = True
+    return ops, shape
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_pull_part_reads_exactly_the_part_that_gives_the_box(data: st.DataObject) -> None:
+    ops, shape = _chain(data.draw)
+    source = np.arange(int(np.prod(shape))).reshape(shape)
+    results = apply_ops(ops, [source])
+    position = data.draw(st.integers(0, len(results) - 1))
+    result = results[position]
+    box = []
+    for n in result.shape:
+        start = data.draw(st.integers(0, max(n - 1, 0)))
+        box.append((start, data.draw(st.integers(start + 1, n))) if n else (0, 0))
+    box_t = tuple(box)
+    pulled = pull_part(ops, shape, position, box_t)
+    assert pulled is not None
+    part, steps = pulled
+    arr = source[box_slices(part)]
+    for step in steps:
+        arr = step(arr)
+    assert np.array_equal(arr, result[box_slices(box_t)])
+    if all(isinstance(op, Transpose | Split) for op in ops):  # exact: nothing more is read
+        assert arr.size == source[box_slices(part)].size
+
+
+def test_pull_part_of_a_transposed_kernel_reads_only_its_rows() -> None:
+    # A Linear weight [out=8, in=6] -> kernel [in, out]; the device holding out columns 4..8 reads rows 4..8.
+    part, steps = pull_part([Transpose((1, 0))], (8, 6), 0, ((0, 6), (4, 8)))
+    assert part == ((4, 8), (0, 6))
+    # Heads split out of a merged dim: [heads*dim=12, in=5] -> [heads=3, dim=4, in=5], head 1 alone.
+    part, _ = pull_part([Reshape((3, 4, 5))], (12, 5), 0, ((1, 2), (0, 4), (0, 5)))
+    assert part == ((4, 8), (0, 5))
+    # The third of a fused qkv weight [in=4, 3*out=12] split on axis 1, columns 2..4 of v.
+    part, _ = pull_part([Split(1, parts=3)], (4, 12), 2, ((0, 4), (2, 4)))
+    assert part == ((0, 4), (10, 12))
+
+
+def test_pull_part_gives_up_on_joined_tensors() -> None:
+    assert pull_part([Concat(0)], (2, 3), 0, ((0, 2), (0, 3))) is None
