@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -30,14 +30,18 @@ from nnxport.mapping import (
     select_mapping,
 )
 from nnxport.models import FAMILIES, Family, get_family
-from nnxport.ops import apply_ops
+from nnxport.ops import Op, apply_ops, box_slices, pull_part
 from nnxport.parity import ParityReport, run_parity
 from nnxport.place import (
+    Box,
     build_mesh,
     check_dtype,
     default_sharding,
+    init_distributed,
     parse_mesh,
+    partition_spec,
     put,
+    put_parts,
     resolve_device,
     target_dtype,
 )
@@ -173,12 +177,22 @@ def convert(
     mesh: str | None = None,
     parity: bool = True,
     force: bool = False,
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
 ) -> ConvertResult:
     """Convert ``source`` (hub id, folder or .safetensors file) into an output folder ``out``.
 
     Every mapping problem is reported before any tensor data is read. The returned result's
     ``passed`` is False when parity failed (the folder is still written, with the report).
+
+    ``mesh`` shards each target as its mapping rule's ``shard`` says (replicated where it says nothing),
+    and every device's part is read from the file on its own. ``coordinator`` (or JAX_COORDINATOR_ADDRESS)
+    makes this one of ``num_processes`` processes of a multi-host conversion (``jax.distributed``): each
+    process reads only what its devices hold, all of them write one checkpoint, process 0 the rest of the
+    folder; parity is left to ``nnxport verify``.
     """
+    processes = init_distributed(coordinator, num_processes, process_id)
     timings: dict[str, float] = {}
     with _timed(timings, "resolve"):
         src = open_source(source, revision=revision, config=config)
@@ -209,38 +223,49 @@ def convert(
             log.info("mapping %s -> family %s: %d tensors to place, %d ignored", the_mapping.name,
                      family.name, len(assignments), sum(k.status == "ignored" for k in analysis.keys))
             check_dtype(dtype)  # before anything is written
+            if processes > 1 and not mesh:
+                raise NnxportError(f"a multi-process conversion ({processes} processes) needs --mesh over "
+                                   f"all {len(jax.devices())} devices")
             if mesh:
                 axes = parse_mesh(mesh)
-                sharding = default_sharding(None, build_mesh(axes))
-                placement: dict[str, Any] = {"mesh": axes}
+                the_mesh = build_mesh(axes)
+                shardings = _shardings(the_mapping.name, assignments, the_mesh)
+                placement: dict[str, Any] = {"mesh": axes, "partition_specs": {
+                    t: [list(d) if isinstance(d, tuple) else d for d in sh.spec]
+                    for t, sh in shardings.items() if sh.spec != jax.sharding.PartitionSpec()}}
             else:
                 dev = resolve_device(device)
-                sharding = default_sharding(dev, None)
+                single = default_sharding(dev, None)
                 placement = {"device": f"{dev.platform}:{dev.id}"}
+            if processes > 1 and parity:
+                log.warning("parity is not run in a multi-process conversion; run `nnxport verify` on the "
+                            "output folder afterwards")
+                parity = False
         out_path = Path(out) if out is not None else default_out(src)
-        staging = ckpt.OutputDir(out_path, force=force)
+        staging = ckpt.OutputDir(out_path, force=force, process_index=jax.process_index(),
+                                 process_count=processes)
+        _sync(processes, "nnxport-staged")
         try:
             with _timed(timings, "read_place_write"):
                 # Streaming: arrays are written group by group and dropped (StateWriter), so memory stays
-                # at about one group whatever the model's size. Only the sources of tie fills are kept
-                # until they are used.
+                # at about one group whatever the model's size.
                 writer = ckpt.StateWriter(staging.staging / ckpt.CHECKPOINT)
-                tie_sources = {a.tied_from for a in assignments if a.tied_from is not None}
-                kept: dict[Any, Any] = {}
+                chains = _chains(assignments)
                 stored: set[str] = set()
                 nbytes = 0
                 filled = 0
                 for a in assignments:
-                    placed = _materialize(src, a, dtype, sharding, kept)
+                    if mesh:
+                        placed = [_put_sharded(src, chains[t], dtype, shardings[t], spec.shape)
+                                  for t, spec in zip(a.targets, a.target_specs, strict=True)]
+                    else:
+                        placed = _materialize(src, a, chains, dtype, single)
                     for target, arr in zip(a.targets, placed, strict=True):
                         stored.add(str(arr.dtype))
                         nbytes += arr.nbytes
                         filled += 1
                         writer.add(target, arr)
-                        if target in tie_sources:
-                            ckpt.set_path(kept, target, arr, create=True)
                     del placed
-                kept.clear()
                 writer.finish()
             log.info("checkpoint: %d arrays, %.2f GB in %d group(s)", filled, nbytes / 1e9,
                      writer.groups_written)
@@ -258,7 +283,9 @@ def convert(
                 _write_reports(staging.staging, report, src.spec)
                 manifest["parity"] = {"passed": report.passed}
             manifest["timings_s"] = timings
-            ckpt.write_json(staging.staging / ckpt.MANIFEST, manifest)
+            if staging.primary:
+                manifest["processes"] = processes
+                ckpt.write_json(staging.staging / ckpt.MANIFEST, manifest)
             staging.commit()
         except BaseException:
             staging.abort()
@@ -269,28 +296,95 @@ def convert(
     return ConvertResult(out=out_path, manifest=manifest, parity=report, timings_s=timings)
 
 
-def _materialize(src: Source, a: Assignment, dtype: str, sharding: jax.sharding.Sharding,
-                 pure: dict[Any, Any]) -> list[jax.Array]:
-    """The placed arrays of ``a.targets``: its source keys read and run through its ops, or, for a tie
-    fill, the already-placed value of ``a.tied_from`` run through them."""
+@dataclass(frozen=True)
+class _Chain:
+    """How one target is computed: its rule's source keys through ``ops``, taking result ``position``."""
+
+    sources: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtype: str
+    ops: tuple[Op, ...]
+    position: int
+
+
+def _chains(assignments: tuple[Assignment, ...]) -> dict[str, _Chain]:
+    """Every target's chain. A tie fill is the chain of its ``tied_from`` followed by the tie's ops: it is
+    computed from the source keys again rather than kept in memory (analysis puts tie fills after the
+    assignment they copy)."""
+    chains: dict[str, _Chain] = {}
+    for a in assignments:
+        for position, target in enumerate(a.targets):
+            if a.tied_from is None:
+                chains[target] = _Chain(a.sources, tuple(s.shape for s in a.source_specs),
+                                        a.source_specs[0].dtype, a.ops, position)
+            else:
+                base = chains[a.tied_from]
+                chains[target] = replace(base, ops=base.ops + a.ops)
+    return chains
+
+
+def _materialize(src: Source, a: Assignment, chains: dict[str, _Chain], dtype: str,
+                 sharding: jax.sharding.Sharding) -> list[jax.Array]:
+    """The placed arrays of ``a.targets`` on one device: the source keys read whole, through the ops."""
+    chain = chains[a.targets[0]]
+    arrays = apply_ops(chain.ops, [src.read(key) for key in chain.sources])
     if a.tied_from is not None:
-        base = np.asarray(_get_path(pure, a.tied_from))
-        source_dtype = str(base.dtype)
-        arrays = apply_ops(a.ops, [base])
-    else:
-        source_dtype = a.source_specs[0].dtype
-        arrays = apply_ops(a.ops, [src.read(key) for key in a.sources])
-    want = target_dtype(source_dtype, dtype)
+        arrays = [arrays[chain.position]]
+    want = target_dtype(chain.dtype, dtype)
     placed: list[jax.Array] = []
     while arrays:  # drop each host array as soon as it is placed
         placed.append(put(arrays.pop(0), want, sharding))
     return placed
 
 
-def _get_path(tree: dict[Any, Any], dotted: str) -> Any:
-    for k in dotted.split("."):
-        tree = tree[int(k) if k.isdigit() else k]
-    return tree
+def _put_sharded(src: Source, chain: _Chain, dtype: str, sharding: jax.sharding.Sharding,
+                 shape: tuple[int, ...]) -> jax.Array:
+    """One target laid out by ``sharding``, each device part read on its own: the part of the source that
+    the chain's ops turn into it (:func:`nnxport.ops.pull_part`). Ops that join several keys (concat,
+    stack) have no such part: their result is computed whole, once per process, and cut."""
+    whole: list[np.ndarray] = []
+
+    def read(box: Box) -> np.ndarray:
+        pulled = pull_part(chain.ops, chain.shapes[0], chain.position, box)
+        if pulled is None:
+            if not whole:
+                whole.append(apply_ops(chain.ops, [src.read(k) for k in chain.sources])[chain.position])
+            return whole[0][box_slices(box)]
+        part, steps = pulled
+        arr = src.read_box(chain.sources[0], part)
+        for step in steps:
+            arr = step(arr)
+        return arr
+
+    return put_parts(shape, target_dtype(chain.dtype, dtype), sharding, read)
+
+
+def _shardings(mapping: str, assignments: tuple[Assignment, ...], mesh: jax.sharding.Mesh
+               ) -> dict[str, jax.sharding.NamedSharding]:
+    """Every target's sharding on ``mesh`` from its rule's ``shard`` (replicated without one); each reason
+    a named axis could not be used is logged once per rule."""
+    out: dict[str, jax.sharding.NamedSharding] = {}
+    dropped: dict[tuple[str, str], int] = {}
+    for a in assignments:
+        label = a.rule.label() if a.rule is not None else f"tie to {a.targets[0]!r}"
+        for target, spec in zip(a.targets, a.target_specs, strict=True):
+            pspec, why = partition_spec(a.shard, spec.shape, mesh)
+            out[target] = jax.sharding.NamedSharding(mesh, pspec)
+            for reason in why:
+                dropped[(label, reason)] = dropped.get((label, reason), 0) + 1
+    for (label, reason), n in dropped.items():
+        level = log.info if "not in the mesh" in reason else log.warning
+        level("mapping %s: %s: %s (%d target%s): replicated along it", mapping, label, reason, n,
+              "" if n == 1 else "s")
+    return out
+
+
+def _sync(processes: int, name: str) -> None:
+    """A barrier across the processes of a multi-process conversion."""
+    if processes > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _weakest(dtypes: set[str]) -> str:

@@ -47,8 +47,11 @@ __all__ = [
 VERSION = 1
 TOP_KEYS = ("version", "model", "match", "ignore", "rules", "tie")
 REQUIRED_KEYS = ("version", "model", "rules")
-RULE_KEYS = ("from", "to", "ops", "optional")
-TIE_KEYS = ("to", "from", "ops")
+RULE_KEYS = ("from", "to", "ops", "optional", "shard")
+TIE_KEYS = ("to", "from", "ops", "shard")
+
+ShardSpec = tuple[tuple[str, ...] | None, ...]
+"""A rule's ``shard:``: per target dimension, None (not sharded) or the mesh axes it is split over."""
 
 Status = Literal["mapped", "ignored", "tied", "unmatched", "ambiguous", "bad-target", "duplicate-target",
                  "shape-mismatch", "op-error"]
@@ -93,6 +96,7 @@ class Rule:
     targets: tuple[str, ...]
     ops: tuple[Op, ...]
     optional: bool = False
+    shard: ShardSpec | None = None
 
     @property
     def target(self) -> str:
@@ -118,6 +122,7 @@ class Tie:
     to: str
     source: str
     ops: tuple[Op, ...]
+    shard: ShardSpec | None = None
 
     def label(self) -> str:
         """How messages name the tie: ``tie 1 (line 30, to 'lm_head.kernel')``."""
@@ -369,6 +374,38 @@ def _check_op_order(label: str, ops: Sequence[Op], lines: list[int | None], list
             problems.append(f"{label}: {_at(lines[j])}op {j + 1}: invalid 'by' template {_q(by)}: {why}")
 
 
+def _load_shard(label: str, spec: dict[Any, Any], line: int | None, problems: list[str]) -> ShardSpec | None:
+    """The ``shard:`` entry of a rule or tie: a list with, per target dimension, null, an axis name or a
+    list of axis names (``[null, model]``, ``[[data, model], null]``)."""
+    if "shard" not in spec:
+        return None
+    value = spec["shard"]
+    at = _at(_other_line(_key_line(spec, "shard"), line))
+    example = "e.g. shard: [null, model]"
+    if not isinstance(value, list):
+        problems.append(f"{label}: {at}'shard' must be a list with one entry per target dimension "
+                        f"({example}), got {_type(value)}")
+        return None
+    dims: list[tuple[str, ...] | None] = []
+    used: set[str] = set()
+    for entry in value:
+        axes = [entry] if isinstance(entry, str) else entry if isinstance(entry, list) else None
+        if entry is None:
+            dims.append(None)
+            continue
+        if axes is None or not axes or not all(isinstance(a, str) and re.fullmatch(r"[A-Za-z_]\w*", a)
+                                               for a in axes):
+            problems.append(f"{label}: {at}'shard' entries are null, a mesh axis name or a list of them "
+                            f"({example}), got {show_value(entry)}")
+            return None
+        if used & set(axes):
+            problems.append(f"{label}: {at}'shard' names mesh axis {sorted(used & set(axes))[0]!r} twice")
+            return None
+        used.update(axes)
+        dims.append(tuple(axes))
+    return tuple(dims)
+
+
 def _load_rule(index: int, line: int | None, spec: object, problems: list[str]) -> Rule | None:
     if not isinstance(spec, dict):
         problems.append(f"{_rule_label(index, line, None)}: a rule is a mapping with 'from' and 'to', "
@@ -414,9 +451,10 @@ def _load_rule(index: int, line: int | None, spec: object, problems: list[str]) 
     if ops_ok:
         listed = None if templates is None else isinstance(target, list)
         _check_op_order(label, ops, lines, listed, len(templates or ()), pattern, problems)
+    shard = _load_shard(label, spec, line, problems)
     if len(problems) > n or pattern is None or templates is None:
         return None
-    return Rule(index, line, pattern.pattern, pattern, templates, tuple(ops), optional is True)
+    return Rule(index, line, pattern.pattern, pattern, templates, tuple(ops), optional is True, shard)
 
 
 def _tie_label(index: int, line: int | None, to: str | None) -> str:
@@ -472,8 +510,9 @@ def _load_ties(doc: dict[Any, Any], problems: list[str]) -> list[Tie]:
                 problems.append(f"{label}: target {_q(to)} is already tied by {seen[to]}")
             else:
                 seen[to] = label
+        shard = _load_shard(label, spec, line, problems)
         if len(problems) == n and isinstance(to, str) and isinstance(source, str):
-            ties.append(Tie(i, line, to, source, tuple(ops)))
+            ties.append(Tie(i, line, to, source, tuple(ops), shard))
     return ties
 
 
@@ -617,6 +656,7 @@ class Assignment:
     source_specs: tuple[TensorSpec, ...]
     target_specs: tuple[TensorSpec, ...]
     tied_from: str | None = None
+    shard: ShardSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -958,7 +998,20 @@ class _Analyzer:
                                  f"{_ops_text(ops)} -> {shape}, expected {target.shape} for target "
                                  f"{_q(tie.to)}")
             return None
-        return Assignment((tie.to,), (), None, ops, (), (target,), tied_from=tie.source)
+        if not _shard_fits(tie.label(), tie.shard, (tie.to,), (target,), self.problems):
+            return None
+        return Assignment((tie.to,), (), None, ops, (), (target,), tied_from=tie.source, shard=tie.shard)
+
+
+def _shard_fits(label: str, shard: ShardSpec | None, targets: Sequence[str], specs: Sequence[TensorSpec],
+                problems: list[str]) -> bool:
+    """Whether ``shard`` has one entry per dimension of every target; a problem naming the rule if not."""
+    for target, spec in zip(targets, specs, strict=True):
+        if shard is not None and len(shard) != len(spec.shape):
+            problems.append(f"{label}: 'shard' has {len(shard)} entries, target {_q(target)} has "
+                            f"{len(spec.shape)} dimensions {spec.shape}")
+            return False
+    return True
 
 
 def analyze(mapping: Mapping, sources: MappingABC[str, TensorSpec], targets: MappingABC[str, TensorSpec],
@@ -1010,10 +1063,11 @@ def analyze(mapping: Mapping, sources: MappingABC[str, TensorSpec], targets: Map
     assignments: list[Assignment] = []
     for c in claims:
         state.report(c.keys, c.status, c.targets, c.rule, c.ops, c.shapes, c.problems)
-        if c.status == "mapped":
+        specs = tuple(targets[t] for t in c.targets)
+        if c.status == "mapped" and _shard_fits(c.rule.label(), c.rule.shard, c.targets, specs,
+                                                state.problems):
             assignments.append(Assignment(c.targets, tuple(c.keys), c.rule, c.ops,
-                                          tuple(sources[k] for k in c.keys),
-                                          tuple(targets[t] for t in c.targets)))
+                                          tuple(sources[k] for k in c.keys), specs, shard=c.rule.shard))
     tie_filled = state.fill_ties(assignments, mentioned)
     covered = state.claims.keys() | mentioned | tie_filled
     unfilled = tuple(t for t in targets if t not in covered)

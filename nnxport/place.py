@@ -1,9 +1,11 @@
-"""Abstract state -> arrays on a device (or replicated over a mesh), read tensor by tensor."""
+"""Abstract state -> arrays on a device, or sharded over a mesh with each device's part read on its own."""
 
 from __future__ import annotations
 
+import math
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import ml_dtypes
@@ -51,6 +53,42 @@ def resolve_device(name: str) -> jax.Device:
             from None
 
 
+def init_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> int:
+    """Join a multi-process run (``jax.distributed``) when a coordinator is given, by flag or by
+    JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES / JAX_PROCESS_ID for the other two); the number of
+    processes. Must run before anything asks jax for its devices."""
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+    if coordinator is None:
+        if (num_processes or 1) > 1 or (process_id or 0) > 0:
+            raise DeviceError("--num-processes / --process-id need --coordinator HOST:PORT "
+                              "(or JAX_COORDINATOR_ADDRESS)")
+        return jax.process_count()
+    if not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", coordinator):
+        raise DeviceError(f"--coordinator {coordinator!r}: expected HOST:PORT, e.g. 10.0.0.1:1234")
+    count = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES", "--num-processes")
+    index = process_id if process_id is not None else _env_int("JAX_PROCESS_ID", "--process-id")
+    if count is not None and count < 1:
+        raise DeviceError(f"--num-processes {count}: must be at least 1")
+    if count is not None and index is not None and not 0 <= index < count:
+        raise DeviceError(f"--process-id {index}: must be in 0..{count - 1} for {count} processes")
+    if not jax.distributed.is_initialized():
+        try:
+            jax.distributed.initialize(coordinator, count, index)
+        except (RuntimeError, ValueError) as e:
+            raise DeviceError(f"--coordinator {coordinator}: cannot join the multi-process run "
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return jax.process_count()
+
+
+def _env_int(name: str, flag: str) -> int | None:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return None
+    if not value.strip().isdigit():
+        raise DeviceError(f"{name}={value!r}: expected a number (or pass {flag})")
+    return int(value)
+
+
 def parse_mesh(spec: str) -> dict[str, int]:
     """``"data=2,model=4"`` -> ``{"data": 2, "model": 4}``."""
     axes: dict[str, int] = {}
@@ -73,6 +111,48 @@ def build_mesh(axes: dict[str, int], devices: Sequence[jax.Device] | None = None
                           f"jax sees {len(devs)}")
     grid = np.array(devs[:need], dtype=object).reshape(tuple(axes.values()))
     return Mesh(grid, tuple(axes))
+
+
+def partition_spec(shard: Sequence[tuple[str, ...] | None] | None, shape: tuple[int, ...], mesh: Mesh
+                   ) -> tuple[PartitionSpec, list[str]]:
+    """The PartitionSpec of a target of ``shape`` for a mapping's ``shard`` entry on ``mesh``, and why
+    any named axis was dropped: an axis the mesh does not have, or a dimension it does not divide (that
+    dimension is then replicated over it)."""
+    if shard is None:
+        return PartitionSpec(), []
+    dims: list[str | tuple[str, ...] | None] = []
+    dropped: list[str] = []
+    for axes, size in zip(shard, shape, strict=True):
+        kept = [a for a in axes or () if a in mesh.shape]
+        dropped += [f"axis {a!r} is not in the mesh" for a in axes or () if a not in mesh.shape]
+        ways = math.prod(mesh.shape[a] for a in kept)
+        if kept and size % ways:
+            dropped.append(f"dimension of size {size} cannot be split {ways} ways over {'x'.join(kept)}")
+            kept = []
+        dims.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    while dims and dims[-1] is None:
+        dims.pop()
+    return PartitionSpec(*dims), dropped
+
+
+Box = tuple[tuple[int, int], ...]
+
+
+def put_parts(shape: tuple[int, ...], dtype: str, sharding: Sharding,
+              read: Callable[[Box], np.ndarray]) -> jax.Array:
+    """An array of ``shape`` laid out by ``sharding`` whose device parts are read with ``read(box)``:
+    only the parts this process's devices hold, each distinct part once; cast to ``dtype``."""
+    want = numpy_dtype(dtype)
+    parts: dict[Box, np.ndarray] = {}
+
+    def part(index: tuple[slice, ...] | None) -> np.ndarray:
+        box = tuple(s.indices(n)[:2] for s, n in zip(index or (), shape, strict=True))
+        if box not in parts:
+            arr = read(box)
+            parts[box] = arr.astype(want) if arr.dtype != want else arr
+        return parts[box]
+
+    return jax.make_array_from_callback(shape, sharding, part)
 
 
 def default_sharding(device: jax.Device | None, mesh: Mesh | None) -> Sharding:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import operator
 import os
 import re
@@ -176,22 +177,39 @@ class Source:
         reclaims.
         """
         info = self._info(key)
+        return self._pread(info, 0, info.shape[0] if info.shape else 1)
+
+    def read_box(self, key: str, box: Sequence[tuple[int, int]]) -> np.ndarray:
+        """``read(key)`` cut to ``box`` (``(start, stop)`` per dimension), reading only that part: a run of
+        whole rows (only the first dimension cut) is one ``pread``; any other part goes through
+        safetensors' ``get_slice``."""
+        info = self._info(key)
+        if all(b == (0, n) for b, n in zip(box[1:], info.shape[1:], strict=True)):
+            return self._pread(info, *box[0]) if box else self.read(key)
+        return self.read_slice(key, tuple(slice(a, b) for a, b in box))
+
+    def _pread(self, info: TensorInfo, first: int, stop: int) -> np.ndarray:
+        """Rows ``first:stop`` of a tensor (all of a scalar), read with ``pread`` into a new array."""
         data_start, header = self._header(info.file)
         begin, end = header[info.key]["data_offsets"]
-        arr = np.empty(info.shape, _numpy_dtype(info.dtype))
+        shape = (stop - first, *info.shape[1:]) if info.shape else ()
+        arr = np.empty(shape, _numpy_dtype(info.dtype))
+        whole = math.prod(info.shape) * arr.itemsize
+        if whole != end - begin:
+            raise SourceError(f"{info.file}: {info.key!r} has {end - begin} bytes of data, its shape and "
+                              f"dtype need {whole}")
+        row = math.prod(info.shape[1:]) * arr.itemsize
         buf = arr.reshape(-1).view(np.uint8)
-        if buf.nbytes != end - begin:
-            raise SourceError(f"{info.file}: {key!r} has {end - begin} bytes of data, its shape and dtype "
-                              f"need {buf.nbytes}")
+        offset = data_start + begin + first * row
         fd = self._fd(info.file)
         done = 0
         while done < buf.nbytes:
             try:
-                n = os.preadv(fd, [buf[done:].data], data_start + begin + done)
+                n = os.preadv(fd, [buf[done:].data], offset + done)
             except OSError as e:
-                raise SourceError(f"{info.file}: cannot read {key!r} ({e.strerror or e})") from e
+                raise SourceError(f"{info.file}: cannot read {info.key!r} ({e.strerror or e})") from e
             if n <= 0:
-                raise SourceError(f"{info.file}: file ends inside {key!r} (truncated?)")
+                raise SourceError(f"{info.file}: file ends inside {info.key!r} (truncated?)")
             done += n
         return arr
 

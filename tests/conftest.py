@@ -20,6 +20,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = str(_HUB)
 os.environ["HF_HOME"] = str(_HUB / "home")
 os.environ.pop("HF_TOKEN", None)
+# 8 simulated CPU devices for the --mesh tests (read by jax when its CPU backend starts).
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
+                                    "--xla_force_host_platform_device_count=8"]).strip()
 
 import pytest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402

@@ -192,10 +192,10 @@ def test_q_and_k_swapped_fails_parity(replicas: Callable[..., Path], tmp_path: P
     config = {**CASES["llama3-untied"], "num_key_value_heads": 4}
     folder = replicas("llama-mha", config)
     text = MAPPING.read_text()
-    rule = ("  - from: '^model\\.layers\\.(\\d+)\\.self_attn\\.([qkvo])_proj\\.weight$'\n"
-            "    to: 'layers.\\1.attn.\\2.kernel'\n    ops: [{transpose: [1, 0]}]\n")
+    rule = ("  - from: '^model\\.layers\\.(\\d+)\\.self_attn\\.([qkv])_proj\\.weight$'\n"
+            "    to: 'layers.\\1.attn.\\2.kernel'\n    shard: [data, model]\n    ops: [{transpose: [1, 0]}]\n")
     assert rule in text
-    swapped = rule.replace("[qkvo]", "[vo]")
+    swapped = rule.replace("[qkv]", "[v]")
     for src, dst in (("q", "k"), ("k", "q")):
         swapped += (f"  - from: '^model\\.layers\\.(\\d+)\\.self_attn\\.{src}_proj\\.weight$'\n"
                     f"    to: 'layers.\\1.attn.{dst}.kernel'\n    ops: [{{transpose: [1, 0]}}]\n")

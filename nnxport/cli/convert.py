@@ -39,13 +39,22 @@ def convert(
     device: Annotated[Device, typer.Option(help="Where the arrays go.")] = Device.auto,
     dtype: Annotated[DType, typer.Option(help="Cast floating-point weights (integers never change).")]
     = DType.keep,
-    mesh: Annotated[str | None, typer.Option(help="Device mesh AXIS=N[,AXIS=N...]; arrays are replicated.")]
+    mesh: Annotated[str | None, typer.Option(help="Device mesh AXIS=N[,AXIS=N...]; arrays are sharded as "
+                                                  "the mapping's 'shard' entries say, replicated elsewhere.")]
     = None,
     no_parity: Annotated[bool, typer.Option("--no-parity", help="Skip the parity check.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
     fmt: Annotated[Format, typer.Option("--format", help="human, or one JSON document on stdout.")]
     = Format.human,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+    coordinator: Annotated[str | None, typer.Option(
+        help="Multi-host: HOST:PORT of process 0's coordinator (or JAX_COORDINATOR_ADDRESS).",
+        rich_help_panel="Multi-host")] = None,
+    num_processes: Annotated[int | None, typer.Option(
+        help="Multi-host: number of processes (or JAX_NUM_PROCESSES).", rich_help_panel="Multi-host")] = None,
+    process_id: Annotated[int | None, typer.Option(
+        help="Multi-host: this process's index, 0 to N-1 (or JAX_PROCESS_ID).",
+        rich_help_panel="Multi-host")] = None,
 ) -> None:
     """Convert a checkpoint to an Orbax checkpoint of the NNX model, with a parity report.
 
@@ -57,7 +66,8 @@ def convert(
 
         result = api.convert(source, out_dir, mapping=mapping, config=config, revision=revision,
                              device=device.value, dtype=dtype.value, mesh=mesh, parity=not no_parity,
-                             force=force)
+                             force=force, coordinator=coordinator, num_processes=num_processes,
+                             process_id=process_id)
         if fmt is Format.json:
             print_json(result.to_json())
         elif not quiet:
