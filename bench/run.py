@@ -40,12 +40,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 LAYERS = {1: 16, 2: 32}  # size factor -> num_hidden_layers (published Llama-3.2-1B: 16)
-CASES = ("imports", "floor", "seed", "nnxport")
+CASES = ("imports", "floor", "seed", "nnxport", "mesh")
 LABELS = {
     "imports": "imports only (baseline)",
     "floor": "floor (read all + one Orbax save)",
     "seed": "seed guide's way (torch -> jnp -> Orbax)",
     "nnxport": "nnxport convert --no-parity",
+    "mesh": "nnxport convert --no-parity --mesh data=2,model=4 (8 CPU devices)",
 }
 WALL_VS_FLOOR = 1.2  # target 1: nnxport wall <= 1.2x the floor
 RSS_BYTES_FACTOR = 1.1  # target 1: peak RSS <= baseline + 1.1x the checkpoint bytes
@@ -170,7 +171,11 @@ def case_argv(name: str, source: Path | None, out: Path | None) -> list[str]:
         return [py, str(BENCH / "floor.py"), str(source), str(out)]
     if name == "seed":
         return [py, str(BENCH / "seed_way.py"), str(source), str(out)]
-    return [py, "-m", "nnxport", "convert", str(source), "--no-parity", "--out", str(out), "--force", "-q"]
+    argv = [py, "-m", "nnxport", "convert", str(source), "--no-parity", "--out", str(out), "--force", "-q"]
+    if name == "mesh":  # 8 simulated CPU devices; each reads its own parts of the sharded tensors
+        flags = "XLA_FLAGS=--xla_force_host_platform_device_count=8"
+        return ["env", flags, *argv, "--mesh", "data=2,model=4"]
+    return argv
 
 
 def run_cases(cases: list[Case], stamps: dict[int, dict[str, Any]], repeat: int) -> None:
@@ -184,7 +189,7 @@ def run_cases(cases: list[Case], stamps: dict[int, dict[str, Any]], repeat: int)
             os.sync()
             run = measure(case.argv)
             if run.rc == 0 and case.out is not None:
-                written = case.out / "checkpoint" if case.name == "nnxport" else case.out
+                written = case.out / "checkpoint" if case.name in ("nnxport", "mesh") else case.out
                 if not (written / "commit_success.txt").is_file() and not (written / "_METADATA").is_file():
                     run.rc, run.err = -1, f"no finished Orbax checkpoint in {rel(written)}"
                 elif rep == 1:
@@ -472,6 +477,9 @@ Cases, each in a fresh Python process (so every wall time includes the interpret
   save. No mapping or model either.
 - **nnxport convert --no-parity**: the real command on the checkpoint folder: config, mapping, abstract
   NNX model, every tensor read, mapped, placed and written to the Orbax checkpoint, manifest.
+- **--mesh data=2,model=4**: the same with 8 simulated CPU devices (`XLA_FLAGS`), the large matrices
+  sharded as the decoder mapping's `shard` entries say, every device's part read on its own
+  (docs/sharding.md). Not one of the targets; it shows what per-device reads cost on one host.
 
 Peak RSS is the child's own `ru_maxrss` (resident memory high-water mark, page cache not included). The
 output sizes on disk are smaller than the checkpoint because Orbax compresses and the random values have

@@ -193,7 +193,8 @@ def test_q_and_k_swapped_fails_parity(replicas: Callable[..., Path], tmp_path: P
     folder = replicas("llama-mha", config)
     text = MAPPING.read_text()
     rule = ("  - from: '^model\\.layers\\.(\\d+)\\.self_attn\\.([qkv])_proj\\.weight$'\n"
-            "    to: 'layers.\\1.attn.\\2.kernel'\n    shard: [data, model]\n    ops: [{transpose: [1, 0]}]\n")
+            "    to: 'layers.\\1.attn.\\2.kernel'\n    shard: [data, model]\n"
+            "    ops: [{transpose: [1, 0]}]\n")
     assert rule in text
     swapped = rule.replace("[qkv]", "[v]")
     for src, dst in (("q", "k"), ("k", "q")):

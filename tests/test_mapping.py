@@ -213,7 +213,7 @@ def test_all_load_problems_reported_together_with_lines() -> None:
         f"{r2}: line 16: op 4: expression \"__import__('os')\" may only use config names, integers, "
         "+ - * // and parentheses (found Call)",
         f"{r2}: line 17: op 5: an op is a one-key mapping like {{transpose: [1, 0]}}, got 'transpose'",
-        f"{r3}: line 19: unknown key 'too' (did you mean 'to'?); a rule has from, to, ops, optional",
+        f"{r3}: line 19: unknown key 'too' (did you mean 'to'?); a rule has from, to, ops, optional, shard",
         f"{r3}: invalid regex: unterminated character set at position 0",
         f"{r3}: 'to' must be a non-empty target path string (or a list of them for a split), "
         "got nothing",

@@ -526,7 +526,7 @@ def test_every_new_key_is_validated_with_lines() -> None:
         "tie 1 (line 33, to 'lm_head.kernel'): op 1: a tie takes one-tensor ops only (transpose, reshape), "
         "not split",
         "tie 2 (line 34, to 'lm_head.kernel'): line 35: unknown key 'form' (did you mean 'from'?); "
-        "a tie has to, from, ops",
+        "a tie has to, from, ops, shard",
         "tie 2 (line 34, to 'lm_head.kernel'): 'from' must be a non-empty target path string, got nothing",
         "tie 2 (line 34, to 'lm_head.kernel'): target 'lm_head.kernel' is already tied by "
         "tie 1 (line 33, to 'lm_head.kernel')",

@@ -467,6 +467,9 @@ def test_pull_part_of_a_transposed_kernel_reads_only_its_rows() -> None:
     # A Linear weight [out=8, in=6] -> kernel [in, out]; the device holding out columns 4..8 reads rows 4..8.
     part, steps = pull_part([Transpose((1, 0))], (8, 6), 0, ((0, 6), (4, 8)))
     assert part == ((4, 8), (0, 6))
+    weight = np.arange(48).reshape(8, 6)
+    (step,) = steps
+    assert np.array_equal(step(weight[4:8]), weight.T[:, 4:8])
     # Heads split out of a merged dim: [heads*dim=12, in=5] -> [heads=3, dim=4, in=5], head 1 alone.
     part, _ = pull_part([Reshape((3, 4, 5))], (12, 5), 0, ((1, 2), (0, 4), (0, 5)))
     assert part == ((4, 8), (0, 5))
