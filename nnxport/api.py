@@ -356,7 +356,9 @@ def _put_sharded(src: Source, chain: _Chain, dtype: str, sharding: jax.sharding.
             arr = step(arr)
         return arr
 
-    return put_parts(shape, target_dtype(chain.dtype, dtype), sharding, read)
+    placed = put_parts(shape, target_dtype(chain.dtype, dtype), sharding, read)
+    src.unmap()  # or the pages read through safetensors' maps stay in RSS: memory would grow with the model
+    return placed
 
 
 def _shardings(mapping: str, assignments: tuple[Assignment, ...], mesh: jax.sharding.Mesh

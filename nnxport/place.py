@@ -141,7 +141,8 @@ Box = tuple[tuple[int, int], ...]
 def put_parts(shape: tuple[int, ...], dtype: str, sharding: Sharding,
               read: Callable[[Box], np.ndarray]) -> jax.Array:
     """An array of ``shape`` laid out by ``sharding`` whose device parts are read with ``read(box)``:
-    only the parts this process's devices hold, each distinct part once; cast to ``dtype``."""
+    only the parts this process's devices hold, each distinct part once (jax asks once per device when a
+    target is replicated along some mesh axes); cast to ``dtype``."""
     want = numpy_dtype(dtype)
     parts: dict[Box, np.ndarray] = {}
 

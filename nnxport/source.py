@@ -229,13 +229,19 @@ class Source:
                 raise SourceError(f"{info.file}: cannot read {key!r}{list(norm)}: {e}") from e
         return np.ascontiguousarray(np.flip(part, axis=flips)) if flips else part
 
-    def close(self) -> None:
-        """Close the open file handles (a later read opens them again)."""
+    def unmap(self) -> None:
+        """Close safetensors' memory maps: the pages ``read_slice`` touched through them count in the
+        process's RSS for as long as they are mapped. A later read maps the file again."""
         with self._lock:
             handles, self._handles = self._handles, {}
-            fds, self._fds = self._fds, {}
         for handle in handles.values():
             handle.__exit__(None, None, None)
+
+    def close(self) -> None:
+        """Close the open files and maps (a later read opens them again)."""
+        self.unmap()
+        with self._lock:
+            fds, self._fds = self._fds, {}
         for fd in fds.values():
             os.close(fd)
 
