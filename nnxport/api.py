@@ -30,10 +30,9 @@ from nnxport.mapping import (
     select_mapping,
 )
 from nnxport.models import FAMILIES, Family, get_family
-from nnxport.ops import Op, apply_ops, box_slices, pull_part
+from nnxport.ops import Box, Op, apply_ops, box_slices, pull_part
 from nnxport.parity import ParityReport, run_parity
 from nnxport.place import (
-    Box,
     build_mesh,
     check_dtype,
     default_sharding,

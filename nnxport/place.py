@@ -13,6 +13,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from nnxport.errors import DeviceError, NnxportError
+from nnxport.ops import Box
 
 DTYPES = ("keep", "float32", "bfloat16", "float16")
 _FLOAT_NAMES = {"float64", "float32", "bfloat16", "float16"}
@@ -133,9 +134,6 @@ def partition_spec(shard: Sequence[tuple[str, ...] | None] | None, shape: tuple[
     while dims and dims[-1] is None:
         dims.pop()
     return PartitionSpec(*dims), dropped
-
-
-Box = tuple[tuple[int, int], ...]
 
 
 def put_parts(shape: tuple[int, ...], dtype: str, sharding: Sharding,

@@ -29,6 +29,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from nnxport.errors import SourceError
+from nnxport.ops import box_slices
 
 __all__ = [
     "Source",
@@ -186,7 +187,7 @@ class Source:
         info = self._info(key)
         if all(b == (0, n) for b, n in zip(box[1:], info.shape[1:], strict=True)):
             return self._pread(info, *box[0]) if box else self.read(key)
-        return self.read_slice(key, tuple(slice(a, b) for a, b in box))
+        return self.read_slice(key, box_slices(tuple(box)))
 
     def _pread(self, info: TensorInfo, first: int, stop: int) -> np.ndarray:
         """Rows ``first:stop`` of a tensor (all of a scalar), read with ``pread`` into a new array."""
