@@ -150,7 +150,7 @@ class Source:
         self.config_path = config_path
         self.tensors = tensors
         self._handles: dict[Path, Any] = {}
-        self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}
+        self._headers: dict[Path, tuple[int, dict[str, HeaderEntry]]] = {}
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
 
@@ -192,13 +192,9 @@ class Source:
     def _pread(self, info: TensorInfo, first: int, stop: int) -> np.ndarray:
         """Rows ``first:stop`` of a tensor (all of a scalar), read with ``pread`` into a new array."""
         data_start, header = self._header(info.file)
-        begin, end = header[info.key]["data_offsets"]
+        begin = header[info.key][2]
         shape = (stop - first, *info.shape[1:]) if info.shape else ()
         arr = np.empty(shape, _numpy_dtype(info.dtype))
-        whole = math.prod(info.shape) * arr.itemsize
-        if whole != end - begin:
-            raise SourceError(f"{info.file}: {info.key!r} has {end - begin} bytes of data, its shape and "
-                              f"dtype need {whole}")
         row = math.prod(info.shape[1:]) * arr.itemsize
         buf = arr.reshape(-1).view(np.uint8)
         offset = data_start + begin + first * row
@@ -282,16 +278,16 @@ class Source:
                     raise SourceError(f"{path}: cannot open ({e.strerror or e})") from e
             return fd
 
-    def _header(self, path: Path) -> tuple[int, dict[str, Any]]:
+    def _header(self, path: Path) -> tuple[int, dict[str, HeaderEntry]]:
         with self._lock:
             if path not in self._headers:
-                self._headers[path] = _read_header(path)
+                self._headers[path] = parse_header(path)
             return self._headers[path]
 
     def _raw(self, info: TensorInfo) -> np.ndarray:
         """A read-only memmap of a tensor the numpy framework cannot produce, via the header's offsets."""
         data_start, header = self._header(info.file)
-        begin = header[info.key]["data_offsets"][0]
+        begin = header[info.key][2]
         count = int(np.prod(info.shape))
         dtype = _numpy_dtype(info.dtype)
         if count == 0:
@@ -528,31 +524,18 @@ def _scan_index(
 
 
 def _scan_files(files: list[SourceFile]) -> dict[str, TensorInfo]:
-    """Every tensor's shape and dtype, from the headers (``safe_open`` + ``get_slice``: no data is read).
-    A key stored in two files is refused."""
+    """Every tensor's shape and dtype, from the validated headers (:func:`parse_header`: no data is
+    read). A key stored in two files is refused."""
     found: dict[str, TensorInfo] = {}
-    owner: dict[str, SourceFile] = {}
     for f in files:
-        with _safe_open(f.path) as handle:
-            keys: list[str] = handle.keys()
-            for key in keys:
-                if key in owner:
-                    raise SourceError(
-                        f"{f.path.parent}: tensor {key!r} is stored in both {owner[key].name} and {f.name}"
-                    )
-                owner[key] = f
-                found[key] = _tensor_info(key, handle.get_slice(key), f.path)
+        _, entries = parse_header(f.path)
+        for key, (dtype, shape, begin, end) in entries.items():
+            if key in found:
+                raise SourceError(
+                    f"{f.path.parent}: tensor {key!r} is stored in both {found[key].file.name} and {f.name}"
+                )
+            found[key] = TensorInfo(key, shape, dtype, f.path, end - begin)
     return dict(sorted(found.items()))
-
-
-def _tensor_info(key: str, view: Any, path: Path) -> TensorInfo:
-    code = view.get_dtype()
-    try:
-        dtype, bits = _DTYPES[code]
-    except KeyError:
-        raise SourceError(f"{path}: tensor {key!r} has dtype {code}, which nnxport does not know") from None
-    shape = tuple(int(d) for d in view.get_shape())
-    return TensorInfo(key, shape, dtype, path, (int(np.prod(shape)) * bits + 7) // 8)
 
 
 def _few(items: Sequence[str], limit: int = 3) -> str:
@@ -572,11 +555,127 @@ def _safe_open(path: Path) -> Any:
         raise SourceError(f"{path}: cannot open ({e.strerror or e})") from e
 
 
-def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """(offset of the data section, header JSON) of a safetensors file already validated by safe_open."""
-    with path.open("rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        return 8 + length, json.loads(fh.read(length))
+MAX_HEADER_BYTES = 100_000_000
+"""safetensors' own limit on the header's size."""
+
+#: A parsed header entry: (numpy-style dtype name, shape, begin, end) with offsets into the data section.
+HeaderEntry = tuple[str, tuple[int, ...], int, int]
+
+
+def parse_header(path: Path) -> tuple[int, dict[str, HeaderEntry]]:
+    """Read and validate the header of the safetensors file ``path``: (offset of the data section,
+    {tensor: entry}). Every way a header can be wrong is a one-line :class:`SourceError` naming the file
+    and, where there is one, the tensor.
+
+    The rules are safetensors' own (a file this accepts, ``safe_open`` accepts too; the tests check it
+    against the library): an 8-byte little-endian header length, a UTF-8 JSON object of at most 100 MB,
+    an optional ``__metadata__`` of strings, and per tensor a known dtype, a shape of non-negative ints and
+    ``data_offsets`` whose byte count fits the shape and dtype; the tensors' data must tile the data
+    section exactly, without overlap or gap. nnxport checks this itself (rather than through
+    ``safe_open``) to name what is wrong: the library's messages ("invalid offset", "file not fully
+    covered") do not say which tensor, nor by how much."""
+    try:
+        with path.open("rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise SourceError(f"{path}: not a safetensors file: {size} bytes, too short for the "
+                                  "8-byte header length (truncated?)")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES:
+                raise SourceError(f"{path}: not a safetensors file: header length {length} exceeds "
+                                  f"safetensors' limit of {MAX_HEADER_BYTES} bytes")
+            if 8 + length > size:
+                raise SourceError(f"{path}: header length {length} runs past the end of the file "
+                                  f"({size} bytes; truncated?)")
+            raw = fh.read(length)
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read ({e.strerror or e})") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{path}: header is not UTF-8 text (byte {e.start}): not a safetensors "
+                          "file, or corrupt") from None
+    if not text.startswith("{"):
+        raise SourceError(f"{path}: header is not a JSON object: not a safetensors file, or corrupt")
+    try:
+        doc = json.loads(text, object_pairs_hook=_unique_pairs)
+    except _DuplicateKey as e:
+        raise SourceError(f"{path}: header names {e.key!r} twice") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        where = f" at column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else ""
+        raise SourceError(f"{path}: header is not valid JSON{where} (corrupt or truncated)") from None
+    if not isinstance(doc, dict):
+        raise SourceError(f"{path}: header is not a JSON object: not a safetensors file, or corrupt")
+    data_size = size - 8 - length
+    entries: dict[str, HeaderEntry] = {}
+    for key, entry in doc.items():
+        if key == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise SourceError(f"{path}: header's __metadata__ must map names to strings")
+            continue
+        entries[key] = _header_entry(path, key, entry)
+    position, previous = 0, ""
+    for key, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin < position:
+            raise SourceError(f"{path}: tensor {key!r}'s data (bytes {begin}..{end}) overlaps "
+                              f"{previous!r}'s (corrupt header)")
+        if begin > position:
+            raise SourceError(f"{path}: {begin - position} bytes of the data section before tensor "
+                              f"{key!r} belong to no tensor (corrupt header)")
+        position, previous = end, key
+    if position > data_size:
+        raise SourceError(f"{path}: tensor {previous!r}'s data ends at byte {position} of the data "
+                          f"section, which has only {data_size} bytes (truncated?)")
+    if position < data_size:
+        raise SourceError(f"{path}: {data_size - position} bytes after the last tensor's data belong to "
+                          "no tensor (corrupt header, or another format)")
+    return 8 + length, entries
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` refusing a name that appears twice in one JSON object."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def _header_entry(path: Path, key: str, entry: Any) -> HeaderEntry:
+    """One tensor's header entry, validated."""
+    if not isinstance(entry, dict):
+        raise SourceError(f"{path}: header entry of tensor {key!r} is not an object")
+    missing = [f for f in ("dtype", "shape", "data_offsets") if f not in entry]
+    if missing:
+        raise SourceError(f"{path}: header entry of tensor {key!r} lacks {', '.join(missing)}")
+    code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(code, str) or code not in _DTYPES:
+        raise SourceError(f"{path}: tensor {key!r} has dtype {code}, which nnxport does not know "
+                          f"(known: {', '.join(_DTYPES)})")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise SourceError(f"{path}: tensor {key!r} has shape {shape!r}: expected a list of non-negative "
+                          "integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise SourceError(f"{path}: tensor {key!r} has data_offsets {offsets!r}: expected [begin, end] "
+                          "with 0 <= begin <= end")
+    dtype, bits = _DTYPES[code]
+    count = math.prod(shape)
+    if (count * bits) % 8:
+        raise SourceError(f"{path}: tensor {key!r}: {count} {code} values do not fill whole bytes")
+    need = count * bits // 8
+    if offsets[1] - offsets[0] != need:
+        raise SourceError(f"{path}: tensor {key!r} has {offsets[1] - offsets[0]} bytes of data, its "
+                          f"shape {tuple(shape)} and dtype {code} need {need}")
+    return dtype, tuple(shape), offsets[0], offsets[1]
 
 
 def _read_json_object(path: Path) -> dict[str, Any]:

@@ -342,15 +342,18 @@ def test_revision_refused_for_local_sources(tmp_path: Path) -> None:
         open_source(folder, revision="main")
 
 
-@pytest.mark.parametrize("cut", [10, 200])
-def test_truncated_file_is_named(tmp_path: Path, cut: int) -> None:
+@pytest.mark.parametrize(("cut", "says"), [
+    (5, "not a safetensors file: 5 bytes, too short for the 8-byte header length (truncated?)"),
+    (10, "header length 64 runs past the end of the file (10 bytes; truncated?)"),
+    (200, "tensor 'a''s data ends at byte 256 of the data section, which has only 128 bytes (truncated?)"),
+])
+def test_truncated_file_is_named(tmp_path: Path, cut: int, says: str) -> None:
     folder = _folder(tmp_path / "m", {"a": np.arange(64, dtype=np.float32)})
     path = folder / "model.safetensors"
     path.write_bytes(path.read_bytes()[:cut])
     with pytest.raises(SourceError) as err:
         open_source(path)
-    msg = str(err.value)
-    assert msg.startswith(f"{path}: not a valid safetensors file, truncated or corrupt (") and "\n" not in msg
+    assert str(err.value) == f"{path}: {says}"
 
 
 def _handmade(path: Path, dtype: str, shape: list[int], nbytes: int) -> Path:
