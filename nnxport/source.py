@@ -43,6 +43,8 @@ __all__ = [
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 HUB_PATTERNS = ["*.safetensors", "*.json"]
+PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
+PICKLE_PATTERNS = ["pytorch_model*.bin"]
 
 # safetensors dtype code -> (numpy-style name, bits per element).
 _DTYPES: dict[str, tuple[str, int]] = {
@@ -325,6 +327,83 @@ def _normalise_index(
     return tuple(norm), tuple(flips), tuple(out_shape)
 
 
+class PickleSource(Source):
+    """A source of pickle weights (``--allow-pickle``): each file loaded with
+    ``torch.load(weights_only=True, mmap=True)`` on first read, tensors handed out as numpy arrays."""
+
+    def read(self, key: str) -> np.ndarray:
+        info = self._info(key)
+        return _to_numpy(_load_pickle(info.file)[key], info.dtype)
+
+    def read_box(self, key: str, box: Sequence[tuple[int, int]]) -> np.ndarray:
+        return np.ascontiguousarray(self.read(key)[box_slices(tuple(box))])
+
+    def read_slice(self, key: str, index: tuple[slice | int, ...]) -> np.ndarray:
+        return np.ascontiguousarray(self.read(key)[index])
+
+
+_TORCH_DTYPES = {
+    "float64": "float64", "float32": "float32", "float16": "float16", "bfloat16": "bfloat16",
+    "int64": "int64", "int32": "int32", "int16": "int16", "int8": "int8", "uint8": "uint8", "bool": "bool",
+    "float8_e4m3fn": "float8_e4m3fn", "float8_e5m2": "float8_e5m2",
+}
+
+
+@functools.lru_cache(maxsize=4)
+def _load_pickle(path: Path) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` (memory-mapped when the file's format allows), checked to be
+    a flat state dict of tensors; errors name the file."""
+    import pickle
+
+    import torch
+
+    def load(mmap: bool) -> Any:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+    try:
+        try:
+            state = load(True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = load(False)  # the legacy (pre-zip) format cannot be memory-mapped
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SourceError(f"{path}: refused to unpickle (torch.load weights_only=True: {first[:200]})") \
+            from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SourceError(f"{path}: cannot load these pickle weights ({first[:200]})") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise SourceError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+    return state
+
+
+def _pickle_entries(path: Path) -> dict[str, HeaderEntry]:
+    """What :func:`parse_header` gives for safetensors, for a pickle file (offsets are placeholders)."""
+    entries: dict[str, HeaderEntry] = {}
+    for key, t in _load_pickle(path).items():
+        name = str(t.dtype).removeprefix("torch.")
+        if name not in _TORCH_DTYPES:
+            raise SourceError(f"{path}: tensor {key!r} has dtype {name}, which nnxport does not read")
+        entries[key] = (_TORCH_DTYPES[name], tuple(t.shape), 0, t.numel() * t.element_size())
+    return entries
+
+
+def _to_numpy(t: Any, dtype: str) -> np.ndarray:
+    """A torch tensor as a new numpy array of ``dtype`` (bfloat16 and float8 through their bits)."""
+    import torch
+
+    t = t.detach().contiguous()
+    if dtype in ("bfloat16", "float16"):
+        return t.view(torch.int16).numpy().view(_numpy_dtype(dtype)).copy()
+    if dtype.startswith("float8"):
+        return t.view(torch.uint8).numpy().view(_numpy_dtype(dtype)).copy()
+    return t.numpy().copy()
+
+
 # ------------------------------------------------------------------------------------------------ resolving
 
 
@@ -339,10 +418,15 @@ def is_hub_id(spec: str) -> bool:
 
 
 def open_source(
-    spec: str | Path, *, revision: str | None = None, config: str | Path | None = None
+    spec: str | Path, *, revision: str | None = None, config: str | Path | None = None,
+    allow_pickle: bool = False,
 ) -> Source:
     """Resolve ``spec`` (hub id, folder or ``.safetensors`` file; a :class:`~pathlib.Path` is always taken
-    as a local path) and read its config and tensor headers."""
+    as a local path) and read its config and tensor headers.
+
+    Pickle weights (``pytorch_model.bin``, sharded or not, or a ``.bin``/``.pt``/``.pth`` file) are
+    refused unless ``allow_pickle``, and then only loaded with ``torch.load(weights_only=True)``, which
+    unpickles tensors and plain containers but never runs code from the file."""
     text = str(spec)
     path = Path(text).expanduser()
     if path.exists() or isinstance(spec, Path) or not is_hub_id(text):
@@ -354,27 +438,30 @@ def open_source(
         if path.is_dir():
             kind: Literal["hub", "folder", "file"] = "folder"
             root = path
-            files, tensors = _scan_folder(root, what=text)
-        elif path.suffix == ".safetensors":
+            files, tensors = _scan_folder(root, what=text, allow_pickle=allow_pickle)
+        elif path.suffix == ".safetensors" or (path.suffix in _PICKLE_SUFFIXES and allow_pickle):
             kind, root = "file", path.parent
             files = [SourceFile(path, path.name, path.stat().st_size)]
             tensors = _scan_files(files)
         elif path.suffix in _PICKLE_SUFFIXES:
-            raise SourceError(f"{text}: pickle weights; nnxport reads .safetensors files")
+            raise SourceError(f"{text}: pickle weights, which can run code when loaded; convert them to "
+                              "safetensors, or pass --allow-pickle to load them with "
+                              "torch.load(weights_only=True)")
         else:
             raise SourceError(f"{text}: not a folder or a .safetensors file")
         repo_id = resolved = None
     else:
         kind, repo_id = "hub", text
-        root = _resolve_hub(text, revision)
+        root = _resolve_hub(text, revision, allow_pickle)
         resolved = root.name
         at = f"{text}@{resolved[:12]}"
-        files, tensors = _scan_folder(root, what=at, snapshot=True)
+        files, tensors = _scan_folder(root, what=at, snapshot=True, allow_pickle=allow_pickle)
     cfg_path = Path(config).expanduser() if config is not None else root / CONFIG_NAME
     if config is not None and not cfg_path.is_file():
         raise SourceError(f"{config}: " + ("not a file" if cfg_path.exists() else "no such config file"))
     cfg = _read_json_object(cfg_path) if cfg_path.is_file() else None
-    return Source(
+    cls = PickleSource if files[0].name.endswith(_PICKLE_SUFFIXES) else Source
+    return cls(
         spec=text,
         kind=kind,
         repo_id=repo_id,
@@ -387,7 +474,7 @@ def open_source(
     )
 
 
-def snapshot_download(repo_id: str, *, revision: str | None) -> str:
+def snapshot_download(repo_id: str, *, revision: str | None, patterns: Sequence[str] = HUB_PATTERNS) -> str:
     """``huggingface_hub.snapshot_download`` of the safetensors and JSON files (imported on first use:
     the download machinery takes ~1 s to import).
 
@@ -399,13 +486,13 @@ def snapshot_download(repo_id: str, *, revision: str | None) -> str:
 
     if revision is not None and _COMMIT_HASH.fullmatch(revision):
         try:
-            return download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=True)
+            return download(repo_id, revision=revision, allow_patterns=list(patterns), local_files_only=True)
         except LocalEntryNotFoundError:
             pass  # not cached (or known incomplete): ask the hub
-    return download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+    return download(repo_id, revision=revision, allow_patterns=list(patterns))
 
 
-def _resolve_hub(repo_id: str, revision: str | None) -> Path:
+def _resolve_hub(repo_id: str, revision: str | None, allow_pickle: bool = False) -> Path:
     """Snapshot folder of ``repo_id`` at ``revision``, from the hub or the local cache; hub errors become
     one-line :class:`SourceError`\\ s."""
     import httpx2
@@ -423,6 +510,9 @@ def _resolve_hub(repo_id: str, revision: str | None) -> Path:
     at = repo_id if revision is None else f"{repo_id}@{revision}"
     cache = constants.HF_HUB_CACHE
     try:
+        if allow_pickle:
+            patterns = [*HUB_PATTERNS, *PICKLE_PATTERNS]
+            return Path(snapshot_download(repo_id, revision=revision, patterns=patterns))
         return Path(snapshot_download(repo_id, revision=revision))
     except GatedRepoError as e:
         raise SourceError(
@@ -466,13 +556,18 @@ def _one_line(err: BaseException) -> str:
 
 
 def _scan_folder(
-    root: Path, *, what: str, snapshot: bool = False
+    root: Path, *, what: str, snapshot: bool = False, allow_pickle: bool = False
 ) -> tuple[list[SourceFile], dict[str, TensorInfo]]:
-    """Files and tensors of a folder (or hub snapshot), through its index when it has one."""
+    """Files and tensors of a folder (or hub snapshot), through its index when it has one. Pickle weights
+    are used only when there are no safetensors and ``allow_pickle``."""
     index_path = root / INDEX_NAME
     if index_path.is_file():
         return _scan_index(root, index_path, snapshot=snapshot)
     paths = sorted(root.glob("*.safetensors"))
+    if not paths and allow_pickle:
+        if (root / PICKLE_INDEX_NAME).is_file():
+            return _scan_index(root, root / PICKLE_INDEX_NAME, snapshot=snapshot)
+        paths = sorted(p for p in root.iterdir() if p.is_file() and p.name.endswith(_PICKLE_SUFFIXES))
     if not paths:
         raise SourceError(_no_safetensors_message(root, what))
     files = [SourceFile(p, p.name, p.stat().st_size) for p in paths]
@@ -484,7 +579,9 @@ def _no_safetensors_message(root: Path, what: str) -> str:
     pickles = [n for n in found if n.endswith(_PICKLE_SUFFIXES)]
     others = [n for n in found if n.endswith(_OTHER_WEIGHT_SUFFIXES)]
     if pickles:
-        return f"{what}: only pickle weights ({', '.join(pickles)}); nnxport reads safetensors"
+        return (f"{what}: only pickle weights ({', '.join(pickles)}), which can run code when loaded; "
+                "convert them to safetensors, or pass --allow-pickle to load them with "
+                "torch.load(weights_only=True)")
     if others:
         return f"{what}: only other weight formats ({', '.join(others)}); nnxport reads safetensors"
     return f"{what}: no .safetensors files found in {root}"
@@ -494,7 +591,7 @@ def _scan_index(
     root: Path, index_path: Path, *, snapshot: bool
 ) -> tuple[list[SourceFile], dict[str, TensorInfo]]:
     """Files and tensors named by ``model.safetensors.index.json``, checked against the shards."""
-    doc = _read_json_object(index_path)
+    doc = _read_json_object(index_path, unique=True)
     weight_map = doc.get("weight_map")
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
@@ -528,7 +625,7 @@ def _scan_files(files: list[SourceFile]) -> dict[str, TensorInfo]:
     read). A key stored in two files is refused."""
     found: dict[str, TensorInfo] = {}
     for f in files:
-        _, entries = parse_header(f.path)
+        entries = _pickle_entries(f.path) if f.name.endswith(_PICKLE_SUFFIXES) else parse_header(f.path)[1]
         for key, (dtype, shape, begin, end) in entries.items():
             if key in found:
                 raise SourceError(
@@ -596,8 +693,6 @@ def parse_header(path: Path) -> tuple[int, dict[str, HeaderEntry]]:
     except UnicodeDecodeError as e:
         raise SourceError(f"{path}: header is not UTF-8 text (byte {e.start}): not a safetensors "
                           "file, or corrupt") from None
-    if not text.startswith("{"):
-        raise SourceError(f"{path}: header is not a JSON object: not a safetensors file, or corrupt")
     try:
         doc = json.loads(text, object_pairs_hook=_unique_pairs)
     except _DuplicateKey as e:
@@ -634,9 +729,9 @@ def parse_header(path: Path) -> tuple[int, dict[str, HeaderEntry]]:
 
 
 class _DuplicateKey(ValueError):
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, values: tuple[Any, Any]) -> None:
         super().__init__(key)
-        self.key = key
+        self.key, self.values = key, values
 
 
 def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -644,7 +739,7 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
-            raise _DuplicateKey(k)
+            raise _DuplicateKey(k, (out[k], v))
         out[k] = v
     return out
 
@@ -678,10 +773,15 @@ def _header_entry(path: Path, key: str, entry: Any) -> HeaderEntry:
     return dtype, tuple(shape), offsets[0], offsets[1]
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON file that must hold an object."""
+def _read_json_object(path: Path, *, unique: bool = False) -> dict[str, Any]:
+    """A JSON file that must hold an object; ``unique``: a name given twice in one object is an error
+    (JSON parsers silently keep the last)."""
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        hook = _unique_pairs if unique else None
+        doc = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=hook)
+    except _DuplicateKey as e:
+        first, second = (json.dumps(v) if not isinstance(v, str) else v for v in e.values)
+        raise SourceError(f"{path}: names {e.key!r} twice ({first} and {second})") from None
     except json.JSONDecodeError as e:
         raise SourceError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
     except (OSError, UnicodeDecodeError) as e:

@@ -292,7 +292,8 @@ def test_pickle_only_folder(tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"\x80\x02")
     (tmp_path / "m" / "config.json").write_text("{}")
-    with pytest.raises(SourceError, match=r"only pickle weights \(pytorch_model\.bin\); nnxport reads"):
+    with pytest.raises(SourceError,
+                       match=r"only pickle weights \(pytorch_model\.bin\), which can run code"):
         open_source(tmp_path / "m")
     with pytest.raises(SourceError, match="pickle weights"):
         open_source(tmp_path / "m" / "pytorch_model.bin")
