@@ -44,7 +44,7 @@ from nnxport.place import (
     resolve_device,
     target_dtype,
 )
-from nnxport.source import Source, open_source
+from nnxport.source import PICKLE_SUFFIXES, Source, open_source
 
 log = logging.getLogger("nnxport")
 STATE_FILTER = (nnx.Param, nnx.BatchStat)
@@ -176,6 +176,8 @@ def convert(
     mesh: str | None = None,
     parity: bool = True,
     force: bool = False,
+    allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
     coordinator: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
@@ -190,11 +192,15 @@ def convert(
     makes this one of ``num_processes`` processes of a multi-host conversion (``jax.distributed``): each
     process reads only what its devices hold, all of them write one checkpoint, process 0 the rest of the
     folder; parity is left to ``nnxport verify``.
+
+    ``allow_pickle`` admits pickle weights (loaded with ``torch.load(weights_only=True)``) where a source
+    has no safetensors. NaN / Inf in a source tensor, and a ``dtype`` cast that overflows, are errors
+    naming the tensor; ``allow_nonfinite`` converts NaN / Inf as they are.
     """
     processes = init_distributed(coordinator, num_processes, process_id)
     timings: dict[str, float] = {}
     with _timed(timings, "resolve"):
-        src = open_source(source, revision=revision, config=config)
+        src = open_source(source, revision=revision, config=config, allow_pickle=allow_pickle)
     log.info("source %s: %d tensors in %d file(s)%s", src.spec, len(src.tensors), len(src.files),
              f" at revision {src.revision}" if src.revision else "")
     try:
@@ -255,10 +261,11 @@ def convert(
                 filled = 0
                 for a in assignments:
                     if mesh:
-                        placed = [_put_sharded(src, chains[t], dtype, shardings[t], spec.shape)
+                        placed = [_put_sharded(src, chains[t], dtype, shardings[t], spec.shape,
+                                               _what(src, chains[t], t), allow_nonfinite)
                                   for t, spec in zip(a.targets, a.target_specs, strict=True)]
                     else:
-                        placed = _materialize(src, a, chains, dtype, single)
+                        placed = _materialize(src, a, chains, dtype, single, allow_nonfinite)
                     for target, arr in zip(a.targets, placed, strict=True):
                         stored.add(str(arr.dtype))
                         nbytes += arr.nbytes
@@ -322,8 +329,15 @@ def _chains(assignments: tuple[Assignment, ...]) -> dict[str, _Chain]:
     return chains
 
 
+def _what(src: Source, chain: _Chain, target: str) -> str:
+    """How errors about one target's values name it: its source keys, their files, the target."""
+    files = sorted({src.tensors[k].file.name for k in chain.sources})
+    keys = ", ".join(repr(k) for k in chain.sources)
+    return f"{', '.join(files)}: tensor {keys} (-> {target})"
+
+
 def _materialize(src: Source, a: Assignment, chains: dict[str, _Chain], dtype: str,
-                 sharding: jax.sharding.Sharding) -> list[jax.Array]:
+                 sharding: jax.sharding.Sharding, allow_nonfinite: bool) -> list[jax.Array]:
     """The placed arrays of ``a.targets`` on one device: the source keys read whole, through the ops."""
     chain = chains[a.targets[0]]
     arrays = apply_ops(chain.ops, [src.read(key) for key in chain.sources])
@@ -331,13 +345,14 @@ def _materialize(src: Source, a: Assignment, chains: dict[str, _Chain], dtype: s
         arrays = [arrays[chain.position]]
     want = target_dtype(chain.dtype, dtype)
     placed: list[jax.Array] = []
-    while arrays:  # drop each host array as soon as it is placed
-        placed.append(put(arrays.pop(0), want, sharding))
+    for target in a.targets:  # drop each host array as soon as it is placed
+        placed.append(put(arrays.pop(0), want, sharding, what=_what(src, chains[target], target),
+                          allow_nonfinite=allow_nonfinite))
     return placed
 
 
 def _put_sharded(src: Source, chain: _Chain, dtype: str, sharding: jax.sharding.Sharding,
-                 shape: tuple[int, ...]) -> jax.Array:
+                 shape: tuple[int, ...], what: str, allow_nonfinite: bool) -> jax.Array:
     """One target laid out by ``sharding``, each device part read on its own: the part of the source that
     the chain's ops turn into it (:func:`nnxport.ops.pull_part`). Ops that join several keys (concat,
     stack) have no such part: their result is computed whole, once per process, and cut."""
@@ -355,7 +370,8 @@ def _put_sharded(src: Source, chain: _Chain, dtype: str, sharding: jax.sharding.
             arr = step(arr)
         return arr
 
-    placed = put_parts(shape, target_dtype(chain.dtype, dtype), sharding, read)
+    placed = put_parts(shape, target_dtype(chain.dtype, dtype), sharding, read, what=what,
+                       allow_nonfinite=allow_nonfinite)
     src.unmap()  # or the pages read through safetensors' maps stay in RSS: memory would grow with the model
     return placed
 
@@ -444,11 +460,11 @@ def load(folder: str | Path, *, device: str | None = None) -> nnx.Module:
 
 
 def verify(folder: str | Path, *, source: str | Path | None = None) -> ParityReport:
-    """Reload ``folder``, rebuild the reference from the recorded (or given) source, re-run parity and
-    rewrite parity.json / parity.md."""
+    """Reload ``folder``, check that the recorded (or given) source's files are still those converted
+    (sha256 of each, as recorded), rebuild the reference from them, re-run parity and rewrite parity.json
+    / parity.md. A changed, missing or extra source file is a SourceError naming it."""
     folder = Path(folder)
     manifest = ckpt.read_manifest(folder)
-    model = load(folder)
     family = get_family(manifest["model"]["family"])
     cfg = manifest["model"]["config"]
     recorded = manifest["source"]
@@ -459,7 +475,11 @@ def verify(folder: str | Path, *, source: str | Path | None = None) -> ParityRep
         revision = recorded.get("revision")
     else:
         spec, revision = str(source), None
-    with open_source(spec, revision=revision) as src:
+    # Pickle weights were allowed at conversion (and are only ever loaded with weights_only=True).
+    pickled = any(Path(f["name"]).suffix in PICKLE_SUFFIXES for f in recorded["files"])
+    with open_source(spec, revision=revision, allow_pickle=pickled) as src:
+        check_unchanged(src, recorded["files"])
+        model = load(folder)
         stored = {str(leaf.dtype) for leaf in jax.tree.leaves(nnx.state(model, STATE_FILTER))}
         report = run_parity(family, model, src, cfg, _weakest(stored),
                             options=manifest["model"].get("options", {}))
@@ -467,6 +487,23 @@ def verify(folder: str | Path, *, source: str | Path | None = None) -> ParityRep
     manifest["parity"] = {"passed": report.passed}
     ckpt.write_json(folder / ckpt.MANIFEST, manifest)
     return report
+
+
+def check_unchanged(src: Source, recorded: list[dict[str, Any]]) -> None:
+    """SourceError unless ``src`` has exactly the recorded files, each with its recorded sha256."""
+    now = {f.name: f for f in src.files}
+    for entry in recorded:
+        f = now.pop(entry["name"], None)
+        if f is None:
+            raise SourceError(f"{src.root / entry['name']}: recorded at conversion, now missing")
+        digest = f.sha256()
+        if digest != entry["sha256"]:
+            raise SourceError(f"{f.path}: changed since the conversion (sha256 {digest[:16]}…, recorded "
+                              f"{entry['sha256'][:16]}…); convert again, or pass --source with the "
+                              "original files")
+    if now:
+        raise SourceError(f"{src.root}: {', '.join(sorted(now))} not in the source at conversion; convert "
+                          "again")
 
 
 # ------------------------------------------------------------------------------------------ inspect, models
@@ -508,10 +545,11 @@ def inspect_keys(
     config: str | Path | None = None,
     revision: str | None = None,
     auto_mapping: bool = True,
+    allow_pickle: bool = False,
 ) -> Inspection:
     """Every source key with shape and dtype and, with a mapping (given, or picked from config.json when
     ``auto_mapping``), where it goes. Mapping problems are reported in the result, not raised."""
-    src = open_source(source, revision=revision, config=config)
+    src = open_source(source, revision=revision, config=config, allow_pickle=allow_pickle)
     if mapping is None and (not auto_mapping or src.config is None):
         return Inspection(src, None, None)
     try:

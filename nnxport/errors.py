@@ -43,6 +43,10 @@ class MappingError(NnxportError):
         super().__init__(msg)
 
 
+class ValueCheckError(NnxportError):
+    """A tensor's values cannot be converted as asked: NaN / Inf in the source, or a cast that overflows."""
+
+
 class OutputError(NnxportError):
     """The output folder cannot be written (exists, not writable, disk full, ...)."""
 

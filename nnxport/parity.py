@@ -16,7 +16,7 @@ from flax import nnx
 
 from nnxport.errors import NnxportError
 from nnxport.models import Family, ParityInput, Tolerance
-from nnxport.source import Source
+from nnxport.source import INDEX_NAME, PICKLE_INDEX_NAME, Source
 
 log = logging.getLogger("nnxport")
 SCHEMA_VERSION = 1
@@ -174,10 +174,14 @@ def load_reference(family: Family, source: Source, config: dict[str, Any],
     with tempfile.TemporaryDirectory(prefix="nnxport-ref-") as tmp:
         folder = Path(tmp)
         for f in source.files:
-            dst = folder / f.name
+            name = f.name
+            if source.kind == "file":  # the names from_pretrained looks for
+                name = "model.safetensors" if name.endswith(".safetensors") else "pytorch_model.bin"
+            dst = folder / name
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(f.path.absolute(), dst)
-        index = source.root / "model.safetensors.index.json"
+        index = source.root / (INDEX_NAME if source.files[0].name.endswith(".safetensors")
+                               else PICKLE_INDEX_NAME)
         if source.kind != "file" and index.is_file():
             os.symlink(index.absolute(), folder / index.name)
         (folder / "config.json").write_text(json.dumps(config))

@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
-from nnxport.errors import DeviceError, NnxportError
+from nnxport.errors import DeviceError, NnxportError, ValueCheckError
 from nnxport.ops import Box
 
 DTYPES = ("keep", "float32", "bfloat16", "float16")
@@ -137,18 +137,18 @@ def partition_spec(shard: Sequence[tuple[str, ...] | None] | None, shape: tuple[
 
 
 def put_parts(shape: tuple[int, ...], dtype: str, sharding: Sharding,
-              read: Callable[[Box], np.ndarray]) -> jax.Array:
+              read: Callable[[Box], np.ndarray], *, what: str = "", allow_nonfinite: bool = False
+              ) -> jax.Array:
     """An array of ``shape`` laid out by ``sharding`` whose device parts are read with ``read(box)``:
     only the parts this process's devices hold, each distinct part once (jax asks once per device when a
-    target is replicated along some mesh axes); cast to ``dtype``."""
+    target is replicated along some mesh axes); cast to ``dtype`` by :func:`cast_checked`."""
     want = numpy_dtype(dtype)
     parts: dict[Box, np.ndarray] = {}
 
     def part(index: tuple[slice, ...] | None) -> np.ndarray:
         box = tuple(s.indices(n)[:2] for s, n in zip(index or (), shape, strict=True))
         if box not in parts:
-            arr = read(box)
-            parts[box] = arr.astype(want) if arr.dtype != want else arr
+            parts[box] = cast_checked(read(box), want, what, allow_nonfinite)
         return parts[box]
 
     return jax.make_array_from_callback(shape, sharding, part)
@@ -162,10 +162,60 @@ def default_sharding(device: jax.Device | None, mesh: Mesh | None) -> Sharding:
     return SingleDeviceSharding(device)
 
 
-def put(array: np.ndarray, dtype: str, sharding: Sharding) -> jax.Array:
-    """Cast ``array`` to ``dtype`` (no copy when it already is) and place it."""
-    want = numpy_dtype(dtype)
-    if array.dtype != want:
-        array = array.astype(want)
+def put(array: np.ndarray, dtype: str, sharding: Sharding, *, what: str = "",
+        allow_nonfinite: bool = False) -> jax.Array:
+    """Cast ``array`` to ``dtype`` (no copy when it already is) and place it, after :func:`cast_checked`
+    (``what`` names the tensor in its errors)."""
+    array = cast_checked(array, numpy_dtype(dtype), what, allow_nonfinite)
     # device_put copies strided arrays itself, much faster than numpy does for ml_dtypes (bf16: ~8x).
     return jax.device_put(array, sharding)
+
+
+# Exponent bits of the IEEE-style floats: all set means Inf or NaN. Checking them on the integer view is
+# ~4x faster than np.isfinite on bfloat16 (8 GB/s here), so the check costs little next to the read.
+_EXPONENT: dict[np.dtype, np.generic] = {
+    np.dtype(np.float16): np.uint16(0x7C00),
+    np.dtype(ml_dtypes.bfloat16): np.uint16(0x7F80),
+    np.dtype(np.float32): np.uint32(0x7F800000),
+    np.dtype(np.float64): np.uint64(0x7FF0000000000000),
+}
+_CHUNK = 1 << 20
+
+
+def count_nonfinite(array: np.ndarray) -> int:
+    """How many NaN / Inf values ``array`` holds (0 for integer and bool arrays)."""
+    if array.dtype.kind not in "fcV" or array.size == 0:
+        return 0
+    flat = np.ascontiguousarray(array).reshape(-1)
+    mask = _EXPONENT.get(array.dtype)
+    if mask is None:  # float8 and other ml_dtypes floats, complex
+        return int(np.count_nonzero(~np.isfinite(flat)))
+    view = flat.view(mask.dtype)
+    buf = np.empty(min(_CHUNK, view.size), mask.dtype)
+    n = 0
+    for i in range(0, view.size, _CHUNK):
+        part = buf[: min(_CHUNK, view.size - i)]
+        np.bitwise_and(view[i:i + _CHUNK], mask, out=part)
+        n += int(np.count_nonzero(part == mask))
+    return n
+
+
+def cast_checked(array: np.ndarray, want: np.dtype, what: str, allow_nonfinite: bool) -> np.ndarray:
+    """``array`` cast to ``want``, refusing NaN / Inf in it (unless ``allow_nonfinite``) and values the
+    cast turns into Inf (fp32 beyond fp16's range), each a :class:`ValueCheckError` naming ``what``."""
+    bad = count_nonfinite(array)
+    if bad and not allow_nonfinite:
+        nan = int(np.count_nonzero(np.isnan(array.astype(np.float32) if array.dtype.itemsize < 4 else array)))
+        raise ValueCheckError(f"{what}: {nan} NaN and {bad - nan} Inf value(s) of {array.size} (pass "
+                              "--allow-nonfinite to convert them as they are)")
+    if array.dtype == want:
+        return array
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = array.astype(want)
+    if want.kind == "f" and count_nonfinite(cast) > bad:
+        finite = array[np.isfinite(array.astype(np.float64))]
+        biggest = float(np.max(np.abs(finite.astype(np.float64))))
+        limit = float(ml_dtypes.finfo(want).max)
+        raise ValueCheckError(f"{what}: values up to {biggest:.6g} overflow {want.name} (largest "
+                              f"{limit:.6g}); keep a wider --dtype (keep, float32 or bfloat16)")
+    return cast

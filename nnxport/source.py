@@ -79,7 +79,7 @@ _RAW_DTYPES = frozenset(
 # Packed sub-byte types: listed, but not readable as numpy arrays.
 _PACKED_DTYPES = frozenset({"float4_e2m1fn", "float6_e2m3fn", "float6_e3m2fn"})
 
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _OTHER_WEIGHT_SUFFIXES = (".h5", ".msgpack", ".gguf", ".onnx", ".npz", ".pdparams")
 
 _HUB_ID = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)?")
@@ -439,11 +439,11 @@ def open_source(
             kind: Literal["hub", "folder", "file"] = "folder"
             root = path
             files, tensors = _scan_folder(root, what=text, allow_pickle=allow_pickle)
-        elif path.suffix == ".safetensors" or (path.suffix in _PICKLE_SUFFIXES and allow_pickle):
+        elif path.suffix == ".safetensors" or (path.suffix in PICKLE_SUFFIXES and allow_pickle):
             kind, root = "file", path.parent
             files = [SourceFile(path, path.name, path.stat().st_size)]
             tensors = _scan_files(files)
-        elif path.suffix in _PICKLE_SUFFIXES:
+        elif path.suffix in PICKLE_SUFFIXES:
             raise SourceError(f"{text}: pickle weights, which can run code when loaded; convert them to "
                               "safetensors, or pass --allow-pickle to load them with "
                               "torch.load(weights_only=True)")
@@ -460,7 +460,7 @@ def open_source(
     if config is not None and not cfg_path.is_file():
         raise SourceError(f"{config}: " + ("not a file" if cfg_path.exists() else "no such config file"))
     cfg = _read_json_object(cfg_path) if cfg_path.is_file() else None
-    cls = PickleSource if files[0].name.endswith(_PICKLE_SUFFIXES) else Source
+    cls = PickleSource if files[0].name.endswith(PICKLE_SUFFIXES) else Source
     return cls(
         spec=text,
         kind=kind,
@@ -567,7 +567,7 @@ def _scan_folder(
     if not paths and allow_pickle:
         if (root / PICKLE_INDEX_NAME).is_file():
             return _scan_index(root, root / PICKLE_INDEX_NAME, snapshot=snapshot)
-        paths = sorted(p for p in root.iterdir() if p.is_file() and p.name.endswith(_PICKLE_SUFFIXES))
+        paths = sorted(p for p in root.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES))
     if not paths:
         raise SourceError(_no_safetensors_message(root, what))
     files = [SourceFile(p, p.name, p.stat().st_size) for p in paths]
@@ -576,7 +576,7 @@ def _scan_folder(
 
 def _no_safetensors_message(root: Path, what: str) -> str:
     found = sorted(p.name for p in root.iterdir() if p.is_file())
-    pickles = [n for n in found if n.endswith(_PICKLE_SUFFIXES)]
+    pickles = [n for n in found if n.endswith(PICKLE_SUFFIXES)]
     others = [n for n in found if n.endswith(_OTHER_WEIGHT_SUFFIXES)]
     if pickles:
         return (f"{what}: only pickle weights ({', '.join(pickles)}), which can run code when loaded; "
@@ -625,7 +625,7 @@ def _scan_files(files: list[SourceFile]) -> dict[str, TensorInfo]:
     read). A key stored in two files is refused."""
     found: dict[str, TensorInfo] = {}
     for f in files:
-        entries = _pickle_entries(f.path) if f.name.endswith(_PICKLE_SUFFIXES) else parse_header(f.path)[1]
+        entries = _pickle_entries(f.path) if f.name.endswith(PICKLE_SUFFIXES) else parse_header(f.path)[1]
         for key, (dtype, shape, begin, end) in entries.items():
             if key in found:
                 raise SourceError(

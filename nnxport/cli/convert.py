@@ -44,6 +44,11 @@ def convert(
     = None,
     no_parity: Annotated[bool, typer.Option("--no-parity", help="Skip the parity check.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
+    allow_pickle: Annotated[bool, typer.Option(
+        "--allow-pickle", help="Accept pickle weights (pytorch_model.bin) where there are no safetensors; "
+                               "loaded with torch.load(weights_only=True).")] = False,
+    allow_nonfinite: Annotated[bool, typer.Option(
+        "--allow-nonfinite", help="Convert NaN / Inf weights as they are instead of refusing them.")] = False,
     fmt: Annotated[Format, typer.Option("--format", help="human, or one JSON document on stdout.")]
     = Format.human,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
@@ -66,7 +71,8 @@ def convert(
 
         result = api.convert(source, out_dir, mapping=mapping, config=config, revision=revision,
                              device=device.value, dtype=dtype.value, mesh=mesh, parity=not no_parity,
-                             force=force, coordinator=coordinator, num_processes=num_processes,
+                             force=force, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+                             coordinator=coordinator, num_processes=num_processes,
                              process_id=process_id)
         if fmt is Format.json:
             print_json(result.to_json())

@@ -34,6 +34,8 @@ def inspect_keys(
     config: Annotated[Path | None, typer.Option(help="config.json to use (for a bare .safetensors file).")]
     = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision: branch, tag or commit.")] = None,
+    allow_pickle: Annotated[bool, typer.Option(
+        "--allow-pickle", help="Accept pickle weights (loaded with torch.load(weights_only=True)).")] = False,
     fmt: Annotated[KeysFormat, typer.Option("--format", help="table, json, or tsv (one key per line).")]
     = KeysFormat.table,
 ) -> None:
@@ -45,7 +47,8 @@ def inspect_keys(
     with errors_handled():
         from nnxport import api
 
-        result = api.inspect_keys(source, mapping, config=config, revision=revision)
+        result = api.inspect_keys(source, mapping, config=config, revision=revision,
+                                  allow_pickle=allow_pickle)
         rows = result.rows()
         if fmt is KeysFormat.json:
             print_json(result.to_json())
