@@ -205,15 +205,15 @@ def convert(
              f" at revision {src.revision}" if src.revision else "")
     try:
         with _timed(timings, "plan"):
-            the_mapping = resolve_mapping(mapping, src.config)
-            family = family_for(the_mapping)
             cfg = _require_config(src)
+            the_mapping = resolve_mapping(mapping, cfg)
+            family = family_for(the_mapping)
             family.check_config(cfg)
             options = family.options(cfg, src.tensors.keys())
             graphdef, abstract = abstract_state(family, cfg, options)
             analysis = analyze(the_mapping, source_specs(src), target_specs(abstract), cfg)
             if analysis.problems:
-                raise MappingError(the_mapping.name, analysis.problems)
+                raise MappingError(the_mapping.where, analysis.problems)
             tied = {tie.to for tie in the_mapping.ties}
             for rule in analysis.unused_rules:
                 # Optional rules and stored copies of tied weights are absent from many checkpoints.
@@ -254,7 +254,7 @@ def convert(
             with _timed(timings, "read_place_write"):
                 # Streaming: arrays are written group by group and dropped (StateWriter), so memory stays
                 # at about one group whatever the model's size.
-                writer = ckpt.StateWriter(staging.staging / ckpt.CHECKPOINT)
+                writer = ckpt.StateWriter(staging.staging / ckpt.CHECKPOINT, shown_as=out_path)
                 chains = _chains(assignments)
                 stored: set[str] = set()
                 nbytes = 0

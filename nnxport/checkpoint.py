@@ -8,6 +8,7 @@ rename, so a failed run never destroys the previous result.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -45,6 +46,9 @@ class OutputDir:
             raise OutputError(f"{final}: exists and is not a folder")
         if final.is_dir() and any(final.iterdir()) and not force:
             raise OutputError(f"{final}: folder exists and is not empty (use --force to replace it)")
+        existing = next((p for p in (final.parent, *final.parent.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise OutputError(f"{final}: cannot create the output folder ({existing} is a file)")
         try:
             if process_count > 1:
                 self.staging = final.parent / f".{final.name}{PARTIAL_TAG}multiprocess"
@@ -112,8 +116,9 @@ class StateWriter:
     In a multi-process run every process must make the same calls (Orbax saves collectively).
     """
 
-    def __init__(self, path: Path, *, group_bytes: int | None = None) -> None:
+    def __init__(self, path: Path, *, group_bytes: int | None = None, shown_as: Path | None = None) -> None:
         self.path = path.absolute()
+        self.shown_as = shown_as or path  # how errors name the checkpoint (the final output folder)
         self.group_bytes = GROUP_BYTES if group_bytes is None else group_bytes
         self._group: dict[Any, Any] = {}
         self._bytes = 0
@@ -136,8 +141,8 @@ class StateWriter:
         self.wait()
         try:
             self._pending = ocp_v1.partial.save_async(self.path, self._group)
-        except OSError as e:
-            raise OutputError(f"{self.path}: cannot write the checkpoint ({e.strerror or e})") from None
+        except (OSError, ValueError, RuntimeError) as e:
+            raise self._error("write", e) from None
         self._group, self._bytes = {}, 0
         self.groups_written += 1
 
@@ -147,8 +152,8 @@ class StateWriter:
         if pending is not None:
             try:
                 pending.result()
-            except OSError as e:
-                raise OutputError(f"{self.path}: cannot write the checkpoint ({e.strerror or e})") from None
+            except (OSError, ValueError, RuntimeError) as e:
+                raise self._error("write", e) from None
 
     def finish(self) -> None:
         """Write what is queued and finalise the checkpoint."""
@@ -156,8 +161,29 @@ class StateWriter:
         self.wait()
         try:
             ocp_v1.partial.finalize(self.path)
-        except OSError as e:
-            raise OutputError(f"{self.path}: cannot finalise the checkpoint ({e.strerror or e})") from None
+        except (OSError, ValueError, RuntimeError) as e:
+            raise self._error("finalise", e) from None
+
+    def _error(self, what: str, e: BaseException) -> OutputError:
+        """An I/O failure of Orbax (OSError) or of tensorstore under it (ValueError / RuntimeError with
+        the OS's message inside, e.g. ``RESOURCE_EXHAUSTED: ... No space left on device``) as one line."""
+        return OutputError(f"{self.shown_as}: cannot {what} the checkpoint ({io_reason(e)})")
+
+
+_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENOENT,
+           errno.EFBIG)
+
+
+def io_reason(e: BaseException) -> str:
+    """The OS's reason for an I/O error, found in an OSError or in the text of a wrapped one."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e)
+    for code in _ERRNOS:
+        if os.strerror(code) in text:
+            return os.strerror(code)
+    lines = text.strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
 def set_path(tree: dict[Any, Any], dotted: str, value: Any, *, create: bool = False) -> None:

@@ -144,6 +144,11 @@ class Mapping:
     rules: tuple[Rule, ...]
     ties: tuple[Tie, ...] = ()
 
+    @property
+    def where(self) -> str:
+        """How errors name this mapping: its file, or its name when it has none (stdin, text)."""
+        return str(self.path) if self.path is not None else self.name
+
     def matches(self, config: MappingABC[str, Any] | None) -> bool:
         """Whether ``config`` (config.json) satisfies every ``match`` entry.
 
@@ -1086,5 +1091,5 @@ def plan(mapping: Mapping, sources: MappingABC[str, TensorSpec], targets: Mappin
     """The assignments of :func:`analyze`; MappingError (named after the mapping) listing every problem."""
     analysis = analyze(mapping, sources, targets, config)
     if analysis.problems:
-        raise MappingError(mapping.name, analysis.problems)
+        raise MappingError(mapping.where, analysis.problems)
     return analysis.assignments
