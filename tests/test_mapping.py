@@ -563,13 +563,13 @@ def _only_mapping_errors(text: str) -> None:
         assert isinstance(m, Mapping) and m.version == 1 and m.rules
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.text())
 def test_fuzz_arbitrary_text(text: str) -> None:
     _only_mapping_errors(text)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(DOC, YAMLISH))
 def test_fuzz_yaml_structures(doc: object) -> None:
     _only_mapping_errors(yaml.safe_dump(doc, allow_unicode=True))
@@ -586,7 +586,7 @@ LINES = [
 ]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(st.lists(st.sampled_from(LINES), max_size=12))
 def test_fuzz_yaml_line_soup(lines: list[str]) -> None:
     _only_mapping_errors("\n".join(lines) + "\n")
