@@ -493,12 +493,17 @@ def _to_pickle(src: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def test_allow_pickle_converts_with_weights_only(tiny_resnet_dir: Path, tmp_path: Path, cli,
+@pytest.mark.parametrize("where", ["folder", "hub"])
+def test_allow_pickle_converts_with_weights_only(tiny_resnet_dir: Path, tmp_path: Path, cli, where: str,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
     src = _copy(tiny_resnet_dir, tmp_path)
     tensors = _to_pickle(src)
+    spec: Path | str = src
+    if where == "hub":
+        write_hub_cache(Path(os.environ["HF_HUB_CACHE"]), "faults/pickled", src)
+        spec = "faults/pickled"
     calls: list[dict[str, Any]] = []
     real_load = torch.load
 
@@ -507,7 +512,7 @@ def test_allow_pickle_converts_with_weights_only(tiny_resnet_dir: Path, tmp_path
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
-    res = cli("convert", src, "--out", tmp_path / "o", "--allow-pickle", "--format", "json")
+    res = cli("convert", spec, "--out", tmp_path / "o", "--allow-pickle", "--format", "json")
     assert res.exit_code == 0, res.stderr
     assert json.loads(res.stdout)["parity"]["passed"] is True
     ours = [c for c in calls if c.get("mmap") is not None]
