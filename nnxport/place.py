@@ -183,20 +183,21 @@ _CHUNK = 1 << 20
 
 
 def count_nonfinite(array: np.ndarray) -> int:
-    """How many NaN / Inf values ``array`` holds (0 for integer and bool arrays)."""
+    """How many NaN / Inf values ``array`` holds (0 for integer and bool arrays). Works on the integer
+    view of the floats' bits in place, in blocks along the first axis: the arrays checked are often
+    transposed views, and making them contiguous first would copy them (slowly, for ml_dtypes)."""
     if array.dtype.kind not in "fcV" or array.size == 0:
         return 0
-    flat = np.ascontiguousarray(array).reshape(-1)
     mask = _EXPONENT.get(array.dtype)
     if mask is None:  # float8 and other ml_dtypes floats, complex
-        return int(np.count_nonzero(~np.isfinite(flat)))
-    view = flat.view(mask.dtype)
-    buf = np.empty(min(_CHUNK, view.size), mask.dtype)
+        return int(np.count_nonzero(~np.isfinite(array)))
+    bits = array.reshape(1, -1) if array.ndim == 0 else array
+    bits = bits.view(mask.dtype)
+    step = max(1, _CHUNK // max(1, bits.size // bits.shape[0]))
     n = 0
-    for i in range(0, view.size, _CHUNK):
-        part = buf[: min(_CHUNK, view.size - i)]
-        np.bitwise_and(view[i:i + _CHUNK], mask, out=part)
-        n += int(np.count_nonzero(part == mask))
+    for i in range(0, bits.shape[0], step):
+        block = np.bitwise_and(bits[i:i + step], mask)
+        n += int(np.count_nonzero(block == mask))
     return n
 
 

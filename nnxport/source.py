@@ -349,10 +349,18 @@ _TORCH_DTYPES = {
 }
 
 
-@functools.lru_cache(maxsize=4)
 def _load_pickle(path: Path) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` (memory-mapped when the file's format allows), checked to be
-    a flat state dict of tensors; errors name the file."""
+    a flat state dict of tensors; errors name the file. Cached per (path, size, mtime)."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read ({e.strerror or e})") from e
+    return _load_pickle_cached(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_pickle_cached(path: Path, size: int, mtime_ns: int) -> dict[str, Any]:
     import pickle
 
     import torch

@@ -625,3 +625,21 @@ def test_verify_names_a_source_file_changed_since_conversion(tiny_resnet_dir: Pa
     (src / "model.safetensors").unlink()
     res = cli("verify", tmp_path / "o", "-q")
     assert res.exit_code == 1 and str(src) in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64,
+                                   ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2, np.int8, np.bool_])
+def test_count_nonfinite_equals_numpy_on_views(dtype: Any) -> None:
+    from nnxport.place import count_nonfinite
+
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((37, 29, 5)).astype(np.float32) * 4
+    flat = base.reshape(-1)
+    flat[rng.choice(flat.size, 40, replace=False)] = np.nan
+    flat[rng.choice(flat.size, 25, replace=False)] = np.inf
+    flat[rng.choice(flat.size, 25, replace=False)] = -np.inf
+    with np.errstate(invalid="ignore"):
+        arr = base.astype(dtype)
+    for view in (arr, arr.transpose(2, 0, 1), arr[::3, 1::2], arr[5], arr[0, 0, 0], arr[:0]):
+        expected = int(np.count_nonzero(~np.isfinite(np.asarray(view, np.float32))))
+        assert count_nonfinite(view) == expected
