@@ -264,8 +264,7 @@ class _Drafter:
             ranks = {len(s) for s in shapes.values()}
             if ranks != {len(tshape)}:
                 continue
-            ordered, note = _order(names, t.parts[-2] if len(t.parts) > 1 else t.text)
-            for subset in _subsets(ordered, names):
+            for subset, note in _subsets(names, t.parts[-2] if len(t.parts) > 1 else t.text):
                 axis = _join_axis([shapes[n] for n in subset], tshape)
                 if axis is None:
                     continue
@@ -294,8 +293,7 @@ class _Drafter:
             tshapes = {m.parts[pos]: self.targets[m.text].shape for m in members}
             if {len(x) for x in tshapes.values()} != {len(shape)}:
                 continue
-            ordered, note = _order(names, s.parts[-2] if len(s.parts) > 1 else s.text)
-            for subset in _subsets(ordered, names):
+            for subset, note in _subsets(names, s.parts[-2] if len(s.parts) > 1 else s.text):
                 axis = _join_axis([tshapes[n] for n in subset], shape)
                 if axis is None:
                     continue
@@ -370,13 +368,14 @@ class _Drafter:
             [t for t in targets if t not in used_t]
 
 
-def _subsets(ordered: list[str], names: list[str]) -> list[list[str]]:
-    """Candidate piece lists: all of them, then q/k/v alone (a fused qkv next to a separate o)."""
-    out = [ordered]
+def _subsets(names: list[str], hint: str) -> list[tuple[list[str], str | None]]:
+    """Candidate piece lists, each with a note when its order is a guess: all of them, then q/k/v alone
+    (a fused qkv next to a separate o)."""
+    out = [_order(names, hint)]
     canon = {n: (sorted(_words(n)) or [n])[0] for n in names}
-    qkv = [n for n in ordered if canon[n] in ("q", "k", "v")]
-    if len(qkv) == 3 and len(qkv) < len(ordered):
-        out.append(sorted(qkv, key=lambda n: "qkv".index(canon[n])))
+    qkv = [n for n in names if canon[n] in ("q", "k", "v")]
+    if len(qkv) == 3 and len(qkv) < len(names):
+        out.append(_order(qkv, hint))
     return out
 
 
