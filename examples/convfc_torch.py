@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-CONFIG: dict[str, Any] = {"in_channels": 3, "channels": 4, "kernel_size": 2, "image_size": 6, "num_classes": 2}
+CONFIG: dict[str, Any] = {"in_channels": 3, "channels": 4, "kernel_size": 2, "image_size": 6,
+                          "num_classes": 2}
 
 
 class TorchConvFc(torch.nn.Module):

@@ -308,8 +308,8 @@ def convert(
                     restored = ckpt.restore_state(staging.staging / ckpt.CHECKPOINT,
                                                   nnx.to_pure_dict(abstract), home)
                     nnx.replace_by_pure_dict(abstract, restored)
-                    model = nnx.merge(graphdef, abstract)
-                    report = run_parity(family, model, src, cfg, _weakest(stored), options=options)
+                    nnx_model = nnx.merge(graphdef, abstract)
+                    report = run_parity(family, nnx_model, src, cfg, _weakest(stored), options=options)
                 _write_reports(staging.staging, report, src.spec)
                 manifest["parity"] = {"passed": report.passed}
             manifest["timings_s"] = timings

@@ -111,6 +111,11 @@ def _indices_compatible(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     return a[:n] == b[:n]
 
 
+def _fits(src: _Path, tgt: _Path) -> bool:
+    """Leaf kinds and indices allow ``src`` to fill ``tgt`` (shapes aside)."""
+    return _leaf_compatible(src, tgt) and _indices_compatible(src.indices, tgt.indices)
+
+
 def _leaf_compatible(src: _Path, tgt: _Path) -> bool:
     allowed = LEAVES.get(src.leaf)
     if allowed is not None:
@@ -203,7 +208,7 @@ def _sibling_groups(paths: list[_Path]) -> dict[tuple[int, tuple[str, ...]], lis
         for i, comp in enumerate(p.parts[:-1]):
             if comp.isdigit():
                 continue
-            groups.setdefault((i, p.parts[:i] + ("*",) + p.parts[i + 1:]), []).append(p)
+            groups.setdefault((i, (*p.parts[:i], "*", *p.parts[i + 1:])), []).append(p)
     return {k: v for k, v in groups.items() if len(v) >= 2}
 
 
@@ -252,8 +257,7 @@ class _Drafter:
         """Sibling keys whose per-piece results join along one axis into ``target``."""
         t = self.tpath[target]
         tshape = self.targets[target].shape
-        cands = [self.spath[k] for k in free
-                 if _leaf_compatible(self.spath[k], t) and _indices_compatible(self.spath[k].indices, t.indices)]
+        cands = [self.spath[k] for k in free if _fits(self.spath[k], t)]
         best: tuple[float, _Placement] | None = None
         for (pos, _), members in _sibling_groups(cands).items():
             names = [m.parts[pos] for m in members]
@@ -280,8 +284,7 @@ class _Drafter:
     def split(self, key: str, free: list[str], square_direct: bool) -> _Placement | None:
         """Sibling leaves that one key's (transposed) tensor splits into along one axis."""
         s = self.spath[key]
-        cands = [self.tpath[t] for t in free
-                 if _leaf_compatible(s, self.tpath[t]) and _indices_compatible(s.indices, self.tpath[t].indices)]
+        cands = [self.tpath[t] for t in free if _fits(s, self.tpath[t])]
         best: tuple[float, _Placement] | None = None
         for (pos, _), members in _sibling_groups(cands).items():
             names = [m.parts[pos] for m in members]

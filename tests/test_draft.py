@@ -16,7 +16,6 @@ import pytest
 from nnxport.draft import draft_mapping
 from nnxport.mapping import TensorSpec, analyze, load_mapping_text
 from nnxport.replicas import build_replica, edit_safetensors, published_config
-from tests.conftest import TINY_RESNET
 
 TINY_VIT = published_config("google/vit-base-patch16-224", hidden_size=64, num_hidden_layers=2,
                             num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8,
@@ -35,7 +34,8 @@ def _draft(cli: Callable[..., Any], source: str | Path, *args: str) -> Any:
     return cli("mapping", "draft", source, *args)
 
 
-def _draft_converts(cli: Callable[..., Any], source: str | Path, tmp_path: Path) -> tuple[str, dict[str, Any]]:
+def _draft_converts(cli: Callable[..., Any], source: str | Path,
+                    tmp_path: Path) -> tuple[str, dict[str, Any]]:
     """Draft, write it unedited, convert with it: (draft text, parity report); both must succeed."""
     res = _draft(cli, source)
     assert res.exit_code == 0, res.stderr
@@ -55,10 +55,10 @@ def test_resnet_draft_converts_unedited(tiny_resnet_dir: Path, tmp_path: Path, c
     assert "  - '\\.num_batches_tracked$'" in text  # buffers: one ignore entry, not a rule each
     # per-index keys generalised with backreferences: the block convs are one rule
     assert ("  - from: '^resnet\\.encoder\\.stages\\.(\\d+)\\.layers\\.(\\d+)\\.layer\\.(\\d+)\\.convolution"
-            "\\.weight$'\n    to: 'stages.\\1.blocks.\\2.conv\\3.kernel'\n    ops: [{transpose: [2, 3, 1, 0]}]"
-            ) in text
-    assert "  - from: '^classifier\\.1\\.weight$'\n    to: 'classifier.kernel'\n    ops: [{transpose: [1, 0]}]" \
-        in text
+            "\\.weight$'\n    to: 'stages.\\1.blocks.\\2.conv\\3.kernel'\n"
+            "    ops: [{transpose: [2, 3, 1, 0]}]") in text
+    assert ("  - from: '^classifier\\.1\\.weight$'\n    to: 'classifier.kernel'\n"
+            "    ops: [{transpose: [1, 0]}]") in text
     assert report["outputs"][0]["max_abs_diff"] < 1e-4
 
 
@@ -68,7 +68,8 @@ def test_vit_draft_converts_unedited(tmp_path: Path, cli) -> None:
     # the fused qkv kernel: three transposed Linear weights joined in the order the leaf's name spells
     assert ("from: '^vit\\.encoder\\.layer\\.(\\d+)\\.attention\\.attention\\.(query|key|value)\\.weight$'\n"
             "    to: 'layers.\\1.attn.qkv.kernel'\n"
-            "    ops: [{transpose: [1, 0]}, {concat: {axis: 1, by: '\\2', order: [query, key, value]}}]") in text
+            "    ops: [{transpose: [1, 0]}, {concat: {axis: 1, by: '\\2', order: [query, key, value]}}]"
+            ) in text
     assert "to: 'cls_token'\n    ops: [{reshape: [64]}]" in text  # [1, 1, 64] -> [64]
 
 

@@ -92,7 +92,7 @@ class CustomFamily(Family):
         if not (isinstance(cls, type) and issubclass(cls, nnx.Module)):
             raise NnxportError(f"model {spec!r}: {cls!r} is not an nnx.Module subclass")
         self.name = spec
-        self.cls = cls
+        self.cls: Any = cls
         self.description = (cls.__doc__ or spec).strip().splitlines()[0]
         ref = getattr(cls, "reference", None)
         if ref is not None and not (isinstance(ref, str) and is_import_path(ref)):
@@ -119,7 +119,8 @@ class CustomFamily(Family):
         except Exception as e:
             raise ConfigError(f"model {self.name}: building it from the config failed: "
                               f"{type(e).__name__}: {e}") from None
-        return model  # type: ignore[no-any-return]
+        assert isinstance(model, nnx.Module)
+        return model
 
     def reference_class(self, config: Mapping[str, Any], options: Mapping[str, Any]) -> str:
         return self.reference_spec or ""
