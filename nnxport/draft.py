@@ -650,7 +650,15 @@ def draft_mapping(sources: MappingABC[str, TensorSpec], targets: MappingABC[str,
             lines.append(f"    ops: {_flow(r.ops)}")
     if unplaced:
         lines.append("# NOT PLACED: source keys that no rule covers (add a rule, or an ignore entry):")
-        lines += [f"#   {k}  {_shape(sources[k])} {sources[k].dtype}" for k in unplaced]
+        embedded = {sources[p.keys[0]].shape: p for p in placements
+                    if len(p.keys) == 1 and drafter.tpath[p.targets[0]].leaf == "embedding"}
+        for k in unplaced:
+            line = f"#   {k}  {_shape(sources[k])} {sources[k].dtype}"
+            twin = embedded.get(sources[k].shape)
+            if twin is not None:
+                line += (f"  (the shape of {twin.keys[0]} -> {twin.targets[0]}: if it is a stored copy of "
+                         "tied weights, ignore it)")
+            lines.append(line)
     if left_t:
         lines.append("# NOT FILLED: model leaves that no rule fills:")
         lines += [f"#   {t}  {_shape(targets[t])} {targets[t].dtype}" for t in left_t]
