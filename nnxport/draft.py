@@ -431,9 +431,10 @@ def _split_nums(text: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
     return tuple(pieces[0::2]), tuple(int(x) for x in pieces[1::2])
 
 
-def _generalise(group: list[_Placement], restrict: bool) -> tuple[str, list[str]] | None:
-    """(regex, target templates) covering every placement of ``group`` (same skeletons and ops), or None
-    when the targets' numbers cannot be expressed through the keys' numbers."""
+def _generalise(group: list[_Placement], restrict: bool) -> tuple[str, list[str], int | None] | None:
+    """(regex, target templates, number of the gathered pieces' group) covering every placement of
+    ``group`` (same skeletons and ops), or None when the targets' numbers cannot be expressed through the
+    keys' numbers. ``restrict``: number groups match only the values seen, not any number."""
     key_texts = [_pattern_text(p) for p in group]
     key_skel, _ = _split_nums(key_texts[0])
     key_nums = [_split_nums(k)[1] for k in key_texts]
@@ -489,9 +490,7 @@ def _generalise(group: list[_Placement], restrict: bool) -> tuple[str, list[str]
                 ref = refs[ti][j]
                 text += str(tgt_nums[0][ti][j]) if ref is None else f"\\{group_no[ref]}"
         to.append(text)
-    if marker_group is not None:
-        group[0].notes.append(f"\x01{marker_group}")  # the piece group's number, read by _rule_ops
-    return regex, to
+    return regex, to, marker_group
 
 
 def _signature(p: _Placement) -> tuple[Any, ...]:
@@ -513,20 +512,18 @@ def _rules(placements: list[_Placement], all_keys: list[str]) -> list[_Rule]:
             g = _generalise(group, restrict)
             if g is None:
                 break
-            regex, to = g
-            rx = re.compile(regex)
+            rx = re.compile(g[0])
             mine = {k for p in group for k in p.keys}
             if {k for k in all_keys if rx.search(k)} == mine:
-                made = (regex, to)
+                made = g
                 break
         if made is None:
             if len(group) == 1:
                 raise AssertionError(f"cannot write a rule for {group[0].keys}")  # literal rules always fit
             todo += [[p] for p in group]
             continue
-        piece_group = next((int(n[1:]) for n in group[0].notes if n.startswith("\x01")), None)
-        notes = sorted({n for p in group for n in p.notes if not n.startswith("\x01")})
-        rules.append(_Rule(group, made[0], made[1], _rule_ops(group[0], piece_group), notes))
+        notes = sorted({n for p in group for n in p.notes})
+        rules.append(_Rule(group, made[0], made[1], _rule_ops(group[0], made[2]), notes))
     rules.sort(key=lambda r: min(_natural(k) for p in r.members for k in p.keys))
     return rules
 

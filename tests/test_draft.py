@@ -178,6 +178,27 @@ def test_core_same_key_shape_different_targets_uses_alternations() -> None:
         "rest.2.fc.kernel": "blocks.2.fc.weight"}
 
 
+def test_core_concat_in_the_order_the_fused_name_spells() -> None:
+    sources = {f"enc.{i}.attn.{n}.weight": TensorSpec((4, 4), "float32") for i in range(2)
+               for n in ("value", "query", "key")}
+    targets = {f"layers.{i}.attn.qkv.kernel": TensorSpec((4, 12), "float32") for i in range(2)}
+    d, analysis = _check(sources, targets)
+    assert d.complete and not analysis.problems and len(d.mapping.rules) == 1
+    (a0, a1) = sorted(analysis.assignments, key=lambda a: a.targets)
+    assert a1.sources == ("enc.1.attn.query.weight", "enc.1.attn.key.weight", "enc.1.attn.value.weight")
+    assert [op.describe() for op in a0.ops][0] == "transpose(1,0)"
+
+
+def test_core_split_with_unequal_parts_notes_a_guessed_order() -> None:
+    sources = _specs(blk__fused__weight=(6, 4))
+    targets = _specs(layers__a__kernel=(4, 2), layers__b__kernel=(4, 4))
+    d, analysis = _check(sources, targets)
+    assert d.complete and not analysis.problems
+    assert "split: {axis: 1, sizes: [2, 4]}" in d.text
+    assert d.notes == ("order a, b is a guess (by name): check it",)
+    assert "  # NOTE: order a, b is a guess (by name): check it\n  - from: '^blk\\.fused\\.weight$'" in d.text
+
+
 def test_core_marks_what_it_cannot_place() -> None:
     sources = _specs(a__weight=(3, 5), mystery__weight=(7, 7, 7))
     targets = _specs(a__kernel=(5, 3), other__kernel=(2, 2))
