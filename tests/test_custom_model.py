@@ -27,6 +27,12 @@ class NoReference(ConvFc):
     reference: ClassVar[str | None] = None  # type: ignore[misc]
 
 
+class BrokenReference(ConvFc):
+    """ConvFc whose reference cannot be imported."""
+
+    reference: ClassVar[str] = "examples.nosuch_torch:TorchConvFc"
+
+
 class NotAModule:
     pass
 
@@ -128,6 +134,19 @@ def test_bad_model_import_path_is_one_line_exit_1(model: str, message: str, chec
         assert message in res.stderr and "Traceback" not in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_broken_reference_fails_before_anything_is_written(checkpoint: Path, tmp_path: Path, cli) -> None:
+    res = _convert(cli, checkpoint, tmp_path / "x", "--mapping", EXAMPLE_MAPPING, "--model",
+                   "tests.test_custom_model:BrokenReference", "-q")
+    assert res.exit_code == 1 and "Traceback" not in res.stderr
+    assert "reference of model tests.test_custom_model:BrokenReference" in res.stderr
+    assert "cannot import module 'examples.nosuch_torch'" in res.stderr
+    assert not (tmp_path / "x").exists()
+    # --no-parity does not need the reference
+    res = _convert(cli, checkpoint, tmp_path / "y", "--mapping", EXAMPLE_MAPPING, "--model",
+                   "tests.test_custom_model:BrokenReference", "--no-parity")
+    assert res.exit_code == 0, res.stderr
 
 
 def test_config_errors(checkpoint: Path, tmp_path: Path, cli) -> None:

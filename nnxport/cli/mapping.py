@@ -46,6 +46,11 @@ def draft(
             err.print(f"note: {note}", soft_wrap=True, highlight=False)
         for problem in result.problems:
             err.print(f"[red]problem:[/] {problem}", soft_wrap=True, highlight=False)
+        left = [f"not placed: {k}" for k in result.unplaced] + [f"not filled: {t}" for t in result.unfilled]
+        for line in left[:20]:
+            err.print(line, soft_wrap=True, highlight=False, markup=False)
+        if len(left) > 20:
+            err.print(f"... and {len(left) - 20} more (listed in the YAML)", highlight=False)
         if not result.complete:
             err.print(f"[bold red]incomplete[/] {summary} (marked NOT PLACED / NOT FILLED in the YAML)",
                       soft_wrap=True, highlight=False)

@@ -104,7 +104,12 @@ class CustomFamily(Family):
                                "classmethod giving the input shapes")
 
     def has_reference(self) -> bool:
-        return self.reference_spec is not None
+        """Whether the class declares a reference; a declared one that cannot be imported is an error
+        here, at planning time, rather than after the checkpoint is written."""
+        if self.reference_spec is None:
+            return False
+        import_object(self.reference_spec, f"reference of model {self.name}")
+        return True
 
     def check_config(self, config: Mapping[str, Any]) -> None:
         check = getattr(self.cls, "check_config", None)
