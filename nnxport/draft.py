@@ -552,7 +552,7 @@ def _ignore_patterns(keys: list[str]) -> list[str]:
         skel, nums = _split_nums(k)
         regex = "^" + r"\d+".join(re.escape(s) for s in skel) + "$" if nums else f"^{re.escape(k)}$"
         leaf = k.rsplit(".", 1)[-1]
-        if leaf in ("num_batches_tracked", "inv_freq"):
+        if leaf in ("num_batches_tracked", "inv_freq") and "." in k:
             regex = rf"\.{re.escape(leaf)}$"
         if regex not in out:
             out.append(regex)
@@ -662,9 +662,10 @@ def draft_mapping(sources: MappingABC[str, TensorSpec], targets: MappingABC[str,
     text = "\n".join(lines) + "\n"
     mapping = load_mapping_text(text, name=title)
     analysis = analyze(mapping, sources, targets, config)
-    expected = {f"target '{t}' is not filled by any rule" for t in left_t}
-    problems = tuple(p for p in analysis.problems
-                     if p not in expected and not p.startswith("unmatched source key"))
+    # the analysis repeats what the draft lists as not placed / not filled; anything else is a problem
+    listed = {f"target '{t}' is not filled by any rule" for t in left_t}
+    listed |= {f"unmatched source key '{k}' (no rule or ignore pattern matches)" for k in unplaced}
+    problems = tuple(p for p in analysis.problems if p not in listed)
     notes = tuple(n for r in rules for n in r.notes)
     return Draft(text, mapping, sum(len(p.keys) for p in placements), tuple(buffers), tuple(unplaced),
                  tuple(left_t), notes, problems)

@@ -207,6 +207,7 @@ def test_core_marks_what_it_cannot_place() -> None:
     assert not d.complete and d.unplaced == ("mystery.weight",) and d.unfilled == ("other.kernel",)
     assert "#   mystery.weight  [7, 7, 7] float32" in d.text and "#   other.kernel  [2, 2] float32" in d.text
     assert d.placed == 1
+    assert d.problems == ()  # the analysis of the draft finds nothing but what it lists
 
 
 def test_core_refuses_when_nothing_fits() -> None:
