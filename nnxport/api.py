@@ -30,7 +30,7 @@ from nnxport.mapping import (
     load_mapping_text,
     select_mapping,
 )
-from nnxport.models import FAMILIES, Family, resolve_family
+from nnxport.models import FAMILIES, Family, get_family, resolve_family  # noqa: F401  (callers use api.get_family)
 from nnxport.ops import Box, Op, apply_ops, box_slices, pull_part
 from nnxport.parity import ParityReport, run_parity
 from nnxport.place import (
