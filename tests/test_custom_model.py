@@ -33,6 +33,14 @@ class BrokenReference(ConvFc):
     reference: ClassVar[str] = "examples.nosuch_torch:TorchConvFc"
 
 
+class PickyCheck(ConvFc):
+    """ConvFc whose check_config raises a plain exception."""
+
+    @classmethod
+    def check_config(cls, config: dict[str, Any]) -> None:
+        raise KeyError("depth")
+
+
 class NotAModule:
     pass
 
@@ -158,6 +166,13 @@ def test_config_errors(checkpoint: Path, tmp_path: Path, cli) -> None:
     wrong.write_text("in_channels: 3\nchannels: 4\nkernel_size: 2\nimage_size: 6\nnum_classes: two\n")
     res = _convert(cli, checkpoint, tmp_path / "x", "--mapping", EXAMPLE_MAPPING, config=wrong)
     assert res.exit_code == 1 and "field 'num_classes' must be a positive integer" in res.stderr
+
+
+def test_check_config_exceptions_are_config_errors(checkpoint: Path, tmp_path: Path, cli) -> None:
+    res = _convert(cli, checkpoint, tmp_path / "x", "--mapping", EXAMPLE_MAPPING, "--model",
+                   "tests.test_custom_model:PickyCheck", "-q")
+    assert res.exit_code == 1 and "Traceback" not in res.stderr
+    assert "check_config refused the config: KeyError: 'depth'" in res.stderr
 
 
 def test_protocol_builds_abstractly() -> None:

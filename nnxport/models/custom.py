@@ -114,7 +114,13 @@ class CustomFamily(Family):
     def check_config(self, config: Mapping[str, Any]) -> None:
         check = getattr(self.cls, "check_config", None)
         if callable(check):
-            check(dict(config))
+            try:
+                check(dict(config))
+            except NnxportError:
+                raise
+            except Exception as e:  # the user's check raised something else: still the config's fault
+                raise ConfigError(f"model {self.name}: check_config refused the config: "
+                                  f"{type(e).__name__}: {e}") from None
 
     def build(self, config: Mapping[str, Any], rngs: nnx.Rngs, options: Mapping[str, Any]) -> nnx.Module:
         try:
