@@ -33,7 +33,7 @@ test-all: install
 	$(PY) -m pytest -q -m ''
 
 lint: install
-	$(VENV)/bin/ruff check nnxport tests bench
+	$(VENV)/bin/ruff check nnxport tests bench examples
 	$(VENV)/bin/mypy
 
 # Conversion speed and memory against a floor, on Llama-3.2-1B-shaped checkpoints built into .bench/

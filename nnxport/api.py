@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from nnxport import checkpoint as ckpt
+from nnxport.draft import Draft, draft_mapping
 from nnxport.errors import MappingError, NnxportError, SourceError
 from nnxport.mapping import (
     Analysis,
@@ -29,7 +30,7 @@ from nnxport.mapping import (
     load_mapping_text,
     select_mapping,
 )
-from nnxport.models import FAMILIES, Family, get_family
+from nnxport.models import FAMILIES, Family, get_family, resolve_family  # noqa: F401  (callers use api.get_family)
 from nnxport.ops import Box, Op, apply_ops, box_slices, pull_part
 from nnxport.parity import ParityReport, run_parity
 from nnxport.place import (
@@ -93,11 +94,37 @@ def resolve_mapping(spec: str | Mapping | None, config: dict[str, Any] | None) -
 
 # ------------------------------------------------------------------------------------------ abstract model
 
-def family_for(mapping: Mapping) -> Family:
-    if ":" in mapping.model:
-        raise NnxportError(f"mapping {mapping.name}: custom model classes ({mapping.model!r}) are not "
-                           "supported yet; use a built-in family")
-    return get_family(mapping.model)
+def family_for(mapping: Mapping, model: str | None = None) -> Family:
+    """The family the mapping's ``model`` names (a registered family or ``package.module:Class``), or
+    ``model`` (``--model``) when given, which overrides it."""
+    if model is not None and model != mapping.model:
+        log.warning("--model %s overrides the model of mapping %s (%s)", model, mapping.name, mapping.model)
+    return resolve_family(model or mapping.model)
+
+
+def _open_source(source: str | Path, revision: str | None, config: str | Path | None,
+                 allow_pickle: bool = False) -> Source:
+    """:func:`open_source`, with ``config`` a JSON file or, by its suffix, a YAML one."""
+    if config is None or Path(config).suffix.lower() not in (".yaml", ".yml"):
+        return open_source(source, revision=revision, config=config, allow_pickle=allow_pickle)
+    import yaml
+
+    path = Path(config).expanduser()
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SourceError(f"{config}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SourceError(f"{config}: cannot read ({e})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise SourceError(f"{config}: invalid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(doc, dict):
+        raise SourceError(f"{config}: expected a mapping of config fields, found {type(doc).__name__}")
+    src = open_source(source, revision=revision, allow_pickle=allow_pickle)
+    src.config, src.config_path = doc, path
+    return src
 
 
 def abstract_state(family: Family, config: dict[str, Any],
@@ -178,6 +205,7 @@ def convert(
     force: bool = False,
     allow_pickle: bool = False,
     allow_nonfinite: bool = False,
+    model: str | None = None,
     coordinator: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
@@ -200,14 +228,14 @@ def convert(
     processes = init_distributed(coordinator, num_processes, process_id)
     timings: dict[str, float] = {}
     with _timed(timings, "resolve"):
-        src = open_source(source, revision=revision, config=config, allow_pickle=allow_pickle)
+        src = _open_source(source, revision, config, allow_pickle)
     log.info("source %s: %d tensors in %d file(s)%s", src.spec, len(src.tensors), len(src.files),
              f" at revision {src.revision}" if src.revision else "")
     try:
         with _timed(timings, "plan"):
             cfg = _require_config(src)
             the_mapping = resolve_mapping(mapping, cfg)
-            family = family_for(the_mapping)
+            family = family_for(the_mapping, model)
             family.check_config(cfg)
             options = family.options(cfg, src.tensors.keys())
             graphdef, abstract = abstract_state(family, cfg, options)
@@ -242,6 +270,10 @@ def convert(
                 dev = resolve_device(device)
                 single = default_sharding(dev, None)
                 placement = {"device": f"{dev.platform}:{dev.id}"}
+            if parity and not family.has_reference():
+                log.warning("model %s declares no reference (a 'reference = \"package.module:TorchClass\"' "
+                            "class attribute): parity is skipped", family.name)
+                parity = False
             if processes > 1 and parity:
                 log.warning("parity is not run in a multi-process conversion; run `nnxport verify` on the "
                             "output folder afterwards")
@@ -284,8 +316,8 @@ def convert(
                     restored = ckpt.restore_state(staging.staging / ckpt.CHECKPOINT,
                                                   nnx.to_pure_dict(abstract), home)
                     nnx.replace_by_pure_dict(abstract, restored)
-                    model = nnx.merge(graphdef, abstract)
-                    report = run_parity(family, model, src, cfg, _weakest(stored), options=options)
+                    nnx_model = nnx.merge(graphdef, abstract)
+                    report = run_parity(family, nnx_model, src, cfg, _weakest(stored), options=options)
                 _write_reports(staging.staging, report, src.spec)
                 manifest["parity"] = {"passed": report.passed}
             manifest["timings_s"] = timings
@@ -447,7 +479,7 @@ def load(folder: str | Path, *, device: str | None = None) -> nnx.Module:
     device recorded at conversion when jax has it, else jax's default device)."""
     folder = Path(folder)
     manifest = ckpt.read_manifest(folder)
-    family = get_family(manifest["model"]["family"])
+    family = resolve_family(manifest["model"]["family"])
     graphdef, abstract = abstract_state(family, manifest["model"]["config"],
                                         manifest["model"].get("options", {}))
     if device is None:
@@ -465,7 +497,10 @@ def verify(folder: str | Path, *, source: str | Path | None = None) -> ParityRep
     / parity.md. A changed, missing or extra source file is a SourceError naming it."""
     folder = Path(folder)
     manifest = ckpt.read_manifest(folder)
-    family = get_family(manifest["model"]["family"])
+    family = resolve_family(manifest["model"]["family"])
+    if not family.has_reference():
+        raise NnxportError(f"{folder}: model {family.name} declares no reference (a 'reference' class "
+                           "attribute): there is nothing to verify against")
     cfg = manifest["model"]["config"]
     recorded = manifest["source"]
     if source is None:
@@ -549,7 +584,7 @@ def inspect_keys(
 ) -> Inspection:
     """Every source key with shape and dtype and, with a mapping (given, or picked from config.json when
     ``auto_mapping``), where it goes. Mapping problems are reported in the result, not raised."""
-    src = open_source(source, revision=revision, config=config, allow_pickle=allow_pickle)
+    src = _open_source(source, revision, config, allow_pickle)
     if mapping is None and (not auto_mapping or src.config is None):
         return Inspection(src, None, None)
     try:
@@ -563,6 +598,32 @@ def inspect_keys(
     family.check_config(cfg)
     _, abstract = abstract_state(family, cfg, family.options(cfg, src.tensors.keys()))
     return Inspection(src, the_mapping, analyze(the_mapping, source_specs(src), target_specs(abstract), cfg))
+
+
+def draft(
+    source: str | Path,
+    model: str | None = None,
+    *,
+    config: str | Path | None = None,
+    revision: str | None = None,
+) -> Draft:
+    """A mapping suggestion for ``source`` and ``model`` (a family name or ``package.module:Class``;
+    default: the family of the built-in mapping config.json picks). See :mod:`nnxport.draft`."""
+    src = _open_source(source, revision, config)
+    try:
+        if model is None:
+            try:
+                model = select_mapping(src.config, builtin_mappings()).model
+            except NnxportError as e:
+                raise NnxportError(f"{src.spec}: no model family recognises its config.json ({e}); pass "
+                                   "--model NAME or --model package.module:Class") from None
+        family = resolve_family(model)
+        cfg = _require_config(src)
+        family.check_config(cfg)
+        _, abstract = abstract_state(family, cfg, family.options(cfg, src.tensors.keys()))
+        return draft_mapping(source_specs(src), target_specs(abstract), cfg, model, title=src.spec)
+    finally:
+        src.close()
 
 
 def models() -> list[dict[str, Any]]:

@@ -164,6 +164,9 @@ def load_reference(family: Family, source: Source, config: dict[str, Any],
     The source's files are linked into a scratch folder with its config, so that folders, hub snapshots
     and single files all load through ``from_pretrained`` (which knows about prefixes and tied weights).
     """
+    own = family.load_reference(source, config, options)
+    if own is not None:  # a custom model's own torch reference
+        return own
     import torch
     import transformers
 

@@ -6,6 +6,7 @@ import typer
 
 from nnxport.cli.convert import convert
 from nnxport.cli.inspect_keys import inspect_keys
+from nnxport.cli.mapping import app as mapping_app
 from nnxport.cli.models import models
 from nnxport.cli.verify import verify
 
@@ -21,6 +22,7 @@ app.command()(convert)
 app.command()(verify)
 app.command("inspect-keys")(inspect_keys)
 app.command()(models)
+app.add_typer(mapping_app)
 
 
 def main() -> None:

@@ -33,8 +33,12 @@ def convert(
     mapping: Annotated[str | None, typer.Option("--mapping", "-m",
                                                 help="Built-in mapping name, YAML path, or - for stdin "
                                                      "[default: picked from config.json].")] = None,
-    config: Annotated[Path | None, typer.Option(help="config.json to use (for a bare .safetensors file).")]
+    config: Annotated[Path | None, typer.Option(help="config.json to use (for a bare .safetensors file); "
+                                                     "JSON or YAML.")]
     = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", help="Model family, or package.module:Class for your own NNX model (overrides the "
+                        "mapping's 'model').")] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision: branch, tag or commit.")] = None,
     device: Annotated[Device, typer.Option(help="Where the arrays go.")] = Device.auto,
     dtype: Annotated[DType, typer.Option(help="Cast floating-point weights (integers never change).")]
@@ -72,7 +76,7 @@ def convert(
         result = api.convert(source, out_dir, mapping=mapping, config=config, revision=revision,
                              device=device.value, dtype=dtype.value, mesh=mesh, parity=not no_parity,
                              force=force, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
-                             coordinator=coordinator, num_processes=num_processes,
+                             model=model, coordinator=coordinator, num_processes=num_processes,
                              process_id=process_id)
         if fmt is Format.json:
             print_json(result.to_json())

@@ -32,4 +32,12 @@ def get_family(name: str) -> Family:
         ) from None
 
 
-__all__ = ["FAMILIES", "Family", "ParityInput", "Tolerance", "get_family"]
+def resolve_family(name: str) -> Family:
+    """A registered family, or for an import path ``package.module:Class`` the user's NNX class as a family
+    (:mod:`nnxport.models.custom`)."""
+    from nnxport.models.custom import CustomFamily, is_import_path
+
+    return CustomFamily(name) if is_import_path(name) else get_family(name)
+
+
+__all__ = ["FAMILIES", "Family", "ParityInput", "Tolerance", "get_family", "resolve_family"]

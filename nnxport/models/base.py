@@ -67,6 +67,16 @@ class Family(ABC):
         """Architecture options read from the source's tensor names (JSON-serialisable; default none)."""
         return {}
 
+    def has_reference(self) -> bool:
+        """Whether parity has a reference to compare with (a custom model may declare none)."""
+        return True
+
+    def load_reference(self, source: Any, config: Mapping[str, Any], options: Mapping[str, Any]
+                       ) -> tuple[Any, str] | None:
+        """The reference model and its name, when the family builds it itself; None: the transformers
+        class of :meth:`reference_class`, loaded from the source with ``from_pretrained``."""
+        return None
+
     def reference_kwargs(self, config: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
         """Extra keyword arguments for the reference's ``from_pretrained`` (e.g. ``add_pooling_layer``)."""
         return {}

@@ -1,0 +1,1 @@
+"""Example models for nnxport's "bring your own model" tutorial (docs/custom-models.md)."""
