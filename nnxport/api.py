@@ -157,7 +157,8 @@ class ConvertResult:
 
 @contextlib.contextmanager
 def _timed(timings: dict[str, float], name: str, progress: Progress | None = None) -> Iterator[None]:
-    """Time the block into ``timings[name]`` and log it; with ``progress``, report it as a phase."""
+    """Time the block into ``timings[name]``; report it to ``progress`` as a phase, or log the time when
+    there is no reporter (which would say it again)."""
     if progress is not None:
         progress.start(name)
     t = time.perf_counter()
@@ -165,7 +166,8 @@ def _timed(timings: dict[str, float], name: str, progress: Progress | None = Non
     timings[name] = round(time.perf_counter() - t, 3)
     if progress is not None:
         progress.end(name)
-    log.info("%-16s %6.2f s", name, timings[name])
+    else:
+        log.info("%-16s %6.2f s", name, timings[name])
 
 
 def default_out(source: Source) -> Path:
@@ -206,12 +208,12 @@ def convert(
     prog = NO_PROGRESS if progress is None else progress
     processes = init_distributed(coordinator, num_processes, process_id)
     timings: dict[str, float] = {}
-    with _timed(timings, "resolve", prog):
+    with _timed(timings, "resolve", progress):
         src = open_source(source, revision=revision, config=config)
     log.info("source %s: %d tensors in %d file(s)%s", src.spec, len(src.tensors), len(src.files),
              f" at revision {src.revision}" if src.revision else "")
     try:
-        with _timed(timings, "plan", prog):
+        with _timed(timings, "plan", progress):
             the_mapping = resolve_mapping(mapping, src.config)
             family = family_for(the_mapping)
             cfg = _require_config(src)
@@ -290,7 +292,7 @@ def convert(
             manifest = _manifest(src, the_mapping, family, cfg, options, dtype, placement, filled, nbytes)
             report = None
             if parity:
-                with _timed(timings, "parity", prog):
+                with _timed(timings, "parity", progress):
                     # The model is restored from the checkpoint just written: parity checks what is on disk.
                     home = default_sharding(resolve_device("auto" if mesh else device), None)
                     restored = ckpt.restore_state(staging.staging / ckpt.CHECKPOINT,
