@@ -370,6 +370,12 @@ def test_mapping_from_a_terminal_stdin_is_a_usage_error(tiny_resnet_dir: Path) -
     said = " ".join(re.sub(r"[│╭╮╰╯─]", " ", proc.stderr).split())  # unwrap rich's error box
     assert "'-' reads the mapping from stdin, which is a terminal" in said and "Traceback" not in said
 
+    closed = f"{shlex.quote(sys.executable)} -m nnxport inspect-keys {shlex.quote(str(tiny_resnet_dir))} " \
+             "--mapping - <&-"
+    proc = subprocess.run(["bash", "-c", closed], capture_output=True, text=True, timeout=60)
+    said = " ".join(re.sub(r"[│╭╮╰╯─]", " ", proc.stderr).split())
+    assert proc.returncode == 2 and "from stdin, which is closed" in said, proc.stderr
+
 
 # ------------------------------------------------------------------------ version, help, completion
 

@@ -87,7 +87,12 @@ def check_stdin_mapping(mapping: str | None) -> None:
     """``--mapping -`` with stdin a terminal would wait for input that is not coming: a usage error.
 
     Call it before :func:`errors_handled` (which would turn the usage error into an internal one)."""
-    if mapping == "-" and sys.stdin.isatty():
+    if mapping != "-":
+        return
+    if sys.stdin is None or sys.stdin.closed:
+        raise typer.BadParameter("'-' reads the mapping from stdin, which is closed",
+                                 param_hint="'--mapping'")
+    if sys.stdin.isatty():
         raise typer.BadParameter("'-' reads the mapping from stdin, which is a terminal: pipe the YAML in, "
                                  "e.g. `cat my.yaml | nnxport ... --mapping -`", param_hint="'--mapping'")
 
