@@ -47,11 +47,11 @@ class _Phase:
 
 
 class PlainProgress:
-    """Plain lines on ``stream``: one when a phase starts, at most one every ``interval`` seconds while it
-    runs, and one when it ends, with the bytes done, the total and the throughput. Never one per tensor.
-
-    ``nnxport: progress: read started (102.4 MB)`` ... ``nnxport: progress: read done: 102.4 MB in 0.90 s,
-    113.8 MB/s``.
+    """Plain lines on ``stream``, never one per tensor. A phase that counts bytes: one line when it starts
+    (with its total), at most one every ``interval`` seconds while it runs, one when it ends, with the bytes
+    done and the throughput: ``nnxport: progress: read started (102.4 MB)`` ... ``nnxport: progress: read
+    done: 102.4 MB in 0.90 s, 113.8 MB/s``. A phase without bytes: one line when it ends (``nnxport:
+    progress: plan done in 0.55 s``), so that a failure in it is the only line it leaves.
     """
 
     def __init__(self, stream: TextIO, *, interval: float = 10.0,
@@ -66,7 +66,8 @@ class PlainProgress:
         with self._lock:
             now = self._clock()
             self._phases[phase] = _Phase(started=now, total=total, last_line=now)
-            self._line(phase, "started" if total is None else f"started ({decimal(total)})")
+            if total is not None:
+                self._line(phase, f"started ({decimal(total)})")
 
     def advance(self, phase: str, nbytes: int) -> None:
         with self._lock:
