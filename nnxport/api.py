@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import logging
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ from nnxport.place import (
     check_dtype,
     default_sharding,
     init_distributed,
+    numpy_dtype,
     parse_mesh,
     partition_spec,
     put,
@@ -45,6 +47,7 @@ from nnxport.place import (
     resolve_device,
     target_dtype,
 )
+from nnxport.progress import NO_PROGRESS, Progress
 from nnxport.source import PICKLE_SUFFIXES, Source, open_source
 
 log = logging.getLogger("nnxport")
@@ -180,11 +183,18 @@ class ConvertResult:
 
 
 @contextlib.contextmanager
-def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+def _timed(timings: dict[str, float], name: str, progress: Progress | None = None) -> Iterator[None]:
+    """Time the block into ``timings[name]``; report it to ``progress`` as a phase, or log the time when
+    there is no reporter (which would say it again)."""
+    if progress is not None:
+        progress.start(name)
     t = time.perf_counter()
     yield
     timings[name] = round(time.perf_counter() - t, 3)
-    log.info("%-16s %6.2f s", name, timings[name])
+    if progress is not None:
+        progress.end(name)
+    else:
+        log.info("%-16s %6.2f s", name, timings[name])
 
 
 def default_out(source: Source) -> Path:
@@ -209,6 +219,7 @@ def convert(
     coordinator: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    progress: Progress | None = None,
 ) -> ConvertResult:
     """Convert ``source`` (hub id, folder or .safetensors file) into an output folder ``out``.
 
@@ -224,15 +235,19 @@ def convert(
     ``allow_pickle`` admits pickle weights (loaded with ``torch.load(weights_only=True)``) where a source
     has no safetensors. NaN / Inf in a source tensor, and a ``dtype`` cast that overflows, are errors
     naming the tensor; ``allow_nonfinite`` converts NaN / Inf as they are.
+
+    ``progress`` (:class:`nnxport.progress.Progress`) is told each phase and the bytes read, placed and
+    written.
     """
+    prog = NO_PROGRESS if progress is None else progress
     processes = init_distributed(coordinator, num_processes, process_id)
     timings: dict[str, float] = {}
-    with _timed(timings, "resolve"):
+    with _timed(timings, "resolve", progress):
         src = _open_source(source, revision, config, allow_pickle)
     log.info("source %s: %d tensors in %d file(s)%s", src.spec, len(src.tensors), len(src.files),
              f" at revision {src.revision}" if src.revision else "")
     try:
-        with _timed(timings, "plan"):
+        with _timed(timings, "plan", progress):
             cfg = _require_config(src)
             the_mapping = resolve_mapping(mapping, cfg)
             family = family_for(the_mapping, model)
@@ -286,31 +301,37 @@ def convert(
             with _timed(timings, "read_place_write"):
                 # Streaming: arrays are written group by group and dropped (StateWriter), so memory stays
                 # at about one group whatever the model's size.
-                writer = ckpt.StateWriter(staging.staging / ckpt.CHECKPOINT, shown_as=out_path)
                 chains = _chains(assignments)
+                _start_streaming(prog, src, assignments, chains, dtype)
+                writer = ckpt.StateWriter(staging.staging / ckpt.CHECKPOINT, shown_as=out_path,
+                                          on_written=lambda n: prog.advance("write", n))
                 stored: set[str] = set()
                 nbytes = 0
                 filled = 0
                 for a in assignments:
                     if mesh:
                         placed = [_put_sharded(src, chains[t], dtype, shardings[t], spec.shape,
-                                               _what(src, chains[t], t), allow_nonfinite)
+                                               _what(src, chains[t], t), allow_nonfinite, prog)
                                   for t, spec in zip(a.targets, a.target_specs, strict=True)]
                     else:
-                        placed = _materialize(src, a, chains, dtype, single, allow_nonfinite)
+                        placed = _materialize(src, a, chains, dtype, single, allow_nonfinite, prog)
                     for target, arr in zip(a.targets, placed, strict=True):
                         stored.add(str(arr.dtype))
                         nbytes += arr.nbytes
                         filled += 1
+                        prog.advance("place", arr.nbytes)
                         writer.add(target, arr)
                     del placed
+                prog.end("read")
+                prog.end("place")
                 writer.finish()
+                prog.end("write")
             log.info("checkpoint: %d arrays, %.2f GB in %d group(s)", filled, nbytes / 1e9,
                      writer.groups_written)
             manifest = _manifest(src, the_mapping, family, cfg, options, dtype, placement, filled, nbytes)
             report = None
             if parity:
-                with _timed(timings, "parity"):
+                with _timed(timings, "parity", progress):
                     # The model is restored from the checkpoint just written: parity checks what is on disk.
                     home = default_sharding(resolve_device("auto" if mesh else device), None)
                     restored = ckpt.restore_state(staging.staging / ckpt.CHECKPOINT,
@@ -368,11 +389,27 @@ def _what(src: Source, chain: _Chain, target: str) -> str:
     return f"{', '.join(files)}: tensor {keys} (-> {target})"
 
 
+def _start_streaming(prog: Progress, src: Source, assignments: tuple[Assignment, ...],
+                     chains: dict[str, _Chain], dtype: str) -> None:
+    """Start the read / place / write phases with their byte totals: the source bytes of every chain read
+    (a tie's sources are read again), and the targets' bytes in their stored dtype."""
+    read = sum(src.tensors[k].nbytes for a in assignments for k in chains[a.targets[0]].sources)
+    placed = sum(math.prod(spec.shape) * numpy_dtype(target_dtype(chains[t].dtype, dtype)).itemsize
+                 for a in assignments for t, spec in zip(a.targets, a.target_specs, strict=True))
+    prog.start("read", read)
+    prog.start("place", placed)
+    prog.start("write", placed)
+
+
 def _materialize(src: Source, a: Assignment, chains: dict[str, _Chain], dtype: str,
-                 sharding: jax.sharding.Sharding, allow_nonfinite: bool) -> list[jax.Array]:
+                 sharding: jax.sharding.Sharding, allow_nonfinite: bool = False,
+                 prog: Progress = NO_PROGRESS) -> list[jax.Array]:
     """The placed arrays of ``a.targets`` on one device: the source keys read whole, through the ops."""
     chain = chains[a.targets[0]]
-    arrays = apply_ops(chain.ops, [src.read(key) for key in chain.sources])
+    read = [src.read(key) for key in chain.sources]
+    prog.advance("read", sum(r.nbytes for r in read))
+    arrays = apply_ops(chain.ops, read)
+    del read
     if a.tied_from is not None:
         arrays = [arrays[chain.position]]
     want = target_dtype(chain.dtype, dtype)
@@ -384,7 +421,8 @@ def _materialize(src: Source, a: Assignment, chains: dict[str, _Chain], dtype: s
 
 
 def _put_sharded(src: Source, chain: _Chain, dtype: str, sharding: jax.sharding.Sharding,
-                 shape: tuple[int, ...], what: str, allow_nonfinite: bool) -> jax.Array:
+                 shape: tuple[int, ...], what: str, allow_nonfinite: bool,
+                 prog: Progress = NO_PROGRESS) -> jax.Array:
     """One target laid out by ``sharding``, each device part read on its own: the part of the source that
     the chain's ops turn into it (:func:`nnxport.ops.pull_part`). Ops that join several keys (concat,
     stack) have no such part: their result is computed whole, once per process, and cut."""
@@ -394,10 +432,14 @@ def _put_sharded(src: Source, chain: _Chain, dtype: str, sharding: jax.sharding.
         pulled = pull_part(chain.ops, chain.shapes[0], chain.position, box)
         if pulled is None:
             if not whole:
-                whole.append(apply_ops(chain.ops, [src.read(k) for k in chain.sources])[chain.position])
+                read = [src.read(k) for k in chain.sources]
+                prog.advance("read", sum(r.nbytes for r in read))
+                whole.append(apply_ops(chain.ops, read)[chain.position])
+                del read
             return whole[0][box_slices(box)]
         part, steps = pulled
         arr = src.read_box(chain.sources[0], part)
+        prog.advance("read", arr.nbytes)
         for step in steps:
             arr = step(arr)
         return arr
@@ -491,10 +533,13 @@ def load(folder: str | Path, *, device: str | None = None) -> nnx.Module:
     return nnx.merge(graphdef, abstract)
 
 
-def verify(folder: str | Path, *, source: str | Path | None = None) -> ParityReport:
+def verify(folder: str | Path, *, source: str | Path | None = None,
+           progress: Progress | None = None) -> ParityReport:
     """Reload ``folder``, check that the recorded (or given) source's files are still those converted
     (sha256 of each, as recorded), rebuild the reference from them, re-run parity and rewrite parity.json
-    / parity.md. A changed, missing or extra source file is a SourceError naming it."""
+    / parity.md. A changed, missing or extra source file is a SourceError naming it. ``progress`` is
+    told the phases resolve (with the re-hashing), load (with the checkpoint's bytes) and parity."""
+    prog = NO_PROGRESS if progress is None else progress
     folder = Path(folder)
     manifest = ckpt.read_manifest(folder)
     family = resolve_family(manifest["model"]["family"])
@@ -512,12 +557,19 @@ def verify(folder: str | Path, *, source: str | Path | None = None) -> ParityRep
         spec, revision = str(source), None
     # Pickle weights were allowed at conversion (and are only ever loaded with weights_only=True).
     pickled = any(Path(f["name"]).suffix in PICKLE_SUFFIXES for f in recorded["files"])
+    prog.start("resolve")
     with open_source(spec, revision=revision, allow_pickle=pickled) as src:
         check_unchanged(src, recorded["files"])
+        prog.end("resolve")
+        prog.start("load", manifest.get("bytes"))
         model = load(folder)
+        prog.advance("load", sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(model, STATE_FILTER))))
+        prog.end("load")
+        prog.start("parity")
         stored = {str(leaf.dtype) for leaf in jax.tree.leaves(nnx.state(model, STATE_FILTER))}
         report = run_parity(family, model, src, cfg, _weakest(stored),
                             options=manifest["model"].get("options", {}))
+        prog.end("parity")
     _write_reports(folder, report, str(recorded["spec"]))
     manifest["parity"] = {"passed": report.passed}
     ckpt.write_json(folder / ckpt.MANIFEST, manifest)

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -116,13 +116,16 @@ class StateWriter:
     In a multi-process run every process must make the same calls (Orbax saves collectively).
     """
 
-    def __init__(self, path: Path, *, group_bytes: int | None = None, shown_as: Path | None = None) -> None:
+    def __init__(self, path: Path, *, group_bytes: int | None = None, shown_as: Path | None = None,
+                 on_written: Callable[[int], None] | None = None) -> None:
         self.path = path.absolute()
         self.shown_as = shown_as or path  # how errors name the checkpoint (the final output folder)
         self.group_bytes = GROUP_BYTES if group_bytes is None else group_bytes
+        self.on_written = on_written  # called with a group's bytes once that group is on disk
         self._group: dict[Any, Any] = {}
         self._bytes = 0
         self._pending: Any = None  # the group being written in the background
+        self._pending_bytes = 0
         self.groups_written = 0
 
     def add(self, dotted: str, array: jax.Array) -> None:
@@ -143,6 +146,7 @@ class StateWriter:
             self._pending = ocp_v1.partial.save_async(self.path, self._group)
         except (OSError, ValueError, RuntimeError) as e:
             raise self._error("write", e) from None
+        self._pending_bytes = self._bytes
         self._group, self._bytes = {}, 0
         self.groups_written += 1
 
@@ -154,6 +158,8 @@ class StateWriter:
                 pending.result()
             except (OSError, ValueError, RuntimeError) as e:
                 raise self._error("write", e) from None
+            if self.on_written is not None:
+                self.on_written(self._pending_bytes)
 
     def finish(self) -> None:
         """Write what is queued and finalise the checkpoint."""

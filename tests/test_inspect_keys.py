@@ -35,7 +35,8 @@ def test_json_lists_all_320_keys_with_targets(resnet50_hub: str, hub_cache: Path
 def test_tsv_one_key_per_line_key_first(resnet50_hub: str, hub_cache: Path, cli) -> None:
     res = cli("inspect-keys", resnet50_hub, "--format", "tsv")
     assert res.exit_code == 0, res.stderr
-    lines = res.stdout.splitlines()
+    header, *lines = res.stdout.splitlines()
+    assert header == "key\tshape\tdtype\tstatus\ttarget\tops\ttarget_shape"
     assert [line.split("\t")[0] for line in lines] == _source_keys(resnet50_hub, hub_cache)
     fields = dict((line.split("\t")[0], line.split("\t")) for line in lines)
     assert fields["classifier.1.weight"] == ["classifier.1.weight", "1000x2048", "float32", "mapped",

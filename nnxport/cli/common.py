@@ -44,6 +44,16 @@ class Format(StrEnum):
     json = "json"
 
 
+def package_version() -> str:
+    """nnxport's installed version (without importing the API, which imports jax)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("nnxport")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
 def debug() -> bool:
     return os.environ.get("NNXPORT_DEBUG", "") not in ("", "0")
 
@@ -67,8 +77,24 @@ def setup_logging(quiet: bool, machine: bool) -> None:
     logger.propagate = False
     for name in ("absl", "jax", "orbax", "transformers", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if quiet or machine:  # no progress with -q / --format json: nor huggingface_hub's download bars
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if not debug():
         warnings.filterwarnings("ignore")
+
+
+def check_stdin_mapping(mapping: str | None) -> None:
+    """``--mapping -`` with stdin a terminal would wait for input that is not coming: a usage error.
+
+    Call it before :func:`errors_handled` (which would turn the usage error into an internal one)."""
+    if mapping != "-":
+        return
+    if sys.stdin is None or sys.stdin.closed:
+        raise typer.BadParameter("'-' reads the mapping from stdin, which is closed",
+                                 param_hint="'--mapping'")
+    if sys.stdin.isatty():
+        raise typer.BadParameter("'-' reads the mapping from stdin, which is a terminal: pipe the YAML in, "
+                                 "e.g. `cat my.yaml | nnxport ... --mapping -`", param_hint="'--mapping'")
 
 
 def print_json(data: Any) -> None:

@@ -8,7 +8,17 @@ from typing import Annotated
 
 import typer
 
-from nnxport.cli.common import EXIT_PARITY, Format, err, errors_handled, out, print_json, setup_logging
+from nnxport.cli.common import (
+    EXIT_PARITY,
+    Format,
+    check_stdin_mapping,
+    err,
+    errors_handled,
+    out,
+    print_json,
+    setup_logging,
+)
+from nnxport.cli.progress import reporter
 from nnxport.cli.report import failure_line, parity_table
 
 
@@ -29,10 +39,10 @@ class DType(StrEnum):
 def convert(
     source: Annotated[str, typer.Argument(help="Hub id (org/name), local folder, or .safetensors file.")],
     out_dir: Annotated[Path | None,
-                       typer.Option("--out", "-o", help="Output folder [default: ./<name>-nnx].")] = None,
+                       typer.Option("--out", "-o", help="Output folder \\[default: ./<name>-nnx].")] = None,
     mapping: Annotated[str | None, typer.Option("--mapping", "-m",
                                                 help="Built-in mapping name, YAML path, or - for stdin "
-                                                     "[default: picked from config.json].")] = None,
+                                                     "\\[default: picked from config.json].")] = None,
     config: Annotated[Path | None, typer.Option(help="config.json to use (for a bare .safetensors file); "
                                                      "JSON or YAML.")]
     = None,
@@ -67,17 +77,19 @@ def convert(
 ) -> None:
     """Convert a checkpoint to an Orbax checkpoint of the NNX model, with a parity report.
 
-    Example: nnxport convert microsoft/resnet-50 --out resnet50-nnx
+    Example: nnxport convert microsoft/resnet-50 --out resnet-50-nnx
     """
     setup_logging(quiet, fmt is Format.json)
+    check_stdin_mapping(mapping)
     with errors_handled():
         from nnxport import api
 
-        result = api.convert(source, out_dir, mapping=mapping, config=config, revision=revision,
-                             device=device.value, dtype=dtype.value, mesh=mesh, parity=not no_parity,
-                             force=force, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
-                             model=model, coordinator=coordinator, num_processes=num_processes,
-                             process_id=process_id)
+        with reporter(quiet, fmt is Format.json) as progress:
+            result = api.convert(source, out_dir, mapping=mapping, config=config, revision=revision,
+                                 device=device.value, dtype=dtype.value, mesh=mesh, parity=not no_parity,
+                                 force=force, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+                                 model=model, coordinator=coordinator, num_processes=num_processes,
+                                 process_id=process_id, progress=progress)
         if fmt is Format.json:
             print_json(result.to_json())
         elif not quiet:

@@ -10,7 +10,8 @@ import typer
 
 from nnxport.cli.common import EXIT_ERROR, err, errors_handled, setup_logging
 
-app = typer.Typer(name="mapping", help="Work with mapping files.", no_args_is_help=True,
+app = typer.Typer(name="mapping", help="Work with mapping files.\n\nExample: nnxport mapping draft "
+                                       "microsoft/resnet-50 > resnet.yaml", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 
 
@@ -19,7 +20,7 @@ def draft(
     source: Annotated[str, typer.Argument(help="Hub id (org/name), local folder, or .safetensors file.")],
     model: Annotated[str | None, typer.Option(
         "--model", help="Model family name, or package.module:Class for your own NNX model "
-                        "[default: the family config.json's model_type picks].")] = None,
+                        "\\[default: the family config.json's model_type picks].")] = None,
     config: Annotated[Path | None, typer.Option(help="Config file, JSON or YAML (for a bare .safetensors "
                                                      "file or a custom model).")] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision: branch, tag or commit.")] = None,

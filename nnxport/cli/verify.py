@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from nnxport.cli.common import EXIT_PARITY, Format, err, errors_handled, out, print_json, setup_logging
+from nnxport.cli.progress import reporter
 from nnxport.cli.report import failure_line, parity_table
 
 
@@ -27,7 +28,8 @@ def verify(
     with errors_handled():
         from nnxport import api
 
-        report = api.verify(folder, source=source)
+        with reporter(quiet, fmt is Format.json) as progress:
+            report = api.verify(folder, source=source, progress=progress)
         if fmt is Format.json:
             print_json(report.to_json())
         elif not quiet:
