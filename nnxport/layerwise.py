@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,10 @@ class LayerGroup:
     that holds weights itself (the innermost, when there is one). The two direct ones are paired with each
     other; the other targets with the other sources, outermost with outermost, skipping sources whose
     output does not align (:func:`align`). ``fused``: one side has one module, the other several whose
-    outputs are concatenated on the last axis, in mapping order, before they are compared.
+    outputs are concatenated on the last axis, in mapping order, before they are compared. ``partial``:
+    two modules that hold weights themselves and share some of them but not all, outside a fused group:
+    the mapping crosses modules (a query's weight sent to the key, its bias to the query), which a correct
+    mapping of the built-in families never does; each such pair is compared.
     """
 
     sources: tuple[str, ...]
@@ -73,6 +76,7 @@ class LayerGroup:
     direct_source: str | None = None
     direct_target: str | None = None
     fused: bool = False
+    partial: bool = False
 
 
 def layer_groups(assignments: Iterable[Any], names: Mapping[str, str] | None = None) -> list[LayerGroup]:
@@ -112,9 +116,14 @@ def layer_groups(assignments: Iterable[Any], names: Mapping[str, str] | None = N
             groups.append(LayerGroup(tuple(sources), tuple(targets),
                                      next((s for s in sources if s in split_order), None),
                                      next((t for t in targets if t in gather_order), None)))
-    groups += _fused(split_order, src_cover, tgt_cover, one_is_source=True)
-    groups += _fused(gather_order, tgt_cover, src_cover, one_is_source=False)
-    return groups
+    fused = (_fused(split_order, src_cover, tgt_cover, one_is_source=True)
+             + _fused(gather_order, tgt_cover, src_cover, one_is_source=False))
+    in_fused = {m for g in fused for m in (*g.sources, *g.targets)}
+    crossed = sorted({(_parent(s), _parent(t)) for s, t in links} - {(g.direct_source, g.direct_target)
+                                                                   for g in groups})
+    partial = [LayerGroup((s,), (t,), s, t, partial=True) for s, t in crossed
+               if s not in in_fused and t not in in_fused and s and t]
+    return groups + fused + partial
 
 
 def _fused(orders: Mapping[str, list[tuple[str, ...]]], one_cover: Mapping[str, set[Link]],
@@ -268,7 +277,8 @@ class LayerDiff:
     """How the output of one paired module differs: ``name`` the torch module, ``target`` the NNX one
     (names joined by ``+`` for fused groups), ``shape`` what was compared, ``layout`` how the reference
     was brought into the NNX layout. ``max_rel_diff`` is max |Δ| over max |reference| (None when an output
-    is not finite); ``within_tolerance``: max_rel_diff <= the report's per-layer threshold."""
+    is not finite); ``within_tolerance``: max_rel_diff <= the report's per-layer threshold. ``partial``:
+    the two modules share only some of their weights (the mapping crosses modules, see LayerGroup)."""
 
     name: str
     target: str
@@ -279,6 +289,7 @@ class LayerDiff:
     max_abs_reference: float | None
     layout: str
     within_tolerance: bool
+    partial: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -342,7 +353,8 @@ def compare_layers(groups: Sequence[LayerGroup], ref_out: Mapping[str, tuple[int
                 rows.append(row)
             continue
         pairs = _pairs(g, ref_out.__contains__, nnx_out.__contains__, aligned)
-        rows += [(ref_out[s][0], _compare(s, t, ref, np.asarray(nnx_out[t]), layout, threshold, mask))
+        rows += [(ref_out[s][0], replace(_compare(s, t, ref, np.asarray(nnx_out[t]), layout, threshold, mask),
+                                         partial=g.partial))
                  for s, t, (ref, layout) in pairs]
         why = None if pairs else _unpaired(g, ref_out.__contains__, nnx_out.__contains__)
         if why is not None:
