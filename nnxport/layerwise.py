@@ -233,7 +233,13 @@ def nnx_outputs(run: Callable[[nnx.Module, Any], Any], model: nnx.Module, inputs
     """``run(model, inputs)`` with every module's ``__call__`` output captured (first call), as
     module path -> array. ``nnx.capture(method_outputs=...)`` instruments the model's classes for the
     duration of the call only; ``run`` may jit (the outputs leave the jitted function as intermediates)."""
-    result, state = nnx.capture(run, nnx.Intermediate, method_outputs=nnx.Intermediate)(model, inputs)
+    try:
+        result, state = nnx.capture(run, nnx.Intermediate, method_outputs=nnx.Intermediate)(model, inputs)
+    except BaseException:
+        for _, module in nnx.iter_modules(model):  # nnx.capture leaves its containers behind when fn raises
+            if hasattr(module, "__captures__"):
+                delattr(module, "__captures__")
+        raise
     out: dict[str, np.ndarray] = {}
     for path, var in nnx.to_flat_state(state):
         if not path or path[-1] != "__call__":

@@ -450,3 +450,22 @@ def test_verify_rebuilds_the_pairs_from_the_recorded_mapping(replica: Callable[[
     again = json.loads((out / "parity.json").read_text())
     assert [(d["name"], d["target"]) for d in again["layers"]] == [(d["name"], d["target"])
                                                                    for d in first["layers"]]
+
+
+def test_a_failing_forward_pass_leaves_the_model_as_it_was() -> None:
+    from flax import nnx
+
+    from nnxport.layerwise import nnx_outputs
+
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+
+    def broken(m: nnx.Module, x: Any) -> Any:
+        m(x)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        nnx_outputs(broken, model, np.ones((1, 3), np.float32))
+    assert not hasattr(model, "__captures__")
+    assert "_does_capturing" not in dir(type(model).__call__)
+    out, captured = nnx_outputs(lambda m, x: m(x), model, np.ones((1, 3), np.float32))
+    assert list(captured) == [""] and np.allclose(captured[""], out)
