@@ -1,7 +1,8 @@
 """Per-layer parity: where in the network the NNX model starts to differ from the reference.
 
 Pairs of modules come from the mapping, not from a table per family. Every mapped checkpoint tensor links
-a source key (``encoder.layer.1.attention.self.query.weight``) to a target leaf (``layers.1.attn.q.kernel``).
+a source key (``encoder.layer.1.attention.self.query.weight``, renamed to the reference's parameter name
+as ``from_pretrained`` does, :func:`reference_names`) to a target leaf (``layers.1.attn.q.kernel``).
 A module's *weights* are the links under its path. A torch module and an NNX module are paired when they
 have exactly the same weights (:func:`layer_groups`): dropping the leaf names pairs the modules that own the
 tensors (``...query`` with ``layers.1.attn.q``), and comparing whole sets also pairs the blocks built from
@@ -56,8 +57,8 @@ def _depth(path: str) -> int:
 
 @dataclass(frozen=True)
 class LayerGroup:
-    """Torch modules (``sources``, paths as the checkpoint's keys name them) and NNX modules (``targets``)
-    holding the same weights.
+    """Torch modules (``sources``, the reference's module names) and NNX modules (``targets``) holding the
+    same weights.
 
     Not ``fused``: the sources (and the targets) wrap one another, outermost first, and differ only in what
     they compute around the same weights (transformers' BertIntermediate adds the activation to its Linear,
@@ -175,13 +176,13 @@ def reference_names(reference: Any, keys: Iterable[str]) -> dict[str, str]:
             return name if name in state else plain(key)
 
         rename = renamed
-    except Exception:
+    except Exception:  # transformers' internals moved or changed: fall back to plain names, never fail parity
         pass
     out = {}
     for key in keys:
         try:
             name = rename(key)
-        except Exception:
+        except Exception:  # as above: a renaming that fails pairs fewer layers, it does not stop parity
             name = plain(key)
         if name in state:
             out[key] = name
@@ -229,9 +230,9 @@ def torch_outputs(reference: Any, names: Iterable[str]) -> Iterator[dict[str, tu
 
 
 def nnx_outputs(run: Callable[[nnx.Module, Any], Any], model: nnx.Module, inputs: Any
-                ) -> tuple[Any, dict[str, np.ndarray]]:
+                ) -> tuple[Any, dict[str, Any]]:
     """``run(model, inputs)`` with every module's ``__call__`` output captured (first call), as
-    module path -> array. ``nnx.capture(method_outputs=...)`` instruments the model's classes for the
+    module path -> jax array. ``nnx.capture(method_outputs=...)`` instruments the model's classes for the
     duration of the call only; ``run`` may jit (the outputs leave the jitted function as intermediates)."""
     try:
         result, state = nnx.capture(run, nnx.Intermediate, method_outputs=nnx.Intermediate)(model, inputs)
@@ -240,7 +241,7 @@ def nnx_outputs(run: Callable[[nnx.Module, Any], Any], model: nnx.Module, inputs
             if hasattr(module, "__captures__"):
                 delattr(module, "__captures__")
         raise
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, Any] = {}
     for path, var in nnx.to_flat_state(state):
         if not path or path[-1] != "__call__":
             continue
