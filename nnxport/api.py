@@ -33,7 +33,7 @@ from nnxport.mapping import (
 )
 from nnxport.models import FAMILIES, Family, get_family, resolve_family  # noqa: F401  (callers use api.get_family)
 from nnxport.ops import Box, Op, apply_ops, box_slices, pull_part
-from nnxport.parity import ParityReport, run_parity
+from nnxport.parity import PARITY_PNG, ParityReport, run_parity
 from nnxport.place import (
     build_mesh,
     check_dtype,
@@ -338,7 +338,8 @@ def convert(
                                                   nnx.to_pure_dict(abstract), home)
                     nnx.replace_by_pure_dict(abstract, restored)
                     nnx_model = nnx.merge(graphdef, abstract)
-                    report = run_parity(family, nnx_model, src, cfg, _weakest(stored), options=options)
+                    report = run_parity(family, nnx_model, src, cfg, _weakest(stored), options=options,
+                                        assignments=assignments)
                 _write_reports(staging.staging, report, src.spec)
                 manifest["parity"] = {"passed": report.passed}
             manifest["timings_s"] = timings
@@ -511,7 +512,8 @@ def _manifest(src: Source, mapping: Mapping, family: Family, cfg: dict[str, Any]
 
 def _write_reports(folder: Path, report: ParityReport, title: str) -> None:
     ckpt.write_json(folder / ckpt.PARITY_JSON, report.to_json())
-    ckpt.write_text(folder / ckpt.PARITY_MD, report.to_markdown(title))
+    plot = PARITY_PNG if report.write_plot(folder / PARITY_PNG) else None  # with the optional `plot` extra
+    ckpt.write_text(folder / ckpt.PARITY_MD, report.to_markdown(title, plot=plot))
 
 
 # ------------------------------------------------------------------------------------------- load, verify
@@ -568,7 +570,8 @@ def verify(folder: str | Path, *, source: str | Path | None = None,
         prog.start("parity")
         stored = {str(leaf.dtype) for leaf in jax.tree.leaves(nnx.state(model, STATE_FILTER))}
         report = run_parity(family, model, src, cfg, _weakest(stored),
-                            options=manifest["model"].get("options", {}))
+                            options=manifest["model"].get("options", {}),
+                            assignments=_recorded_assignments(manifest, src, model))
         prog.end("parity")
     _write_reports(folder, report, str(recorded["spec"]))
     manifest["parity"] = {"passed": report.passed}
@@ -591,6 +594,20 @@ def check_unchanged(src: Source, recorded: list[dict[str, Any]]) -> None:
     if now:
         raise SourceError(f"{src.root}: {', '.join(sorted(now))} not in the source at conversion; convert "
                           "again")
+
+
+def _recorded_assignments(manifest: dict[str, Any], src: Source, model: nnx.Module) -> tuple[Assignment, ...]:
+    """The assignments of the mapping recorded in the manifest, for per-layer parity; none (and a warning)
+    when it no longer fits the source."""
+    recorded = manifest["mapping"]
+    mapping = load_mapping_text(recorded["text"], name=str(recorded["name"]))
+    analysis = analyze(mapping, source_specs(src), target_specs(nnx.state(model, STATE_FILTER)),
+                       manifest["model"]["config"])
+    if analysis.problems:
+        log.warning("verify: the recorded mapping %s does not fit the source (%s): no per-layer report",
+                    recorded["name"], analysis.problems[0])
+        return ()
+    return analysis.assignments
 
 
 # ------------------------------------------------------------------------------------------ inspect, models

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,12 +16,19 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from nnxport import layerwise
 from nnxport.errors import NnxportError
+from nnxport.layerwise import LayerDiff, Skipped
+from nnxport.mapping import Assignment
 from nnxport.models import Family, ParityInput, Tolerance
 from nnxport.source import INDEX_NAME, PICKLE_INDEX_NAME, Source
 
 log = logging.getLogger("nnxport")
 SCHEMA_VERSION = 1
+#: The plot of error by layer, next to parity.md (with the optional ``plot`` extra).
+PARITY_PNG = "parity.png"
+#: Rows of the per-layer table in parity.md (parity.json has every layer).
+MD_LAYER_ROWS = 40
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,21 @@ class ParityReport:
     outputs: list[OutputDiff]
     dtype: str
     timings_s: dict[str, float] = field(default_factory=dict)
+    #: Per-layer divergence in the reference's forward order (see nnxport.layerwise), the pairs the
+    #: mapping names that could not be compared, the per-layer threshold (the tolerance's rtol) and the
+    #: index of the first layer whose error jumps (layerwise.first_jump).
+    layers: list[LayerDiff] = field(default_factory=list)
+    layers_skipped: list[Skipped] = field(default_factory=list)
+    layer_threshold: float | None = None
+    first_jump: int | None = None
+
+    def first_jump_json(self) -> dict[str, Any] | None:
+        if self.first_jump is None:
+            return None
+        d = self.layers[self.first_jump]
+        before = [x.max_rel_diff for x in self.layers[:self.first_jump]]
+        return {"index": self.first_jump, "name": d.name, "target": d.target, "max_rel_diff": d.max_rel_diff,
+                "max_rel_diff_before": max((b for b in before if b is not None), default=0.0)}
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -66,9 +90,19 @@ class ParityReport:
             "outputs": [asdict(o) for o in self.outputs],
             "dtype": self.dtype,
             "timings_s": self.timings_s,
+            "layers": [d.to_json() for d in self.layers],
+            "layer_rule": {"metric": "max_rel_diff", "threshold": self.layer_threshold,
+                           "jump_factor": layerwise.JUMP_FACTOR},
+            "first_jump": self.first_jump_json(),
+            "layers_skipped": [asdict(s) for s in self.layers_skipped],
         }
 
-    def to_markdown(self, title: str) -> str:
+    def write_plot(self, path: Path) -> bool:
+        """parity.png (error by layer) at ``path`` when matplotlib is installed and there are layers;
+        otherwise no file (an older one is removed). Returns whether it was written."""
+        return layerwise.plot_layers(self.layers, self.layer_threshold or 0.0, self.first_jump, path)
+
+    def to_markdown(self, title: str, plot: str | None = None) -> str:
         verdict = "PASSED" if self.passed else "FAILED"
         lines = [
             f"# Parity report: {title}",
@@ -90,8 +124,69 @@ class ParityReport:
             lines.append(f"| {o.name} | {o.shape} | {o.max_abs_diff:.3e} | {o.max_rel_diff:.3e} | "
                          f"{o.mean_abs_diff:.3e} | {o.cosine:.7f} | {top1} | {top5} | {kl} | "
                          f"{o.violations} | {'pass' if o.passed else 'FAIL'} |")
+        lines += self._layers_markdown(plot)
         lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in self.timings_s.items()), ""]
         return "\n".join(lines)
+
+    def _layers_markdown(self, plot: str | None) -> list[str]:
+        if not self.layers and not self.layers_skipped:
+            return []
+        threshold = self.layer_threshold or 0.0
+        factor = f"{layerwise.JUMP_FACTOR:g}×"
+        jump = self.first_jump_json()
+        if jump is not None:
+            verdict = (f"**First jump: `{jump['name']}`** (NNX `{jump['target']}`, layer {jump['index']} of "
+                       f"{len(self.layers)}): max rel diff {_num(jump['max_rel_diff'])}, above the threshold "
+                       f"{threshold:g} and more than {factor} every layer before it (at most "
+                       f"{jump['max_rel_diff_before']:.3e}).")
+        else:
+            over = sum(not d.within_tolerance for d in self.layers)
+            verdict = (f"No jump: no layer's max rel diff is above the threshold {threshold:g} and {factor} "
+                       f"every layer before it ({over} of {len(self.layers)} layers above the threshold).")
+        lines = ["", "## Per-layer divergence", "", verdict, "",
+                 f"{len(self.layers)} module pairs from the mapping, in the reference's forward order; "
+                 "max rel diff is max |Δ| over max |reference| of the module's output (docs/parity.md)."]
+        if plot:
+            lines += ["", f"![max rel diff by layer]({plot})"]
+        rows, note = self._layer_rows()
+        if rows:
+            lines += ["", "| # | layer (reference) | NNX module | shape | max abs diff | max rel diff "
+                      "| within tolerance |", "|---|---|---|---|---|---|---|"]
+        for i in rows:
+            d = self.layers[i]
+            within = ("yes" if d.within_tolerance else "no") + (" ← **first jump**" if i == self.first_jump
+                                                                 else "")
+            lines.append(f"| {i} | `{d.name}` | `{d.target}` | {d.shape} | {_num(d.max_abs_diff)} | "
+                         f"{_num(d.max_rel_diff)} | {within} |")
+        if note:
+            lines += ["", note]
+        if self.layers_skipped:
+            shown = "; ".join(f"`{s.name}` / `{s.target}`: {s.reason}" for s in self.layers_skipped[:10])
+            more = "; ..." if len(self.layers_skipped) > 10 else ""
+            lines += ["", f"Not compared ({len(self.layers_skipped)}): {shown}{more}."]
+        return lines
+
+    def _layer_rows(self) -> tuple[list[int], str]:
+        """Which layers the table shows (and a note when not all): all of them up to MD_LAYER_ROWS; else
+        the rows around the first jump, or without one the layers of largest error, in forward order."""
+        n = len(self.layers)
+        if n <= MD_LAYER_ROWS:
+            return list(range(n)), ""
+        if self.first_jump is not None:
+            start = max(0, min(self.first_jump - MD_LAYER_ROWS // 4, n - MD_LAYER_ROWS))
+            end = start + MD_LAYER_ROWS
+            return list(range(start, end)), f"Layers {start}-{end - 1} of {n} shown; parity.json has all."
+
+        def error(i: int) -> float:
+            e = self.layers[i].max_rel_diff
+            return math.inf if e is None else e
+
+        worst = sorted(range(n), key=error, reverse=True)[:MD_LAYER_ROWS]
+        return sorted(worst), f"The {MD_LAYER_ROWS} largest errors of {n} layers shown; parity.json has all."
+
+
+def _num(x: float | None) -> str:
+    return "non-finite" if x is None else f"{x:.3e}"
 
 
 def tolerance_text(tol: dict[str, float | str]) -> str:
@@ -206,23 +301,46 @@ def run_parity(
     *,
     options: dict[str, Any] | None = None,
     seed: int = 0,
+    assignments: Sequence[Assignment] | None = None,
 ) -> ParityReport:
-    """Compare ``model`` with the reference built from ``source``; ``passed`` is computed."""
+    """Compare ``model`` with the reference built from ``source``; ``passed`` is computed.
+
+    With the mapping's ``assignments`` the outputs of the modules they pair are captured on both sides in
+    the same forward passes and compared too (``layers``; see nnxport.layerwise). They do not change
+    ``passed``, which is about the model's outputs.
+    """
     timings: dict[str, float] = {}
     t = time.perf_counter()
     reference, ref_name = load_reference(family, source, config, options or {})
     timings["load_reference"] = time.perf_counter() - t
     inputs: list[ParityInput] = family.parity_inputs(config, seed)
+    names = layerwise.reference_names(reference, (k for a in assignments or () for k in a.sources))
+    groups = layerwise.layer_groups(assignments or (), names)
     t = time.perf_counter()
-    expected = family.run_reference(reference, inputs)
+    with layerwise.torch_outputs(reference, (s for g in groups for s in g.sources)) as ref_layers:
+        expected = family.run_reference(reference, inputs)
     timings["run_reference"] = time.perf_counter() - t
     del reference
     t = time.perf_counter()
-    got = family.run_nnx(model, inputs)
+    if groups:
+        got, nnx_layers = layerwise.nnx_outputs(family.run_nnx, model, inputs)
+    else:
+        got, nnx_layers = family.run_nnx(model, inputs), {}
     timings["run_nnx"] = time.perf_counter() - t
     tol = family.tolerance(dtype)
     outputs = [compare(name, got[name], expected[name], tol, distribution=name in family.distributions)
                for name in expected]
+    t = time.perf_counter()
+    mask = next((np.asarray(i.value).astype(bool) for i in inputs if i.name == "attention_mask"), None)
+    layers, skipped = layerwise.compare_layers(groups, ref_layers, nnx_layers, threshold=tol.rtol,
+                                               channels_first=family.channels_first_reference, mask=mask)
+    del ref_layers, nnx_layers
+    jump = layerwise.first_jump([d.max_rel_diff for d in layers], tol.rtol)
+    if groups:
+        timings["compare_layers"] = time.perf_counter() - t
+    if jump is not None:
+        log.info("parity: first layer whose error jumps: %s (NNX %s), max rel diff %s", layers[jump].name,
+                 layers[jump].target, _num(layers[jump].max_rel_diff))
     return ParityReport(
         passed=all(o.passed for o in outputs),
         reference=ref_name,
@@ -231,4 +349,8 @@ def run_parity(
         outputs=outputs,
         dtype=dtype,
         timings_s={k: round(v, 3) for k, v in timings.items()},
+        layers=layers,
+        layers_skipped=skipped,
+        layer_threshold=tol.rtol,
+        first_jump=jump,
     )

@@ -62,6 +62,9 @@ class Family(ABC):
     #: Outputs that are logits of a distribution over the last axis: parity also reports KL divergence
     #: and top-1 / top-5 agreement for them.
     distributions: tuple[str, ...] = ("logits",)
+    #: The reference's 4-D activations are NCHW where the NNX model's are NHWC (vision families): per-layer
+    #: parity transposes them before comparing.
+    channels_first_reference: bool = False
 
     def options(self, config: Mapping[str, Any], keys: Collection[str]) -> dict[str, Any]:
         """Architecture options read from the source's tensor names (JSON-serialisable; default none)."""

@@ -176,6 +176,7 @@ class ResNetFamily(Family):
         },
     }
     image_size = 224
+    channels_first_reference = True
     batch = 2
 
     def check_config(self, config: Mapping[str, Any]) -> None:

@@ -200,6 +200,7 @@ class ViTFamily(Family):
         },
     }
     batch = 2
+    channels_first_reference = True
 
     def check_config(self, config: Mapping[str, Any]) -> None:
         archs = config.get("architectures") or []
