@@ -118,6 +118,10 @@ def test_shape_preserving_wrong_mapping_fails_parity(resnet50_hub: str, tmp_path
     assert report["passed"] is False
     assert report["outputs"][0]["violations"] > 0
     assert (out / "checkpoint").is_dir()  # the checkpoint is still written, with the report
+    # the failure line names the first layer whose error jumps: the first one the broken rule feeds
+    jump = report["first_jump"]["target"]
+    assert jump == ("stem.conv" if "kernel" in new else "stages.0.blocks.0.bn0")
+    assert f"error first jumps at layer {jump} (" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_resnet18_basic_blocks_from_folder(resnet18_dir: Path, tmp_path: Path, cli) -> None:

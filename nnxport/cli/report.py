@@ -29,7 +29,11 @@ def parity_table(report: ParityReport) -> Table:
 
 
 def failure_line(report: ParityReport, md: object) -> str:
-    """One line naming every failing output, e.g. ``parity FAILED: logits max |Δ| 3.1e+00 ...``."""
+    """One line naming every failing output and the first layer whose error jumps, e.g. ``parity FAILED:
+    logits max |Δ| 3.1e+00 ...; first jump at layer stages.1.blocks.1.bn0 (report: ...)``."""
     bad = [f"{o.name} max |Δ| {o.max_abs_diff:.2e}, {o.violations} values out of tolerance"
            for o in report.outputs if not o.passed]
+    jump = report.first_jump_json()
+    if jump is not None:
+        bad.append(f"error first jumps at layer {jump['target']} ({jump['name']})")
     return f"parity FAILED: {'; '.join(bad)} (report: {md})"
