@@ -21,7 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 import orbax.checkpoint.experimental.v1 as ocp_v1
 
-from nnxport.errors import OutputError, SourceError
+from nnxport.errors import OutputError, SourceError, one_line
 
 CHECKPOINT = "checkpoint"
 MANIFEST = "nnxport.json"
@@ -188,8 +188,7 @@ def io_reason(e: BaseException) -> str:
     for code in _ERRNOS:
         if os.strerror(code) in text:
             return os.strerror(code)
-    lines = text.strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+    return one_line(e, 200)
 
 
 def set_path(tree: dict[Any, Any], dotted: str, value: Any, *, create: bool = False) -> None:

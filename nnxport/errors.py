@@ -10,6 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 
+def one_line(err: BaseException, limit: int | None = None) -> str:
+    """``Type: first line of the message`` of an exception (that line cut to ``limit`` characters), for
+    quoting a library's error inside nnxport's own one-line messages."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:limit]}" if lines else type(err).__name__
+
+
 class NnxportError(Exception):
     """A failure the user can fix. ``str(err)`` is the whole user-facing message."""
 

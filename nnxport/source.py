@@ -28,7 +28,7 @@ import ml_dtypes  # also registers bfloat16 with numpy, which safe_open needs to
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from nnxport.errors import SourceError
+from nnxport.errors import SourceError, one_line
 from nnxport.ops import box_slices
 
 __all__ = [
@@ -376,12 +376,10 @@ def _load_pickle_cached(path: Path, size: int, mtime_ns: int) -> dict[str, Any]:
                 raise
             state = load(False)  # the legacy (pre-zip) format cannot be memory-mapped
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SourceError(f"{path}: refused to unpickle (torch.load weights_only=True: {first[:200]})") \
-            from None
+        raise SourceError(f"{path}: refused to unpickle (torch.load weights_only=True: "
+                          f"{one_line(e, 200)})") from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SourceError(f"{path}: cannot load these pickle weights ({first[:200]})") from None
+        raise SourceError(f"{path}: cannot load these pickle weights ({one_line(e, 200)})") from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
@@ -405,7 +403,7 @@ def _to_numpy(t: Any, dtype: str) -> np.ndarray:
     import torch
 
     t = t.detach().contiguous()
-    if dtype in ("bfloat16", "float16"):
+    if dtype == "bfloat16":  # numpy has no bfloat16: through the bits
         return t.view(torch.int16).numpy().view(_numpy_dtype(dtype)).copy()
     if dtype.startswith("float8"):
         return t.view(torch.uint8).numpy().view(_numpy_dtype(dtype)).copy()
@@ -543,24 +541,18 @@ def _resolve_hub(repo_id: str, revision: str | None, allow_pickle: bool = False)
             why = "the hub is offline (HF_HUB_OFFLINE=1)"
         else:
             cause = e.__cause__
-            why = f"the hub cannot be reached ({_one_line(cause) if cause else 'connection failed'})"
+            why = f"the hub cannot be reached ({one_line(cause) if cause else 'connection failed'})"
         also = "" if "/" in repo_id else f"; there is no local file or folder named {repo_id!r} either"
         raise SourceError(
             f"{at} is not in the local Hugging Face cache ({cache}) and {why} — download it once with "
             f"network access or point HF_HUB_CACHE at a cache that has it{also}"
         ) from e
     except HfHubHTTPError as e:
-        raise SourceError(f"{at}: the hub answered with an error: {_one_line(e)}") from e
+        raise SourceError(f"{at}: the hub answered with an error: {one_line(e)}") from e
     except httpx2.HTTPError as e:
-        raise SourceError(f"{at}: cannot reach the hub ({_one_line(e)})") from e
+        raise SourceError(f"{at}: cannot reach the hub ({one_line(e)})") from e
     except HFValidationError as e:
-        raise SourceError(f"{repo_id}: not a valid hub id and no such file or folder ({_one_line(e)})") from e
-
-
-def _one_line(err: BaseException) -> str:
-    """``Type: first line of the message`` of an exception."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+        raise SourceError(f"{repo_id}: not a valid hub id and no such file or folder ({one_line(e)})") from e
 
 
 def _scan_folder(

@@ -646,3 +646,21 @@ def test_count_nonfinite_equals_numpy_on_views(dtype: Any) -> None:
     for view in (arr, arr.transpose(2, 0, 1), arr[::3, 1::2], arr[5], arr[0, 0, 0], arr[:0]):
         expected = int(np.count_nonzero(~np.isfinite(np.asarray(view, np.float32))))
         assert count_nonfinite(view) == expected
+
+
+def test_pickle_tensors_keep_their_dtype_and_values(tmp_path: Path) -> None:
+    import torch
+
+    from nnxport.source import open_source
+
+    state = {"a": torch.randn(3, 4, dtype=torch.bfloat16), "b": torch.randn(5, dtype=torch.float16),
+             "c": torch.arange(6, dtype=torch.int64).reshape(2, 3).t(), "d": torch.tensor([True, False])}
+    torch.save(state, tmp_path / "weights.pt")
+    with open_source(tmp_path / "weights.pt", allow_pickle=True) as src:
+        assert {k: t.dtype for k, t in src.tensors.items()} == {"a": "bfloat16", "b": "float16",
+                                                                 "c": "int64", "d": "bool"}
+        for key, t in state.items():
+            got = src.read(key)
+            want = t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+            np.testing.assert_array_equal(got.astype(want.dtype), want)
+        np.testing.assert_array_equal(src.read_box("c", [(1, 3), (0, 1)]), state["c"].numpy()[1:3, 0:1])
