@@ -20,7 +20,8 @@ from flax import nnx
 
 from nnxport import checkpoint as ckpt
 from nnxport.draft import Draft, draft_mapping
-from nnxport.errors import MappingError, NnxportError, SourceError
+from nnxport.errors import ConfigError, MappingError, NnxportError, SourceError, one_line
+from nnxport.manifest import consented_family
 from nnxport.mapping import (
     Analysis,
     Assignment,
@@ -201,6 +202,12 @@ def default_out(source: Source) -> Path:
     return Path(f"{source.name}-nnx")
 
 
+def _protected(src: Source, *more: Path | None) -> list[Path | None]:
+    """What an output folder must never be or contain: the source folder, its files, its config (and
+    ``more``, e.g. the mapping file)."""
+    return [src.root, *(f.path for f in src.files), src.config_path, *more]
+
+
 def convert(
     source: str | Path,
     out: str | Path | None = None,
@@ -247,6 +254,8 @@ def convert(
     log.info("source %s: %d tensors in %d file(s)%s", src.spec, len(src.tensors), len(src.files),
              f" at revision {src.revision}" if src.revision else "")
     try:
+        # An unsafe target (the source, an ancestor of it, the current folder) is refused before any work.
+        ckpt.check_target(Path(out) if out is not None else default_out(src), _protected(src))
         with _timed(timings, "plan", progress):
             cfg = _require_config(src)
             the_mapping = resolve_mapping(mapping, cfg)
@@ -295,7 +304,7 @@ def convert(
                 parity = False
         out_path = Path(out) if out is not None else default_out(src)
         staging = ckpt.OutputDir(out_path, force=force, process_index=jax.process_index(),
-                                 process_count=processes)
+                                 process_count=processes, protect=_protected(src, the_mapping.path))
         _sync(processes, "nnxport-staged")
         try:
             with _timed(timings, "read_place_write"):
@@ -518,14 +527,33 @@ def _write_reports(folder: Path, report: ParityReport, title: str) -> None:
 
 # ------------------------------------------------------------------------------------------- load, verify
 
-def load(folder: str | Path, *, device: str | None = None) -> nnx.Module:
+def load(folder: str | Path, *, device: str | None = None, model: str | None = None) -> nnx.Module:
     """Rebuild the model recorded in ``folder`` and restore its weights onto ``device`` (default: the
-    device recorded at conversion when jax has it, else jax's default device)."""
+    device recorded at conversion when jax has it, else jax's default device).
+
+    The manifest is data: a recorded family that is not built in (``package.module:Class``) is imported
+    only when the caller names it as ``model``; a ``model`` that differs from the recorded one overrides it
+    (with a warning)."""
     folder = Path(folder)
     manifest = ckpt.read_manifest(folder)
-    family = resolve_family(manifest["model"]["family"])
-    graphdef, abstract = abstract_state(family, manifest["model"]["config"],
-                                        manifest["model"].get("options", {}))
+    return _restore(folder, manifest, _manifest_family(folder, manifest, model), device)
+
+
+def _restore(folder: Path, manifest: dict[str, Any], family: Family, device: str | None) -> nnx.Module:
+    """:func:`load` once the manifest is read and the family chosen. The recorded config is untrusted: a
+    config the family cannot build is a SourceError naming the manifest."""
+    cfg, options = manifest["model"]["config"], manifest["model"].get("options", {})
+    try:
+        family.check_config(cfg)
+        graphdef, abstract = abstract_state(family, cfg, options)
+    except ConfigError as e:  # its message names config.json: here the config is the manifest's
+        raise SourceError(f"{folder / ckpt.MANIFEST}: model.config: {str(e).removeprefix('config.json: ')}"
+                          ) from None
+    except NnxportError:
+        raise
+    except Exception as e:
+        raise SourceError(f"{folder / ckpt.MANIFEST}: model.config does not build model {family.name} "
+                          f"({one_line(e, 200)})") from None
     if device is None:
         recorded = str(manifest.get("device", "auto")).split(":")[0]
         device = recorded if recorded in {d.platform for d in jax.devices()} else "auto"
@@ -535,16 +563,17 @@ def load(folder: str | Path, *, device: str | None = None) -> nnx.Module:
     return nnx.merge(graphdef, abstract)
 
 
-def verify(folder: str | Path, *, source: str | Path | None = None,
+def verify(folder: str | Path, *, source: str | Path | None = None, model: str | None = None,
            progress: Progress | None = None) -> ParityReport:
     """Reload ``folder``, check that the recorded (or given) source's files are still those converted
     (sha256 of each, as recorded), rebuild the reference from them, re-run parity and rewrite parity.json
-    / parity.md. A changed, missing or extra source file is a SourceError naming it. ``progress`` is
-    told the phases resolve (with the re-hashing), load (with the checkpoint's bytes) and parity."""
+    / parity.md. A changed, missing or extra source file is a SourceError naming it. ``model``: as in
+    :func:`load` (a custom class is imported only when named here). ``progress`` is told the phases
+    resolve (with the re-hashing), load (with the checkpoint's bytes) and parity."""
     prog = NO_PROGRESS if progress is None else progress
     folder = Path(folder)
     manifest = ckpt.read_manifest(folder)
-    family = resolve_family(manifest["model"]["family"])
+    family = _manifest_family(folder, manifest, model)
     if not family.has_reference():
         raise NnxportError(f"{folder}: model {family.name} declares no reference (a 'reference' class "
                            "attribute): there is nothing to verify against")
@@ -564,19 +593,29 @@ def verify(folder: str | Path, *, source: str | Path | None = None,
         check_unchanged(src, recorded["files"])
         prog.end("resolve")
         prog.start("load", manifest.get("bytes"))
-        model = load(folder)
-        prog.advance("load", sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(model, STATE_FILTER))))
+        module = _restore(folder, manifest, family, None)
+        prog.advance("load", sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(module, STATE_FILTER))))
         prog.end("load")
         prog.start("parity")
-        stored = {str(leaf.dtype) for leaf in jax.tree.leaves(nnx.state(model, STATE_FILTER))}
-        report = run_parity(family, model, src, cfg, _weakest(stored),
+        stored = {str(leaf.dtype) for leaf in jax.tree.leaves(nnx.state(module, STATE_FILTER))}
+        report = run_parity(family, module, src, cfg, _weakest(stored),
                             options=manifest["model"].get("options", {}),
-                            assignments=_recorded_assignments(manifest, src, model))
+                            assignments=_recorded_assignments(manifest, src, module))
         prog.end("parity")
     _write_reports(folder, report, str(recorded["spec"]))
     manifest["parity"] = {"passed": report.passed}
     ckpt.write_json(folder / ckpt.MANIFEST, manifest)
     return report
+
+
+def _manifest_family(folder: Path, manifest: dict[str, Any], model: str | None) -> Family:
+    """The family to rebuild ``folder`` with: see :func:`nnxport.manifest.consented_family`."""
+    recorded = manifest["model"]["family"]
+    name = consented_family(recorded, model, folder / ckpt.MANIFEST)
+    if name != recorded:
+        log.warning("model %s overrides the family recorded in %s (%s)", name, folder / ckpt.MANIFEST,
+                    recorded)
+    return resolve_family(name)
 
 
 def check_unchanged(src: Source, recorded: list[dict[str, Any]]) -> None:

@@ -8,12 +8,16 @@ rename, so a failed run never destroys the previous result.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
+import logging
 import os
 import shutil
+import stat
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,7 @@ import orbax.checkpoint as ocp
 import orbax.checkpoint.experimental.v1 as ocp_v1
 
 from nnxport.errors import OutputError, SourceError, one_line
+from nnxport.manifest import read_json, validate
 
 CHECKPOINT = "checkpoint"
 MANIFEST = "nnxport.json"
@@ -30,58 +35,256 @@ PARITY_MD = "parity.md"
 PARTIAL_TAG = ".nnxport-partial-"
 
 
+LOCK_TAG = ".nnxport-lock"
+OLD_TAG = ".nnxport-old-"
+
+log = logging.getLogger("nnxport")
+
+
+def unsafe_target(final: Path, protect: Iterable[Path | None] = ()) -> str | None:
+    """Why ``final`` must never be replaced by an output folder, or None: it is the root, the home or the
+    current folder, contains the current folder, or is (or contains) one of ``protect`` (the source folder,
+    its files, a config or mapping file). Symbolic links count both as written and resolved."""
+    forms = {Path(os.path.abspath(final)), final.resolve()}
+    cwd = Path.cwd()
+    try:
+        homes = {Path.home(), Path.home().resolve()}
+    except (RuntimeError, KeyError):  # no HOME and no passwd entry
+        homes = set()
+    for f in forms:
+        if f == Path(f.anchor):
+            return "is the root folder"
+        if f in homes:
+            return "is your home folder"
+        if f in {cwd, cwd.resolve()}:
+            return "is the current folder"
+        if cwd.is_relative_to(f) or cwd.resolve().is_relative_to(f):
+            return "contains the current folder"
+        for p in (p for p in protect if p is not None):
+            for q in {Path(os.path.abspath(p)), p.resolve()}:
+                if q == f:
+                    return f"is the source ({p})"
+                if q.is_relative_to(f):
+                    return f"contains the source ({p})"
+    return None
+
+
+def check_target(final: Path, protect: Iterable[Path | None] = ()) -> None:
+    """OutputError unless ``final`` is a safe place for an output folder (:func:`unsafe_target`)."""
+    why = unsafe_target(final, protect)
+    if why is not None:
+        raise OutputError(f"{os.path.abspath(final)}: {why}; it is never replaced: choose another output "
+                          "folder")
+
+
 class OutputDir:
     """Stage an output folder next to ``final`` and publish it atomically with :meth:`commit`.
 
+    Refused at once: a target that :func:`unsafe_target` names, a symbolic link, a file, a non-empty
+    folder without ``force``. While the run lasts the target is locked (``.NAME.nnxport-lock`` next to
+    it, holding the pid): a second conversion into it fails at once. Staging folders of earlier runs
+    whose process is dead (killed) are removed first. :meth:`commit` fsyncs everything staged, then checks
+    that the target is still exactly what was checked here (absent, or the same folder with the same
+    entries) before replacing it.
+
     In a multi-process run (``process_count > 1``) every process gets the same staging path (Orbax writes
-    into it collectively); only process 0 creates, commits or removes it. Callers put a barrier between
-    process 0 creating it and the others using it, and before the commit.
+    into it collectively); only process 0 creates, locks, commits or removes it. Callers put a barrier
+    between process 0 creating it and the others using it, and before the commit.
     """
 
     def __init__(self, final: Path, *, force: bool = False, process_index: int = 0,
-                 process_count: int = 1) -> None:
-        self.final = final
+                 process_count: int = 1, protect: Iterable[Path | None] = ()) -> None:
+        check_target(final, protect)
+        self.final = final = Path(os.path.abspath(final))
+        self.force = force
         self.primary = process_index == 0
-        if final.exists() and not final.is_dir():
-            raise OutputError(f"{final}: exists and is not a folder")
-        if final.is_dir() and any(final.iterdir()) and not force:
-            raise OutputError(f"{final}: folder exists and is not empty (use --force to replace it)")
+        self._lock_fd: int | None = None
         existing = next((p for p in (final.parent, *final.parent.parents) if p.exists()), None)
         if existing is not None and not existing.is_dir():
             raise OutputError(f"{final}: cannot create the output folder ({existing} is a file)")
+        self._seen = self._check_existing()  # refused before anything is created ...
         try:
+            if self.primary:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                self._lock()
+                self._remove_stale()
+            self._seen = self._check_existing()  # ... and checked again under the lock
             if process_count > 1:
                 self.staging = final.parent / f".{final.name}{PARTIAL_TAG}multiprocess"
                 if self.primary:
                     shutil.rmtree(self.staging, ignore_errors=True)  # left by an earlier, killed run
-                    self.staging.mkdir(parents=True)
+                    self.staging.mkdir()
             else:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                self.staging = Path(tempfile.mkdtemp(prefix=f".{final.name}{PARTIAL_TAG}", dir=final.parent))
+                self.staging = Path(tempfile.mkdtemp(prefix=f".{final.name}{PARTIAL_TAG}{os.getpid()}-",
+                                                     dir=final.parent))
+            if self.primary:  # mkdtemp makes 0700: the output gets the permissions the umask gives
+                os.chmod(self.staging, 0o777 & ~_umask())
         except OSError as e:
+            self._unlock()
             raise OutputError(f"{final}: cannot create the output folder ({e.strerror or e})") from None
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _check_existing(self) -> tuple[int, int, int, list[str]] | None:
+        """What is at the target now: None, or (device, inode, mtime, entries) of a folder that may be
+        replaced."""
+        final = self.final
+        if final.is_symlink():
+            raise OutputError(f"{final}: is a symbolic link; name the folder itself")
+        if final.exists() and not final.is_dir():
+            raise OutputError(f"{final}: exists and is not a folder")
+        if not final.is_dir():
+            return None
+        entries = sorted(os.listdir(final))
+        if entries and not self.force:
+            raise OutputError(f"{final}: folder exists and is not empty (use --force to replace it)")
+        st = final.lstat()
+        return st.st_dev, st.st_ino, st.st_mtime_ns, entries
+
+    def _now(self) -> tuple[int, int, int, list[str]] | None:
+        """The fingerprint :meth:`_check_existing` recorded, taken again (None if gone or not a folder)."""
+        try:
+            st = self.final.lstat()
+            if not stat.S_ISDIR(st.st_mode):
+                return None
+            return st.st_dev, st.st_ino, st.st_mtime_ns, sorted(os.listdir(self.final))
+        except OSError:
+            return None
+
+    def _lock(self) -> None:
+        """Hold ``.NAME.nnxport-lock`` next to the target (flock), or OutputError naming the holder."""
+        path = self.final.parent / f".{self.final.name}{LOCK_TAG}"
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+                os.close(fd)
+                raise OutputError(f"{self.final}: another nnxport process (pid {holder}) is writing this "
+                                  "folder; wait for it to finish") from None
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break  # not a lock file its last holder removed after we opened it
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd, self._lock_path = fd, path
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            if os.stat(self._lock_path).st_ino == os.fstat(fd).st_ino:
+                self._lock_path.unlink()
+        os.close(fd)
+
+    def _remove_stale(self) -> None:
+        """Remove the staging folders that killed runs into this target left (their pid is dead); a
+        previous output moved aside by a run killed while replacing it is put back when nothing took its
+        place. Those of a live process are left alone."""
+        for entry in sorted(self.final.parent.iterdir()):
+            for tag in (PARTIAL_TAG, OLD_TAG):
+                prefix = f".{self.final.name}{tag}"
+                pid = entry.name[len(prefix):].split("-")[0] if entry.name.startswith(prefix) else ""
+                if not pid.isdigit() or entry.is_symlink():
+                    continue
+                if _alive(int(pid)):
+                    log.info("%s: left alone, process %s that staged it is still running", entry, pid)
+                elif tag == OLD_TAG and not os.path.lexists(self.final):
+                    os.replace(entry, self.final)
+                    log.warning("%s: put back as %s (a run killed while replacing it, pid %s)", entry,
+                                self.final, pid)
+                else:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    log.warning("%s: removed, left by a run that was killed (pid %s)", entry, pid)
 
     def commit(self) -> None:
-        """Move the staged folder to its final name, replacing an old one only now (process 0 only)."""
+        """Flush everything staged to disk, then move it to its final name, replacing the folder checked at
+        the start only now, and only if it is still that folder (process 0 only)."""
         if not self.primary:
             return
+        sync_tree(self.staging, self.final)
         old = None
         try:
-            if self.final.exists():
-                old = self.final.with_name(f".{self.final.name}.nnxport-old-{os.getpid()}")
+            if self._seen is None and os.path.lexists(self.final):
+                raise OutputError(f"{self.final}: created by someone else during the conversion; it was left "
+                                  "as it is and the converted result was discarded")
+            if self._seen is not None:
+                if self._now() != self._seen:
+                    raise OutputError(f"{self.final}: changed during the conversion; it was left as it is "
+                                      "and the converted result was discarded")
+                old = self.final.with_name(f".{self.final.name}{OLD_TAG}{os.getpid()}")
                 os.replace(self.final, old)
+                if old.lstat().st_ino != self._seen[1]:  # swapped in the instant since the check
+                    os.replace(old, self.final)
+                    old = None
+                    raise OutputError(f"{self.final}: changed during the conversion; it was left as it is "
+                                      "and the converted result was discarded")
             os.replace(self.staging, self.final)
+            _fsync_path(self.final.parent, self.final)
         except OSError as e:
             if old is not None and not self.final.exists():
                 os.replace(old, self.final)
             raise OutputError(f"{self.final}: cannot move the finished output into place ({e})") from None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        self._unlock()
 
     def abort(self) -> None:
-        """Remove everything staged (process 0 only)."""
+        """Remove everything staged (process 0 only) and release the target."""
         if self.primary:
             shutil.rmtree(self.staging, ignore_errors=True)
+            self._unlock()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (ours counts as alive: its staging is in use)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _umask() -> int:
+    """The process's umask (from /proc where it says, without changing it; else set and restored)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text()
+        return int(next(ln for ln in status.splitlines() if ln.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def sync_tree(root: Path, shown_as: Path | None = None) -> None:
+    """fsync every file and folder under ``root`` (folders after their contents), so that nothing the
+    final rename publishes is still only in the page cache. OutputError naming ``shown_as`` on failure."""
+    for folder, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                _fsync_path(Path(path), shown_as)
+        _fsync_path(Path(folder), shown_as)
+
+
+def _fsync_path(path: Path, shown_as: Path | None = None) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise OutputError(f"{shown_as or path}: cannot write ({e.strerror or e})") from None
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
@@ -90,14 +293,18 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write ``text`` atomically (temp file + rename)."""
+    """Write ``text`` atomically and durably (temp file, fsync, rename, fsync of the folder)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text)
+        with tmp.open("w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise OutputError(f"{path}: cannot write ({e.strerror or e})") from None
+    _fsync_path(path.parent)
 
 
 GROUP_BYTES = 512 * 2**20
@@ -201,18 +408,14 @@ def set_path(tree: dict[Any, Any], dotted: str, value: Any, *, create: bool = Fa
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    """The manifest of a finished output folder; SourceError if the folder is not one."""
+    """The manifest of a finished output folder, validated (:mod:`nnxport.manifest`); SourceError if the
+    folder is not one or the manifest is malformed."""
     path = folder / MANIFEST
     if not folder.is_dir():
         raise SourceError(f"{folder}: no such folder")
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise SourceError(f"{folder}: not an nnxport output folder (no {MANIFEST})")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise SourceError(f"{path}: unreadable manifest ({e})") from None
-    if not isinstance(manifest, dict) or "model" not in manifest:
-        raise SourceError(f"{path}: not an nnxport manifest")
+    manifest = validate(read_json(path), path)  # untrusted data: every field load / verify use is checked
     ckpt = folder / CHECKPOINT
     if not ckpt.is_dir() or not ocp.utils.is_checkpoint_finalized(ckpt.absolute()):
         raise SourceError(f"{ckpt}: missing or unfinished Orbax checkpoint")

@@ -68,7 +68,7 @@ def test_correct_mapping_passes_and_load_verify_rebuild(checkpoint: Path, tmp_pa
     assert manifest["model"]["family"] == MODEL and manifest["model"]["config"] == CONFIG
 
     # nnxport.load rebuilds the class from the manifest: same outputs as the torch model on new inputs
-    model = nnxport.load(out)
+    model = nnxport.load(out, model=MODEL)  # a recorded import path is imported only when the caller names it
     assert isinstance(model, ConvFc)
     import torch
     from safetensors.torch import load_file
@@ -80,7 +80,7 @@ def test_correct_mapping_passes_and_load_verify_rebuild(checkpoint: Path, tmp_pa
         expected = torch_model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
     np.testing.assert_allclose(np.asarray(model(x)), expected, atol=1e-5)
 
-    res = cli("verify", out, "--format", "json")
+    res = cli("verify", out, "--model", MODEL, "--format", "json")
     assert res.exit_code == 0, res.stderr
     assert json.loads(res.stdout)["passed"] is True
 
@@ -121,8 +121,8 @@ def test_no_reference_skips_parity_with_a_warning(checkpoint: Path, tmp_path: Pa
     assert res.exit_code == 0, res.stderr
     assert "declares no reference" in res.stderr and "parity is skipped" in res.stderr
     assert not (out / "parity.json").exists() and json.loads(res.stdout)["parity"] is None
-    assert isinstance(nnxport.load(out), NoReference)
-    res = cli("verify", out)
+    assert isinstance(nnxport.load(out, model="tests.test_custom_model:NoReference"), NoReference)
+    res = cli("verify", out, "--model", "tests.test_custom_model:NoReference")
     assert res.exit_code == 1 and "nothing to verify against" in res.stderr
 
 

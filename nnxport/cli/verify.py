@@ -16,6 +16,9 @@ def verify(
     folder: Annotated[Path, typer.Argument(help="An output folder written by nnxport convert.")],
     source: Annotated[str | None, typer.Option(help="Re-check against this source instead of the recorded "
                                                     "one.")] = None,
+    model: Annotated[str | None, typer.Option(help="Rebuild with this model: needed to import the "
+                                                   "package.module:Class that nnxport.json records (a "
+                                                   "manifest never imports code by itself).")] = None,
     fmt: Annotated[Format, typer.Option("--format", help="human, or one JSON document on stdout.")]
     = Format.human,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
@@ -29,7 +32,7 @@ def verify(
         from nnxport import api
 
         with reporter(quiet, fmt is Format.json) as progress:
-            report = api.verify(folder, source=source, progress=progress)
+            report = api.verify(folder, source=source, model=model, progress=progress)
         if fmt is Format.json:
             print_json(report.to_json())
         elif not quiet:

@@ -1,0 +1,219 @@
+"""Reading an output folder's ``nnxport.json``: untrusted data, checked field by field.
+
+A converted folder may come from anyone, so its manifest is validated against the schema below before
+``load`` or ``verify`` use any of it. Every problem is one line naming the field path
+(``DIR/nnxport.json: model.config must be an object``). Nothing a manifest says is imported: a model
+family that is not built in is refused unless the caller names it (:func:`consented_family`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from nnxport.errors import SourceError
+
+MAX_BYTES = 64 * 2**20
+"""A manifest larger than this is refused before it is read (a real one is a few hundred KB at most)."""
+MAX_DEPTH = 64
+"""Deepest nesting of objects / lists accepted anywhere in a manifest."""
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_KINDS = ("hub", "folder", "file")
+
+
+class _Bad(Exception):
+    """A schema violation at ``field``: ``must`` says what the field must be."""
+
+    def __init__(self, field: str, must: str) -> None:
+        super().__init__(field)
+        self.field, self.must = field, must
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``: a regular file of at most :data:`MAX_BYTES`, names unique in every
+    object, nesting at most :data:`MAX_DEPTH` deep. SourceError in one line otherwise."""
+    from nnxport.source import _DuplicateKey, _unique_pairs
+
+    if path.is_symlink():  # it could name any file: the manifest is the folder's own
+        raise SourceError(f"{path}: is a symbolic link; a manifest is a regular file in its folder")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)  # a FIFO must not block the open
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SourceError(f"{path}: not a regular file")
+        if st.st_size > MAX_BYTES:
+            raise SourceError(f"{path}: {st.st_size} bytes, more than a manifest can be "
+                              f"({MAX_BYTES // 2**20} MB)")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(MAX_BYTES + 1)
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read ({e.strerror or e})") from None
+    finally:
+        os.close(fd)
+    try:
+        doc = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_pairs)
+    except _DuplicateKey as e:
+        raise SourceError(f"{path}: names {e.key!r} twice in one object") from None
+    except json.JSONDecodeError as e:
+        raise SourceError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError:
+        raise SourceError(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise SourceError(f"{path}: nested more than {MAX_DEPTH} levels deep") from None
+    if not isinstance(doc, dict):
+        raise SourceError(f"{path}: expected a JSON object, found {type(doc).__name__}")
+    if _depth(doc) > MAX_DEPTH:
+        raise SourceError(f"{path}: nested more than {MAX_DEPTH} levels deep")
+    return doc
+
+
+def _depth(doc: Any) -> int:
+    """How deeply objects and lists nest in ``doc`` (iteratively: no recursion limit to hit)."""
+    deepest, todo = 0, [(doc, 1)]
+    while todo:
+        node, level = todo.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, level)
+            todo.extend((child, level + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def validate(doc: dict[str, Any], where: Path) -> dict[str, Any]:
+    """``doc`` itself once every field that load and verify use is checked; SourceError naming the first
+    bad field (``where: model.config must be an object``) otherwise."""
+    try:
+        _check(doc)
+    except _Bad as e:
+        raise SourceError(f"{where}: {e.field} {e.must}") from None
+    return doc
+
+
+def _get(obj: dict[str, Any], field: str, key: str, test: Callable[[Any], bool], must: str, *,
+         optional: bool = False) -> Any:
+    name = f"{field}.{key}" if field else key
+    if key not in obj:
+        if optional:
+            return None
+        raise _Bad(name, "is missing")
+    value = obj[key]
+    if not test(value):
+        raise _Bad(name, must)
+    return value
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str) and "\x00" not in v
+
+
+def _is_count(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _is_opt_str(v: Any) -> bool:
+    return v is None or _is_str(v)
+
+
+def _is_obj(v: Any) -> bool:
+    return isinstance(v, dict)
+
+
+def plain_name(name: Any) -> bool:
+    """A relative path that stays inside the folder it is relative to: no ``..``, not absolute, no empty
+    or ``.`` parts, no backslashes or control characters."""
+    if not _is_str(name) or not name or "\\" in name or any(ord(c) < 32 for c in name):
+        return False
+    parts = name.split("/")
+    return not PurePosixPath(name).is_absolute() and all(p not in ("", ".", "..") for p in parts)
+
+
+def _check(doc: dict[str, Any]) -> None:
+    from nnxport.place import DTYPES
+
+    _get(doc, "", "nnxport_version", _is_str, "must be a string")
+    src = _get(doc, "", "source", _is_obj, "must be an object")
+    _get(src, "source", "spec", _is_str, "must be a string")
+    kind = _get(src, "source", "kind", lambda v: v in _KINDS, f"must be one of {', '.join(_KINDS)}")
+    _get(src, "source", "repo_id", _is_opt_str, "must be a string or null")
+    _get(src, "source", "revision", _is_opt_str, "must be a string or null")
+    _get(src, "source", "path", lambda v: _is_str(v) and os.path.isabs(v), "must be an absolute path")
+    files = _get(src, "source", "files", lambda v: isinstance(v, list) and len(v) > 0,
+                 "must be a non-empty list")
+    if kind == "file" and len(files) != 1:
+        raise _Bad("source.files", "must list exactly one file for a source of kind file")
+    names: set[str] = set()
+    for i, entry in enumerate(files):
+        at = f"source.files[{i}]"
+        if not _is_obj(entry):
+            raise _Bad(at, "must be an object")
+        name = _get(entry, at, "name", plain_name, "must be a relative file name inside the source "
+                    "(no '..', not absolute)")
+        if name in names:
+            raise _Bad(f"{at}.name", f"names {name!r} a second time")
+        names.add(name)
+        _get(entry, at, "size", _is_count, "must be a non-negative integer")
+        _get(entry, at, "sha256", lambda v: isinstance(v, str) and _SHA256.fullmatch(v) is not None,
+             "must be 64 lowercase hex digits")
+    mapping = _get(doc, "", "mapping", _is_obj, "must be an object")
+    _get(mapping, "mapping", "name", _is_str, "must be a string")
+    _get(mapping, "mapping", "path", _is_opt_str, "must be a string or null", optional=True)
+    _get(mapping, "mapping", "sha256", _is_str, "must be a string")
+    _get(mapping, "mapping", "text", _is_str, "must be a string")
+    model = _get(doc, "", "model", _is_obj, "must be an object")
+    _get(model, "model", "family", lambda v: _is_str(v) and v.strip() != "", "must be a non-empty string")
+    _get(model, "model", "config", _is_obj, "must be an object")
+    _get(model, "model", "options", _is_obj, "must be an object", optional=True)
+    _get(doc, "", "dtype", lambda v: v in DTYPES, f"must be one of {', '.join(DTYPES)}")
+    _check_placement(doc)
+    _get(doc, "", "tensors", _is_count, "must be a non-negative integer")
+    _get(doc, "", "bytes", _is_count, "must be a non-negative integer")
+    parity = _get(doc, "", "parity", _is_obj, "must be an object", optional=True)
+    if parity is not None:
+        _get(parity, "parity", "passed", lambda v: isinstance(v, bool), "must be true or false")
+
+
+def _check_placement(doc: dict[str, Any]) -> None:
+    """``device`` (``platform:id``) or ``mesh`` ({axis: size}) with ``partition_specs``."""
+    if "device" not in doc and "mesh" not in doc:
+        raise _Bad("device", "is missing (a manifest records a device or a mesh)")
+    _get(doc, "", "device", lambda v: _is_str(v) and re.fullmatch(r"[A-Za-z0-9_]+(:\d+)?", v) is not None,
+         "must be PLATFORM:ID, e.g. cpu:0", optional=True)
+    mesh = _get(doc, "", "mesh", lambda v: _is_obj(v) and len(v) > 0, "must be a non-empty object",
+                optional=True)
+    if mesh is not None:
+        for axis, size in mesh.items():
+            if type(size) is not int or size < 1:
+                raise _Bad(f"mesh.{axis}", "must be a positive integer")
+        specs = _get(doc, "", "partition_specs", _is_obj, "must be an object", optional=True) or {}
+        for target, spec in specs.items():
+            ok = isinstance(spec, list) and all(
+                d is None or d in mesh or (isinstance(d, list) and all(a in mesh for a in d)) for d in spec)
+            if not ok:
+                raise _Bad(f"partition_specs.{target}", "must be a list of mesh axes (or null, or lists "
+                                                        "of axes)")
+
+
+def consented_family(recorded: str, model: str | None, where: Path) -> str:
+    """The family name to build: ``model`` when the caller names one (it overrides the manifest), the
+    recorded family when it is built in. A recorded ``package.module:Class`` is never imported on the
+    manifest's word: SourceError saying how to consent."""
+    from nnxport.models import FAMILIES
+    from nnxport.models.custom import is_import_path
+
+    if model is not None:
+        return model
+    if recorded in FAMILIES:
+        return recorded
+    if is_import_path(recorded):
+        raise SourceError(f"{where}: model.family {recorded!r} is not a built-in family and is imported only "
+                          f"when you name it: pass model={recorded!r} (nnxport verify --model {recorded})")
+    raise SourceError(f"{where}: model.family {recorded!r} is not a built-in family (known: "
+                      f"{', '.join(sorted(FAMILIES))})")
