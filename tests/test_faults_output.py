@@ -38,6 +38,8 @@ from nnxport.errors import NnxportError
 from nnxport.source import write_hub_cache
 
 SECONDS = 60  # every in-process case ends well within this
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # subprocesses run from elsewhere import this checkout
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -536,7 +538,8 @@ def test_two_real_conversions_into_one_folder(src: Path, tmp_path: Path) -> None
     """Before: both exited 0 and one silently replaced the other. Now exactly one writes the folder."""
     out = tmp_path / "out"
     procs = [subprocess.Popen([sys.executable, "-m", "nnxport", "convert", str(src), "--out", str(out), "-q"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+             for _ in range(2)]
     results = [(p.wait(timeout=300), p.communicate()) for p in procs]
     codes = sorted(code for code, _ in results)
     errors = [err for code, (_, err) in results if code]
@@ -601,7 +604,7 @@ def test_fsync_failure_is_one_line_and_leaves_nothing(src: Path, tmp_path: Path,
 
 def test_staging_of_a_killed_run_is_removed_by_the_next(resnet50_hub: str, tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "nnxport", "convert", resnet50_hub, "--out", "out"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.monotonic() + 120
     while not any(p.name.startswith(".out.nnxport-partial-") for p in tmp_path.iterdir()):
         assert proc.poll() is None, proc.communicate()
@@ -615,7 +618,7 @@ def test_staging_of_a_killed_run_is_removed_by_the_next(resnet50_hub: str, tmp_p
     alive = tmp_path / f".out.nnxport-partial-{os.getpid()}-keep"
     alive.mkdir()
     res = subprocess.run([sys.executable, "-m", "nnxport", "convert", resnet50_hub, "--out", "out",
-                          "--no-parity"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                          "--no-parity"], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=ENV)
     assert res.returncode == 0, res.stderr
     assert f"{stale[0]}: removed, left by a run that was killed (pid {proc.pid})" in res.stderr
     assert not stale[0].exists() and alive.is_dir()
