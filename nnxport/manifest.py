@@ -18,8 +18,9 @@ from typing import Any
 
 from nnxport.errors import SourceError
 
-MAX_BYTES = 64 * 2**20
-"""A manifest larger than this is refused before it is read (a real one is a few hundred KB at most)."""
+MAX_BYTES = 16 * 2**20
+"""A manifest larger than this is refused before it is read (a real one is a few hundred KB at most; the
+largest part, a mesh run's partition_specs, stays under 1 MB for thousands of tensors)."""
 MAX_DEPTH = 64
 """Deepest nesting of objects / lists accepted anywhere in a manifest."""
 
@@ -81,9 +82,9 @@ def _depth(doc: Any) -> int:
     deepest, todo = 0, [(doc, 1)]
     while todo:
         node, level = todo.pop()
-        if isinstance(node, dict | list):
-            deepest = max(deepest, level)
-            todo.extend((child, level + 1) for child in (node.values() if isinstance(node, dict) else node))
+        deepest = max(deepest, level)
+        children = node.values() if isinstance(node, dict) else node
+        todo.extend((child, level + 1) for child in children if isinstance(child, dict | list))
     return deepest
 
 

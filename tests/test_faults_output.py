@@ -192,8 +192,8 @@ def test_model_config_that_cannot_build_is_one_line(folder: Path, cli) -> None:
     ("deep-nesting-recursion", lambda p: p.write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"),
      "nested more than 64 levels deep"),
     ("deep-nesting", lambda p: p.write_text('{"a": ' + "[" * 70 + "]" * 70 + "}"), "nested more than 64"),
-    ("oversized", lambda p: os.truncate(p, 65 * 2**20),
-     "68157440 bytes, more than a manifest can be (64 MB)"),
+    ("oversized", lambda p: os.truncate(p, 17 * 2**20),
+     "17825792 bytes, more than a manifest can be (16 MB)"),
     ("not-utf8", lambda p: p.write_bytes(b'{"a": "\xff"}'), "not UTF-8 text"),
 ])
 def test_unreadable_manifest_is_one_line(name: str, write: Callable[[Path], None], says: str, folder: Path,
