@@ -116,7 +116,7 @@ def _env_group_bytes() -> int:
         mb = float(value)
     except ValueError:
         mb = -1
-    if not mb > 0:
+    if not 0 < mb < 2**30:  # NaN and inf included
         raise OutputError(f"NNXPORT_WRITE_GROUP_MB={value!r}: expected a positive number of megabytes")
     return max(1, int(mb * 2**20))
 

@@ -299,3 +299,12 @@ def test_mapping_error_with_many_hostile_keys_keeps_one_line_each(tiny_resnet_di
     assert lines[0].endswith(f": {len(HOSTILE)} problems") and len(lines) == 1 + len(HOSTILE), res.stderr
     assert not CONTROL.search(res.stderr)
     assert sum(line.startswith("error") for line in lines) == 1
+
+
+@pytest.mark.parametrize("value", ["x", "0", "-4", "inf", "nan"])
+def test_bad_write_group_size_is_one_line(value: str, tiny_resnet_dir: Path, tmp_path: Path, cli,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NNXPORT_WRITE_GROUP_MB", value)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = cli("convert", tiny_resnet_dir, "--out", tmp_path / "out", "--no-parity", "-q")
+    _assert_refused(res, tmp_path, before, f"NNXPORT_WRITE_GROUP_MB={value!r}: expected a positive number")
