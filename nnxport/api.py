@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from nnxport import checkpoint as ckpt
+from nnxport import interrupt
 from nnxport.draft import Draft, draft_mapping
 from nnxport.errors import ConfigError, MappingError, NnxportError, SourceError, one_line
 from nnxport.manifest import consented_family
@@ -190,7 +191,9 @@ def _timed(timings: dict[str, float], name: str, progress: Progress | None = Non
     if progress is not None:
         progress.start(name)
     t = time.perf_counter()
+    interrupt.check()
     yield
+    interrupt.check()  # a signal lost in a library's callback during the phase ends the run here
     timings[name] = round(time.perf_counter() - t, 3)
     if progress is not None:
         progress.end(name)
@@ -303,10 +306,13 @@ def convert(
                             "output folder afterwards")
                 parity = False
         out_path = Path(out) if out is not None else default_out(src)
-        staging = ckpt.OutputDir(out_path, force=force, process_index=jax.process_index(),
-                                 process_count=processes, protect=_protected(src, the_mapping.path))
-        _sync(processes, "nnxport-staged")
+        with interrupt.deferred():  # a signal while it is made would leave it behind: raised just below
+            staging = ckpt.OutputDir(out_path, force=force, process_index=jax.process_index(),
+                                     process_count=processes, protect=_protected(src, the_mapping.path))
+        writer: ckpt.StateWriter | None = None
         try:
+            interrupt.check()
+            _sync(processes, "nnxport-staged")
             with _timed(timings, "read_place_write"):
                 # Streaming: arrays are written group by group and dropped (StateWriter), so memory stays
                 # at about one group whatever the model's size.
@@ -319,7 +325,7 @@ def convert(
                 filled = 0
                 for a in assignments:
                     if mesh:
-                        placed = [_put_sharded(src, chains[t], dtype, shardings[t], spec.shape,
+                        placed = [_put_sharded(src, chains[t], dtype, shardings[t], spec,
                                                _what(src, chains[t], t), allow_nonfinite, prog)
                                   for t, spec in zip(a.targets, a.target_specs, strict=True)]
                     else:
@@ -331,6 +337,7 @@ def convert(
                         prog.advance("place", arr.nbytes)
                         writer.add(target, arr)
                     del placed
+                    interrupt.check()  # one lost in a library callback ends the run here (nnxport.interrupt)
                 prog.end("read")
                 prog.end("place")
                 writer.finish()
@@ -355,9 +362,14 @@ def convert(
             if staging.primary:
                 manifest["processes"] = processes
                 ckpt.write_json(staging.staging / ckpt.MANIFEST, manifest)
-            staging.commit()
+            interrupt.check()
+            with interrupt.deferred():  # finished: a signal now no longer stops it (nor half-commits it)
+                staging.commit()
         except BaseException:
-            staging.abort()
+            with interrupt.deferred():
+                if writer is not None:
+                    writer.close()  # the background write stops writing into the staging folder first
+                staging.abort()
             raise
     finally:
         src.close()
@@ -404,7 +416,9 @@ def _start_streaming(prog: Progress, src: Source, assignments: tuple[Assignment,
     """Start the read / place / write phases with their byte totals: the source bytes of every chain read
     (a tie's sources are read again), and the targets' bytes in their stored dtype."""
     read = sum(src.tensors[k].nbytes for a in assignments for k in chains[a.targets[0]].sources)
-    placed = sum(math.prod(spec.shape) * numpy_dtype(target_dtype(chains[t].dtype, dtype)).itemsize
+    # target_dtype refuses a tensor that cannot be stored exactly as asked: here, before any data is read.
+    placed = sum(math.prod(spec.shape) * numpy_dtype(target_dtype(chains[t].dtype, dtype, spec.dtype,
+                                                                  _what(src, chains[t], t))).itemsize
                  for a in assignments for t, spec in zip(a.targets, a.target_specs, strict=True))
     prog.start("read", read)
     prog.start("place", placed)
@@ -422,16 +436,16 @@ def _materialize(src: Source, a: Assignment, chains: dict[str, _Chain], dtype: s
     del read
     if a.tied_from is not None:
         arrays = [arrays[chain.position]]
-    want = target_dtype(chain.dtype, dtype)
     placed: list[jax.Array] = []
-    for target in a.targets:  # drop each host array as soon as it is placed
-        placed.append(put(arrays.pop(0), want, sharding, what=_what(src, chains[target], target),
-                          allow_nonfinite=allow_nonfinite))
+    for target, spec in zip(a.targets, a.target_specs, strict=True):  # drop each host array once placed
+        what = _what(src, chains[target], target)
+        placed.append(put(arrays.pop(0), target_dtype(chain.dtype, dtype, spec.dtype, what), sharding,
+                          what=what, allow_nonfinite=allow_nonfinite))
     return placed
 
 
 def _put_sharded(src: Source, chain: _Chain, dtype: str, sharding: jax.sharding.Sharding,
-                 shape: tuple[int, ...], what: str, allow_nonfinite: bool,
+                 spec: TensorSpec, what: str, allow_nonfinite: bool,
                  prog: Progress = NO_PROGRESS) -> jax.Array:
     """One target laid out by ``sharding``, each device part read on its own: the part of the source that
     the chain's ops turn into it (:func:`nnxport.ops.pull_part`). Ops that join several keys (concat,
@@ -454,8 +468,8 @@ def _put_sharded(src: Source, chain: _Chain, dtype: str, sharding: jax.sharding.
             arr = step(arr)
         return arr
 
-    placed = put_parts(shape, target_dtype(chain.dtype, dtype), sharding, read, what=what,
-                       allow_nonfinite=allow_nonfinite)
+    placed = put_parts(spec.shape, target_dtype(chain.dtype, dtype, spec.dtype, what), sharding, read,
+                       what=what, allow_nonfinite=allow_nonfinite)
     src.unmap()  # or the pages read through safetensors' maps stay in RSS: memory would grow with the model
     return placed
 

@@ -25,6 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 import orbax.checkpoint.experimental.v1 as ocp_v1
 
+from nnxport import interrupt
 from nnxport.errors import OutputError, SourceError, one_line
 from nnxport.manifest import read_json, validate
 
@@ -311,6 +312,21 @@ GROUP_BYTES = 512 * 2**20
 """Arrays are written in groups of about this many bytes: the writer never holds more than one group."""
 
 
+def _env_group_bytes() -> int:
+    """:data:`GROUP_BYTES`, or ``NNXPORT_WRITE_GROUP_MB`` megabytes (MiB) when set: smaller groups mean
+    less memory and more, smaller writes (the tests use it to have many writes in flight)."""
+    value = os.environ.get("NNXPORT_WRITE_GROUP_MB", "")
+    if not value:
+        return GROUP_BYTES
+    try:
+        mb = float(value)
+    except ValueError:
+        mb = -1
+    if not 0 < mb < 2**30:  # NaN and inf included
+        raise OutputError(f"NNXPORT_WRITE_GROUP_MB={value!r}: expected a positive number of megabytes")
+    return max(1, int(mb * 2**20))
+
+
 class StateWriter:
     """Write a model state into one Orbax checkpoint group by group, so that memory stays at about one
     group however large the model is.
@@ -327,7 +343,7 @@ class StateWriter:
                  on_written: Callable[[int], None] | None = None) -> None:
         self.path = path.absolute()
         self.shown_as = shown_as or path  # how errors name the checkpoint (the final output folder)
-        self.group_bytes = GROUP_BYTES if group_bytes is None else group_bytes
+        self.group_bytes = group_bytes if group_bytes is not None else _env_group_bytes()
         self.on_written = on_written  # called with a group's bytes once that group is on disk
         self._group: dict[Any, Any] = {}
         self._bytes = 0
@@ -350,23 +366,40 @@ class StateWriter:
             return
         self.wait()
         try:
-            self._pending = ocp_v1.partial.save_async(self.path, self._group)
+            # A signal inside save_async would lose the handle of a save already under way, which
+            # close() must wait for: it is recorded and raised just after (nnxport.interrupt).
+            with interrupt.deferred():
+                self._pending = ocp_v1.partial.save_async(self.path, self._group)
         except (OSError, ValueError, RuntimeError) as e:
             raise self._error("write", e) from None
         self._pending_bytes = self._bytes
         self._group, self._bytes = {}, 0
         self.groups_written += 1
+        interrupt.check()
 
     def wait(self) -> None:
         """Block until the group being written is on disk."""
-        pending, self._pending = self._pending, None
+        pending = self._pending
         if pending is not None:
             try:
                 pending.result()
             except (OSError, ValueError, RuntimeError) as e:
+                self._pending = None
                 raise self._error("write", e) from None
+            self._pending = None
             if self.on_written is not None:
                 self.on_written(self._pending_bytes)
+        interrupt.check()
+
+    def close(self) -> None:
+        """Wait for the group being written, ignoring how it ends, so that nothing writes into the
+        checkpoint's folder once this returns: call it before removing that folder (an interrupted or
+        failed run). Signals arriving meanwhile are recorded, not raised."""
+        pending, self._pending = self._pending, None
+        self._group, self._bytes = {}, 0
+        if pending is not None:
+            with interrupt.deferred(), contextlib.suppress(Exception):
+                pending.result()
 
     def finish(self) -> None:
         """Write what is queued and finalise the checkpoint."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
+import threading
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -15,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDev
 from nnxport.errors import DeviceError, NnxportError, ValueCheckError
 from nnxport.ops import Box
 
+log = logging.getLogger("nnxport")
 DTYPES = ("keep", "float32", "bfloat16", "float16")
 _FLOAT_NAMES = {"float64", "float32", "bfloat16", "float16"}
 
@@ -32,12 +36,45 @@ def check_dtype(requested: str) -> None:
         raise NnxportError(f"unknown --dtype {requested!r} (choose from {', '.join(DTYPES)})")
 
 
-def target_dtype(source_dtype: str, requested: str) -> str:
-    """Dtype a tensor is stored in: floats follow ``requested`` (unless "keep"), others never change."""
+def dtype_kind(name: str) -> str:
+    """``float``, ``int``, ``bool`` or ``complex`` for a numpy-style dtype name (float8 and bfloat16 are
+    floats, unsigned integers are ints)."""
+    if name in _FLOAT_NAMES or name.startswith(("float8", "float4", "float6")):
+        return "float"
+    if name == "bool":
+        return "bool"
+    if name.startswith("complex"):
+        return "complex"
+    return "int"
+
+
+def target_dtype(source_dtype: str, requested: str, leaf: str | None = None, what: str = "") -> str:
+    """Dtype a tensor is stored in: floats follow ``requested`` (unless "keep"), integers, booleans and
+    complex numbers never change, except that 64-bit integers are stored as ``leaf`` (the model's 32-bit
+    dtype: jax has no 64-bit arrays unless x64 is on), their values checked by :func:`cast_checked`.
+
+    A tensor that cannot be stored exactly as asked is a :class:`ValueCheckError` naming ``what``: a
+    kind other than the model's ``leaf`` (bool or complex into a float parameter, say), float64 or float8
+    under "keep" (jax would store float32 / the model would compute in float8)."""
     check_dtype(requested)
-    if requested == "keep" or source_dtype not in _FLOAT_NAMES:
+    kind = dtype_kind(source_dtype)
+    if leaf is not None and dtype_kind(leaf) != kind:
+        raise ValueCheckError(f"{what}: is {source_dtype} but the model's parameter is {leaf} (nnxport "
+                              f"never turns {kind} values into {dtype_kind(leaf)} ones)")
+    if kind == "int":
+        if numpy_dtype(source_dtype).itemsize == 8 and not jax.config.read("jax_enable_x64"):
+            return leaf if leaf is not None else source_dtype.replace("64", "32")
         return source_dtype
-    return requested
+    if kind != "float" or requested != "keep":
+        return requested if kind == "float" else source_dtype
+    if source_dtype == "float64" and not jax.config.read("jax_enable_x64"):
+        raise ValueCheckError(f"{what}: float64, which jax would store as float32 under --dtype keep; pass "
+                              "--dtype float32 to convert it to float32")
+    if source_dtype not in _FLOAT_NAMES:
+        raise ValueCheckError(f"{what}: {source_dtype} (a quantized checkpoint?): it needs a dequantize op "
+                              "with its scales, or --dtype float32 / bfloat16 / float16 to convert the "
+                              "stored values as they are")
+    return source_dtype
 
 
 def resolve_device(name: str) -> jax.Device:
@@ -73,12 +110,42 @@ def init_distributed(coordinator: str | None, num_processes: int | None, process
     if count is not None and index is not None and not 0 <= index < count:
         raise DeviceError(f"--process-id {index}: must be in 0..{count - 1} for {count} processes")
     if not jax.distributed.is_initialized():
-        try:
-            jax.distributed.initialize(coordinator, count, index)
-        except (RuntimeError, ValueError) as e:
-            raise DeviceError(f"--coordinator {coordinator}: cannot join the multi-process run "
-                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        _join(coordinator, count, index)
     return jax.process_count()
+
+
+def _join(coordinator: str, count: int | None, index: int | None) -> None:
+    """``jax.distributed.initialize``, bounded and interruptible: it blocks in C++ until every process has
+    joined (Python's signal handlers cannot run meanwhile) and, at its own deadline, aborts the process
+    with a C++ stack dump. So it runs in a thread while this one waits, raising for SIGINT / SIGTERM, and
+    gives up with one line NNXPORT_COORDINATOR_TIMEOUT seconds (default 300) after starting, a little
+    before jax's deadline: a command line ends then; a Python caller's process is still aborted by jax
+    shortly after."""
+    value = os.environ.get("NNXPORT_COORDINATOR_TIMEOUT", "").strip() or "300"
+    if not value.isdigit() or int(value) < 1:
+        raise DeviceError(f"NNXPORT_COORDINATOR_TIMEOUT={value!r}: expected a number of seconds, at least 1")
+    timeout = int(value)
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            jax.distributed.initialize(coordinator, count, index, initialization_timeout=timeout + 10)
+        except (RuntimeError, ValueError) as e:
+            failed.append(e)
+
+    log.info("joining the multi-process run: waiting for coordinator %s (up to %d s)", coordinator, timeout)
+    thread = threading.Thread(target=run, name="nnxport-distributed-init", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while thread.is_alive() and time.monotonic() < deadline:
+        thread.join(0.2)  # a signal ends this wait (KeyboardInterrupt / Terminated)
+    if thread.is_alive():
+        raise DeviceError(f"--coordinator {coordinator}: no multi-process run joined within {timeout} s "
+                          "(is process 0 running and reachable? NNXPORT_COORDINATOR_TIMEOUT sets the wait)")
+    if failed:
+        e = failed[0]
+        raise DeviceError(f"--coordinator {coordinator}: cannot join the multi-process run "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 def _env_int(name: str, flag: str) -> int | None:
@@ -211,6 +278,11 @@ def cast_checked(array: np.ndarray, want: np.dtype, what: str, allow_nonfinite: 
                               "--allow-nonfinite to convert them as they are)")
     if array.dtype == want:
         return array
+    if want.kind in "iu" and array.dtype.kind in "iu" and array.size:
+        lo, hi, limits = int(array.min()), int(array.max()), np.iinfo(want)
+        if lo < limits.min or hi > limits.max:
+            raise ValueCheckError(f"{what}: {array.dtype.name} values from {lo} to {hi} do not fit the "
+                                  f"{want.name} it is stored as ({limits.min} to {limits.max})")
     with np.errstate(over="ignore", invalid="ignore"):
         cast = array.astype(want)
     if want.kind == "f" and count_nonfinite(cast) > bad:

@@ -6,7 +6,7 @@ import contextlib
 import json
 import logging
 import os
-import signal
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -16,8 +16,11 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.text import Text
 
-from nnxport.errors import NnxportError
+from nnxport import interrupt
+from nnxport.errors import MappingError, NnxportError
+from nnxport.interrupt import Terminated
 
 #: Logs, progress, warnings and errors. stdout is reserved for the command's result.
 err = Console(stderr=True, highlight=False)
@@ -31,12 +34,45 @@ EXIT_SIGPIPE = 141
 EXIT_SIGTERM = 143
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that staged output is cleaned up on the way out."""
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# C0 controls, DEL, C1 controls, and the Unicode line separators and bidi controls that reorder what a
+# terminal shows (a key could otherwise display as a different key).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Terminated
+def _escape(m: re.Match[str]) -> str:
+    c = m.group()
+    return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def safe_text(text: object) -> str:
+    """``text`` with every control character written as an escape (``\\n``, ``\\t``, ``\\x1b``, ...), for
+    printing text that comes from a checkpoint or a command line (keys, paths, messages quoting them): it
+    can neither move the cursor, retitle or recolour the terminal, nor forge a line of output."""
+    return _CONTROL.sub(_escape, str(text))
+
+
+def literal(text: object, style: str = "") -> Text:
+    """``text`` for rich, printed as it is (no markup: a key ``[bold]x[/bold]`` stays that) and escaped by
+    :func:`safe_text`."""
+    return Text(safe_text(text), style=style)
+
+
+def error_text(e: BaseException) -> str:
+    """An error's message for the terminal: one escaped line; a :class:`MappingError`'s summary and one
+    escaped line per problem."""
+    if isinstance(e, MappingError) and len(e.problems) > 1:
+        return "\n".join([safe_text(f"{e.where}: {len(e.problems)} problems"),
+                           *(f"  - {safe_text(p)}" for p in e.problems)])
+    return safe_text(e)
+
+
+class _EscapeControls(logging.Filter):
+    """Log records with their message escaped by :func:`safe_text` (keys and paths reach the log)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = safe_text(record.getMessage()), None
+        return True
 
 
 class Format(StrEnum):
@@ -72,6 +108,7 @@ def setup_logging(quiet: bool, machine: bool) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("nnxport: %(levelname)s: %(message)s"))
+    handler.addFilter(_EscapeControls())
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
@@ -106,7 +143,7 @@ def print_json(data: Any) -> None:
 @contextlib.contextmanager
 def errors_handled() -> Iterator[None]:
     """Turn failures into one line on stderr and the contract's exit code (traceback with NNXPORT_DEBUG=1)."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    interrupt.install()  # SIGINT / SIGTERM end the run wherever they arrive (nnxport.interrupt)
     try:
         yield
     except typer.Exit:
@@ -114,7 +151,7 @@ def errors_handled() -> Iterator[None]:
     except NnxportError as e:
         if debug():
             raise
-        err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+        err.print(Text.assemble(("error:", "bold red"), " ", error_text(e)), highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
     except BrokenPipeError:
         # The reader went away (`nnxport inspect-keys ... | head`): stop quietly, like any Unix filter.
@@ -129,7 +166,7 @@ def errors_handled() -> Iterator[None]:
     except Exception as e:
         if debug():
             raise
-        err.print(f"[bold red]internal error:[/] {type(e).__name__}: {e} "
-                  "(run again with NNXPORT_DEBUG=1 for the traceback, and please report it)",
-                  markup=True, soft_wrap=True)
+        err.print(Text.assemble(("internal error:", "bold red"), f" {type(e).__name__}: {safe_text(e)} "
+                                "(run again with NNXPORT_DEBUG=1 for the traceback, and please report it)"),
+                  highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_ERROR) from None

@@ -14,6 +14,7 @@ from nnxport.cli.common import (
     check_stdin_mapping,
     err,
     errors_handled,
+    literal,
     out,
     print_json,
     setup_logging,
@@ -94,11 +95,11 @@ def convert(
             print_json(result.to_json())
         elif not quiet:
             m = result.manifest
-            out.print(f"{m['source']['spec']} -> {result.out}  ({m['tensors']} tensors, "
-                      f"{m['bytes'] / 1e6:.1f} MB, {m['model']['family']} via mapping "
-                      f"{m['mapping']['name']})")
+            out.print(literal(f"{m['source']['spec']} -> {result.out}  ({m['tensors']} tensors, "
+                              f"{m['bytes'] / 1e6:.1f} MB, {m['model']['family']} via mapping "
+                              f"{m['mapping']['name']})"))
             if result.parity is not None:
                 out.print(parity_table(result.parity))
         if result.parity is not None and not result.parity.passed:
-            err.print(failure_line(result.parity, result.out / "parity.md"), style="red", soft_wrap=True)
+            err.print(literal(failure_line(result.parity, result.out / "parity.md"), "red"), soft_wrap=True)
             raise typer.Exit(EXIT_PARITY)

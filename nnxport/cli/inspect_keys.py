@@ -11,7 +11,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from nnxport.cli.common import check_stdin_mapping, errors_handled, out, print_json, setup_logging
+from nnxport.cli.common import (
+    check_stdin_mapping,
+    errors_handled,
+    literal,
+    out,
+    print_json,
+    safe_text,
+    setup_logging,
+)
 
 log = logging.getLogger("nnxport")
 STATUS_STYLE = {"mapped": "green", "ignored": "dim", "tied": "dim", None: ""}
@@ -60,12 +68,13 @@ def inspect_keys(
         if fmt is KeysFormat.json:
             print_json(result.to_json())
         elif fmt is KeysFormat.tsv:
-            # A header line, then one key per line; tabs never occur in these values.
+            # A header line, then one key per line; a tab or newline inside a value (a key can hold any
+            # character) is written escaped (\\t, \\n), as every control character.
             sys.stdout.write("\t".join(TSV_COLUMNS) + "\n")
             for r in rows:
-                sys.stdout.write("\t".join([r["key"], _shape(r["shape"]), r["dtype"], r["status"] or "",
-                                            r["target"] or "", ",".join(r["ops"]),
-                                            _shape(r["target_shape"])]) + "\n")
+                fields = [r["key"], _shape(r["shape"]), r["dtype"], r["status"] or "", r["target"] or "",
+                          ",".join(r["ops"]), _shape(r["target_shape"])]
+                sys.stdout.write("\t".join(map(safe_text, fields)) + "\n")
             if result.analysis is not None:  # what has no row: said on stderr, stdout stays rows only
                 for t in result.analysis.unfilled:
                     log.warning("unfilled target: %s", t)
@@ -73,17 +82,18 @@ def inspect_keys(
             title = f"{result.source.spec}: {len(rows)} tensors"
             if result.mapping is not None:
                 title += f", mapping {result.mapping.name}"
-            table = Table(title=title)
+            table = Table(title=literal(title))
             for col in ("key", "shape", "dtype", "status", "target", "ops", "target shape"):
                 table.add_column(col, overflow="fold")
             for r in rows:
-                table.add_row(r["key"], _shape(r["shape"]), r["dtype"], r["status"] or "", r["target"] or "",
-                              " ".join(r["ops"]), _shape(r["target_shape"]),
-                              style=STATUS_STYLE.get(r["status"], "red"))
+                # Text, not str: rich would read markup in a key ('[/]' raises, '[b]' vanishes).
+                cells = (r["key"], _shape(r["shape"]), r["dtype"], r["status"] or "", r["target"] or "",
+                         " ".join(r["ops"]), _shape(r["target_shape"]))
+                table.add_row(*map(literal, cells), style=STATUS_STYLE.get(r["status"], "red"))
             out.print(table)
             if result.analysis is not None:
                 for t in result.analysis.unfilled:
-                    out.print(f"[red]unfilled target:[/] {t}")
+                    out.print(literal("unfilled target: ", "red") + literal(t))
                 for p in result.analysis.problems:
-                    out.print(f"[red]problem:[/] {p}", markup=True)
+                    out.print(literal("problem: ", "red") + literal(p))
         result.source.close()

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from nnxport.cli.common import EXIT_ERROR, err, errors_handled, setup_logging
+from nnxport.cli.common import EXIT_ERROR, err, errors_handled, literal, setup_logging
 
 app = typer.Typer(name="mapping", help="Work with mapping files.\n\nExample: nnxport mapping draft "
                                        "microsoft/resnet-50 > resnet.yaml", no_args_is_help=True,
@@ -44,12 +44,12 @@ def draft(
         summary = (f"draft: {result.placed} source keys placed, {len(result.ignored)} ignored, "
                    f"{len(result.unplaced)} not placed; {len(result.unfilled)} model leaves not filled")
         for note in result.notes:
-            err.print(f"note: {note}", soft_wrap=True, highlight=False)
+            err.print(literal(f"note: {note}"), soft_wrap=True, highlight=False)
         for problem in result.problems:
-            err.print(f"[red]problem:[/] {problem}", soft_wrap=True, highlight=False)
+            err.print(literal("problem: ", "red") + literal(problem), soft_wrap=True, highlight=False)
         left = [f"not placed: {k}" for k in result.unplaced] + [f"not filled: {t}" for t in result.unfilled]
         for line in left[:20]:
-            err.print(line, soft_wrap=True, highlight=False, markup=False)
+            err.print(literal(line), soft_wrap=True, highlight=False)
         if len(left) > 20:
             err.print(f"... and {len(left) - 20} more (listed in the YAML)", highlight=False)
         if not result.complete:

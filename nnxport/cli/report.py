@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from rich.markup import escape
 from rich.table import Table
+
+from nnxport.cli.common import literal, safe_text
 
 if TYPE_CHECKING:
     from nnxport.parity import ParityReport
@@ -14,13 +17,13 @@ def parity_table(report: ParityReport) -> Table:
     from nnxport.parity import tolerance_text  # already imported by the command that made the report
 
     verdict = "[bold green]PASSED[/]" if report.passed else "[bold red]FAILED[/]"
-    table = Table(title=f"Parity vs {report.reference}: {verdict}",
-                  caption=f"weights {report.dtype}; tolerance {tolerance_text(report.tolerance)}")
+    table = Table(title=f"Parity vs {escape(safe_text(report.reference))}: {verdict}",
+                  caption=literal(f"weights {report.dtype}; tolerance {tolerance_text(report.tolerance)}"))
     for col in ("output", "shape", "max |Δ|", "max rel", "mean |Δ|", "cosine", "top-1", "out of tol", ""):
         table.add_column(col, justify="left" if col in ("output", "shape") else "right")
     for o in report.outputs:
         table.add_row(
-            o.name, "x".join(map(str, o.shape)), f"{o.max_abs_diff:.2e}", f"{o.max_rel_diff:.2e}",
+            literal(o.name), "x".join(map(str, o.shape)), f"{o.max_abs_diff:.2e}", f"{o.max_rel_diff:.2e}",
             f"{o.mean_abs_diff:.2e}", f"{o.cosine:.7f}",
             "" if o.top1_agreement is None else f"{o.top1_agreement:.3f}", str(o.violations),
             "[green]ok[/]" if o.passed else "[red]FAIL[/]",

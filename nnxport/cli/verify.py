@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from nnxport.cli.common import EXIT_PARITY, Format, err, errors_handled, out, print_json, setup_logging
+from nnxport.cli.common import (
+    EXIT_PARITY,
+    Format,
+    err,
+    errors_handled,
+    literal,
+    out,
+    print_json,
+    setup_logging,
+)
 from nnxport.cli.progress import reporter
 from nnxport.cli.report import failure_line, parity_table
 
@@ -38,5 +47,5 @@ def verify(
         elif not quiet:
             out.print(parity_table(report))
         if not report.passed:
-            err.print(failure_line(report, folder / "parity.md"), style="red", soft_wrap=True)
+            err.print(literal(failure_line(report, folder / "parity.md"), "red"), soft_wrap=True)
             raise typer.Exit(EXIT_PARITY)
