@@ -285,7 +285,7 @@ def convert(
                 dev = resolve_device(device)
                 single = default_sharding(dev, None)
                 placement = {"device": f"{dev.platform}:{dev.id}"}
-            if parity and not family.has_reference():
+            if parity and not family.parity.has_reference():
                 log.warning("model %s declares no reference (a 'reference = \"package.module:TorchClass\"' "
                             "class attribute): parity is skipped", family.name)
                 parity = False
@@ -545,7 +545,7 @@ def verify(folder: str | Path, *, source: str | Path | None = None,
     folder = Path(folder)
     manifest = ckpt.read_manifest(folder)
     family = resolve_family(manifest["model"]["family"])
-    if not family.has_reference():
+    if not family.parity.has_reference():
         raise NnxportError(f"{folder}: model {family.name} declares no reference (a 'reference' class "
                            "attribute): there is nothing to verify against")
     cfg = manifest["model"]["config"]

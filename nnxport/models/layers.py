@@ -1,4 +1,4 @@
-"""Building blocks shared by the families: activations and attention with torch's numerics."""
+"""Building blocks shared by the families: activations, LayerNorm and attention with torch's numerics."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 #: transformers' ACT2FN names -> jax functions with the same definition.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -21,6 +22,18 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "tanh": jnp.tanh,
     "sigmoid": jax.nn.sigmoid,
 }
+
+
+def torch_layer_norm(dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """An ``nnx.LayerNorm`` with torch's numerics: the variance in two passes, E[(x - mean)²] (flax's fast
+    variance, E[x²] - E[x]², loses digits).
+
+    Args:
+        dim: the normalised (last) dimension.
+        eps: ``layer_norm_eps`` / ``layer_norm_epsilon`` of config.json.
+        rngs: random streams (scale and bias are initialised to ones and zeros).
+    """
+    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
 
 
 def attention_mask(mask: jax.Array | None, length: int, *, causal: bool,
