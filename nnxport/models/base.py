@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from nnxport.errors import ConfigError
 
@@ -153,6 +154,21 @@ class Family(ABC):
             rngs: the random streams of the initialisers (unused under ``nnx.eval_shape``).
             options: what :meth:`options` derived at conversion (from the manifest when reloading).
         """
+
+
+def annotated_shards(state: nnx.State) -> dict[str, tuple[tuple[str, ...] | None, ...]]:
+    """Each annotated leaf's default layout (its ``out_sharding`` metadata, as ``nnx.get_partition_spec``
+    reads it), by dotted path, in the form of a mapping's ``shard:`` entry: per dimension, None (whole)
+    or the mesh axes it is split over. Leaves without an annotation are absent (replicated)."""
+    ndims = {path: len(leaf.get_value().shape) for path, leaf in nnx.to_flat_state(state)}
+    out: dict[str, tuple[tuple[str, ...] | None, ...]] = {}
+    for path, leaf in nnx.to_flat_state(nnx.get_partition_spec(state)):
+        spec = leaf.get_value()
+        if not isinstance(spec, PartitionSpec) or not any(d is not None for d in spec):
+            continue
+        dims = [None if d is None else (d,) if isinstance(d, str) else tuple(d) for d in spec]
+        out[".".join(map(str, path))] = tuple(dims + [None] * (ndims[path] - len(dims)))
+    return out
 
 
 def require(config: Mapping[str, Any], field: str, kind: type | tuple[type, ...]) -> Any:

@@ -35,7 +35,16 @@ from nnxport.models.base import (
     token_inputs,
     valid_positions,
 )
-from nnxport.models.layers import ACTIVATIONS, attention, attention_mask, torch_layer_norm
+from nnxport.models.layers import (
+    ACTIVATIONS,
+    COLUMN,
+    EMBEDDING,
+    ROW,
+    attention,
+    attention_mask,
+    sharded,
+    torch_layer_norm,
+)
 
 MLM = "BertForMaskedLM"
 BASE = "BertModel"
@@ -126,7 +135,8 @@ class Embeddings(nnx.Module):
     """
 
     def __init__(self, spec: BertSpec, *, rngs: nnx.Rngs):
-        self.word = nnx.Embed(spec.vocab_size, spec.hidden_size, rngs=rngs)
+        self.word = nnx.Embed(spec.vocab_size, spec.hidden_size, embedding_metadata=sharded(EMBEDDING),
+                              rngs=rngs)
         self.position = nnx.Embed(spec.max_position_embeddings, spec.hidden_size, rngs=rngs)
         self.token_type = nnx.Embed(spec.type_vocab_size, spec.hidden_size, rngs=rngs)
         self.norm = torch_layer_norm(spec.hidden_size, spec.layer_norm_eps, rngs)
@@ -155,10 +165,10 @@ class Attention(nnx.Module):
         hidden = spec.hidden_size
         self.heads = spec.num_attention_heads
         self.head_dim = hidden // self.heads
-        self.q = nnx.Linear(hidden, hidden, rngs=rngs)
-        self.k = nnx.Linear(hidden, hidden, rngs=rngs)
-        self.v = nnx.Linear(hidden, hidden, rngs=rngs)
-        self.o = nnx.Linear(hidden, hidden, rngs=rngs)
+        self.q = nnx.Linear(hidden, hidden, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.k = nnx.Linear(hidden, hidden, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.v = nnx.Linear(hidden, hidden, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.o = nnx.Linear(hidden, hidden, kernel_metadata=sharded(ROW), rngs=rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         """Attend and project back.
@@ -182,8 +192,10 @@ class Mlp(nnx.Module):
     """
 
     def __init__(self, spec: BertSpec, *, rngs: nnx.Rngs):
-        self.up = nnx.Linear(spec.hidden_size, spec.intermediate_size, rngs=rngs)
-        self.down = nnx.Linear(spec.intermediate_size, spec.hidden_size, rngs=rngs)
+        self.up = nnx.Linear(spec.hidden_size, spec.intermediate_size, kernel_metadata=sharded(COLUMN),
+                             rngs=rngs)
+        self.down = nnx.Linear(spec.intermediate_size, spec.hidden_size, kernel_metadata=sharded(ROW),
+                               rngs=rngs)
         self.act = spec.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -255,7 +267,7 @@ class MlmHead(nnx.Module):
         self.norm = torch_layer_norm(hidden, spec.layer_norm_eps, rngs)
         self.act = spec.hidden_act
         self.bias = nnx.Param(jnp.zeros((vocab,), jnp.float32)) if tied else None
-        self.decoder = None if tied else nnx.Linear(hidden, vocab, rngs=rngs)
+        self.decoder = None if tied else nnx.Linear(hidden, vocab, kernel_metadata=sharded(COLUMN), rngs=rngs)
 
     def __call__(self, h: jax.Array, word: nnx.Embed) -> jax.Array:
         """Masked-LM logits [B, T, vocab_size].

@@ -50,7 +50,7 @@ from flax import nnx
 
 from nnxport.errors import ConfigError
 from nnxport.models.base import Family, ParityHarness, ParityInput, Tolerance, token_inputs, valid_positions
-from nnxport.models.layers import ACTIVATIONS, attention, attention_mask
+from nnxport.models.layers import ACTIVATIONS, COLUMN, EMBEDDING, ROW, attention, attention_mask, sharded
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 REFERENCE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -361,10 +361,11 @@ class Attention(nnx.Module):
 
     def __init__(self, spec: DecoderSpec, *, rngs: nnx.Rngs):
         h, d = spec.hidden_size, spec.head_dim
-        self.q = nnx.Linear(h, spec.num_heads * d, use_bias=spec.qkv_bias, rngs=rngs)
-        self.k = nnx.Linear(h, spec.num_kv_heads * d, use_bias=spec.qkv_bias, rngs=rngs)
-        self.v = nnx.Linear(h, spec.num_kv_heads * d, use_bias=spec.qkv_bias, rngs=rngs)
-        self.o = nnx.Linear(spec.num_heads * d, h, use_bias=spec.o_bias, rngs=rngs)
+        qh, kvh, bias = spec.num_heads * d, spec.num_kv_heads * d, spec.qkv_bias
+        self.q = nnx.Linear(h, qh, use_bias=bias, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.k = nnx.Linear(h, kvh, use_bias=bias, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.v = nnx.Linear(h, kvh, use_bias=bias, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.o = nnx.Linear(qh, h, use_bias=spec.o_bias, kernel_metadata=sharded(ROW), rngs=rngs)
         self.q_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
         self.heads, self.kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, d
@@ -399,9 +400,9 @@ class MLP(nnx.Module):
 
     def __init__(self, spec: DecoderSpec, *, rngs: nnx.Rngs):
         h, i = spec.hidden_size, spec.intermediate_size
-        self.gate = nnx.Linear(h, i, use_bias=spec.mlp_bias, rngs=rngs)
-        self.up = nnx.Linear(h, i, use_bias=spec.mlp_bias, rngs=rngs)
-        self.down = nnx.Linear(i, h, use_bias=spec.mlp_bias, rngs=rngs)
+        self.gate = nnx.Linear(h, i, use_bias=spec.mlp_bias, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.up = nnx.Linear(h, i, use_bias=spec.mlp_bias, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.down = nnx.Linear(i, h, use_bias=spec.mlp_bias, kernel_metadata=sharded(ROW), rngs=rngs)
         self.act = spec.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -455,11 +456,13 @@ class Decoder(nnx.Module):
 
     def __init__(self, spec: DecoderSpec, *, rngs: nnx.Rngs):
         self.spec = spec
-        self.embed = nnx.Embed(spec.vocab_size, spec.hidden_size, rngs=rngs)
+        self.embed = nnx.Embed(spec.vocab_size, spec.hidden_size, embedding_metadata=sharded(EMBEDDING),
+                               rngs=rngs)
         self.layers = nnx.List([Block(spec, rngs=rngs) for _ in range(spec.num_layers)])
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = (None if spec.tie_word_embeddings
-                        else nnx.Linear(spec.hidden_size, spec.vocab_size, use_bias=False, rngs=rngs))
+                        else nnx.Linear(spec.hidden_size, spec.vocab_size, use_bias=False,
+                                        kernel_metadata=sharded(COLUMN), rngs=rngs))
 
     def hidden_states(self, input_ids: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """The final normed hidden states.

@@ -26,7 +26,16 @@ from flax import nnx
 
 from nnxport.errors import ConfigError
 from nnxport.models.base import Family, ParityHarness, ParityInput, Tolerance, token_inputs, valid_positions
-from nnxport.models.layers import ACTIVATIONS, attention, attention_mask, torch_layer_norm
+from nnxport.models.layers import (
+    ACTIVATIONS,
+    COLUMN,
+    EMBEDDING,
+    ROW,
+    attention,
+    attention_mask,
+    sharded,
+    torch_layer_norm,
+)
 
 #: Architectures whose checkpoints hold exactly the weights this family maps (a base GPT2Model checkpoint
 #: gets the tied LM head on top). Heads such as GPT2ForSequenceClassification are not implemented.
@@ -160,10 +169,10 @@ class Attention(nnx.Module):
 
     def __init__(self, spec: GPT2Spec, scale: float, *, rngs: nnx.Rngs):
         dim = spec.n_embd
-        self.q = nnx.Linear(dim, dim, rngs=rngs)
-        self.k = nnx.Linear(dim, dim, rngs=rngs)
-        self.v = nnx.Linear(dim, dim, rngs=rngs)
-        self.o = nnx.Linear(dim, dim, rngs=rngs)
+        self.q = nnx.Linear(dim, dim, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.k = nnx.Linear(dim, dim, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.v = nnx.Linear(dim, dim, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.o = nnx.Linear(dim, dim, kernel_metadata=sharded(ROW), rngs=rngs)
         self.heads = spec.n_head
         self.scale = scale
 
@@ -190,8 +199,8 @@ class MLP(nnx.Module):
     """
 
     def __init__(self, spec: GPT2Spec, *, rngs: nnx.Rngs):
-        self.c_fc = nnx.Linear(spec.n_embd, spec.n_inner, rngs=rngs)
-        self.c_proj = nnx.Linear(spec.n_inner, spec.n_embd, rngs=rngs)
+        self.c_fc = nnx.Linear(spec.n_embd, spec.n_inner, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.c_proj = nnx.Linear(spec.n_inner, spec.n_embd, kernel_metadata=sharded(ROW), rngs=rngs)
         self.act = spec.activation_function
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -247,12 +256,12 @@ class GPT2(nnx.Module):
     """
 
     def __init__(self, spec: GPT2Spec, *, rngs: nnx.Rngs):
-        self.wte = nnx.Embed(spec.vocab_size, spec.n_embd, rngs=rngs)
+        self.wte = nnx.Embed(spec.vocab_size, spec.n_embd, embedding_metadata=sharded(EMBEDDING), rngs=rngs)
         self.wpe = nnx.Embed(spec.n_positions, spec.n_embd, rngs=rngs)
         self.layers = nnx.List([Block(spec, scale, rngs=rngs) for scale in spec.attention_scales])
         self.ln_f = torch_layer_norm(spec.n_embd, spec.layer_norm_epsilon, rngs)
-        self.lm_head = None if spec.tie_word_embeddings else nnx.Linear(spec.n_embd, spec.vocab_size,
-                                                                        use_bias=False, rngs=rngs)
+        self.lm_head = None if spec.tie_word_embeddings else nnx.Linear(
+            spec.n_embd, spec.vocab_size, use_bias=False, kernel_metadata=sharded(COLUMN), rngs=rngs)
 
     def hidden_states(self, input_ids: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """Final hidden states (after ``ln_f``).

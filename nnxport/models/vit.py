@@ -28,7 +28,7 @@ from flax import nnx
 from nnxport.errors import ConfigError
 from nnxport.models.base import Family, ParityHarness, ParityInput, Tolerance, int_field, positive_float_field
 from nnxport.models.base import num_labels as _num_labels
-from nnxport.models.layers import ACTIVATIONS, attention, torch_layer_norm
+from nnxport.models.layers import ACTIVATIONS, COLUMN, ROW, attention, sharded, torch_layer_norm
 
 CLASSIFIER = "ViTForImageClassification"
 BASE = "ViTModel"
@@ -167,8 +167,9 @@ class Attention(nnx.Module):
         self.heads = spec.num_attention_heads
         self.head_dim = spec.head_dim
         inner = self.heads * self.head_dim
-        self.qkv = nnx.Linear(spec.hidden_size, 3 * inner, use_bias=spec.qkv_bias, rngs=rngs)
-        self.o = nnx.Linear(inner, spec.hidden_size, rngs=rngs)
+        self.qkv = nnx.Linear(spec.hidden_size, 3 * inner, use_bias=spec.qkv_bias,
+                              kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.o = nnx.Linear(inner, spec.hidden_size, kernel_metadata=sharded(ROW), rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Attend (every token to every token) and project back.
@@ -193,8 +194,10 @@ class Mlp(nnx.Module):
     """
 
     def __init__(self, spec: ViTSpec, *, rngs: nnx.Rngs):
-        self.fc1 = nnx.Linear(spec.hidden_size, spec.intermediate_size, rngs=rngs)
-        self.fc2 = nnx.Linear(spec.intermediate_size, spec.hidden_size, rngs=rngs)
+        self.fc1 = nnx.Linear(spec.hidden_size, spec.intermediate_size, kernel_metadata=sharded(COLUMN),
+                              rngs=rngs)
+        self.fc2 = nnx.Linear(spec.intermediate_size, spec.hidden_size, kernel_metadata=sharded(ROW),
+                              rngs=rngs)
         self.act = spec.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
