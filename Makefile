@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 
 # The main job, offline: a random-weight replica of microsoft/resnet-50 in a local hub cache, converted.
 demo: install
-	$(PY) -m nnxport.replicas microsoft/resnet-50 --hub-cache $(DEMO)/hub
+	$(PY) -m nnxport.testing.replicas microsoft/resnet-50 --hub-cache $(DEMO)/hub
 	HF_HUB_OFFLINE=1 HF_HUB_CACHE=$(CURDIR)/$(DEMO)/hub \
 	  $(VENV)/bin/nnxport convert microsoft/resnet-50 --out $(DEMO)/resnet-50-nnx --force
 

@@ -32,7 +32,7 @@ STAMP = "bench.json"
 
 def config_for(layers: int) -> dict[str, Any]:
     """The published Llama-3.2-1B config.json fields with ``num_hidden_layers = layers``."""
-    from nnxport.replicas import published_config
+    from nnxport.testing.replicas import published_config
 
     return published_config(REPO_ID, num_hidden_layers=layers)
 

@@ -34,6 +34,7 @@ from nnxport.mapping import (
     select_mapping,
 )
 from nnxport.models import FAMILIES, Family, get_family, resolve_family  # noqa: F401  (callers use api.get_family)
+from nnxport.models.base import annotated_shards
 from nnxport.ops import Box, Op, apply_ops, box_slices, pull_part
 from nnxport.parity import PARITY_PNG, ParityReport, run_parity
 from nnxport.place import (
@@ -289,7 +290,7 @@ def convert(
             if mesh:
                 axes = parse_mesh(mesh)
                 the_mesh = build_mesh(axes)
-                shardings = _shardings(the_mapping.name, assignments, the_mesh)
+                shardings = _shardings(the_mapping.name, assignments, the_mesh, abstract)
                 placement: dict[str, Any] = {"mesh": axes, "partition_specs": {
                     t: [list(d) if isinstance(d, tuple) else d for d in sh.spec]
                     for t, sh in shardings.items() if sh.spec != jax.sharding.PartitionSpec()}}
@@ -297,7 +298,7 @@ def convert(
                 dev = resolve_device(device)
                 single = default_sharding(dev, None)
                 placement = {"device": f"{dev.platform}:{dev.id}"}
-            if parity and not family.has_reference():
+            if parity and not family.parity.has_reference():
                 log.warning("model %s declares no reference (a 'reference = \"package.module:TorchClass\"' "
                             "class attribute): parity is skipped", family.name)
                 parity = False
@@ -474,16 +475,19 @@ def _put_sharded(src: Source, chain: _Chain, dtype: str, sharding: jax.sharding.
     return placed
 
 
-def _shardings(mapping: str, assignments: tuple[Assignment, ...], mesh: jax.sharding.Mesh
-               ) -> dict[str, jax.sharding.NamedSharding]:
-    """Every target's sharding on ``mesh`` from its rule's ``shard`` (replicated without one); each reason
-    a named axis could not be used is logged once per rule."""
+def _shardings(mapping: str, assignments: tuple[Assignment, ...], mesh: jax.sharding.Mesh,
+               abstract: nnx.State) -> dict[str, jax.sharding.NamedSharding]:
+    """Every target's sharding on ``mesh``: its rule's ``shard`` where it has one (an override), else the
+    model's annotation of the leaf (``out_sharding`` metadata, read from the ``abstract`` state), else
+    replicated; each reason a named axis could not be used is logged once per rule."""
+    annotated = annotated_shards(abstract)
     out: dict[str, jax.sharding.NamedSharding] = {}
     dropped: dict[tuple[str, str], int] = {}
     for a in assignments:
         label = a.rule.label() if a.rule is not None else f"tie to {a.targets[0]!r}"
         for target, spec in zip(a.targets, a.target_specs, strict=True):
-            pspec, why = partition_spec(a.shard, spec.shape, mesh)
+            shard = a.shard if a.shard is not None else annotated.get(target)
+            pspec, why = partition_spec(shard, spec.shape, mesh)
             out[target] = jax.sharding.NamedSharding(mesh, pspec)
             for reason in why:
                 dropped[(label, reason)] = dropped.get((label, reason), 0) + 1
@@ -588,7 +592,7 @@ def verify(folder: str | Path, *, source: str | Path | None = None, model: str |
     folder = Path(folder)
     manifest = ckpt.read_manifest(folder)
     family = _manifest_family(folder, manifest, model)
-    if not family.has_reference():
+    if not family.parity.has_reference():
         raise NnxportError(f"{folder}: model {family.name} declares no reference (a 'reference' class "
                            "attribute): there is nothing to verify against")
     cfg = manifest["model"]["config"]

@@ -259,7 +259,8 @@ def load_reference(family: Family, source: Source, config: dict[str, Any],
     The source's files are linked into a scratch folder with its config, so that folders, hub snapshots
     and single files all load through ``from_pretrained`` (which knows about prefixes and tied weights).
     """
-    own = family.load_reference(source, config, options)
+    harness = family.parity
+    own = harness.load_reference(source, config, options)
     if own is not None:  # a custom model's own torch reference
         return own
     import torch
@@ -267,7 +268,7 @@ def load_reference(family: Family, source: Source, config: dict[str, Any],
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    cls_name = family.reference_class(config, options)
+    cls_name = harness.reference_class(config, options)
     cls = getattr(transformers, cls_name)
     with tempfile.TemporaryDirectory(prefix="nnxport-ref-") as tmp:
         folder = Path(tmp)
@@ -284,7 +285,7 @@ def load_reference(family: Family, source: Source, config: dict[str, Any],
             os.symlink(index.absolute(), folder / index.name)
         (folder / "config.json").write_text(json.dumps(config))
         model, info = cls.from_pretrained(folder, dtype=torch.float32, output_loading_info=True,
-                                          local_files_only=True, **family.reference_kwargs(config, options))
+                                          local_files_only=True, **harness.reference_kwargs(config, options))
     missing = [k for k in info.get("missing_keys", []) if k]
     if missing:
         raise NnxportError(f"parity: the reference {cls_name} did not find {len(missing)} of its weights in "
@@ -313,27 +314,28 @@ def run_parity(
     t = time.perf_counter()
     reference, ref_name = load_reference(family, source, config, options or {})
     timings["load_reference"] = time.perf_counter() - t
-    inputs: list[ParityInput] = family.parity_inputs(config, seed)
+    harness = family.parity
+    inputs: list[ParityInput] = harness.parity_inputs(config, seed)
     names = layerwise.reference_names(reference, (k for a in assignments or () for k in a.sources))
     groups = layerwise.layer_groups(assignments or (), names)
     t = time.perf_counter()
     with layerwise.torch_outputs(reference, (s for g in groups for s in g.sources)) as ref_layers:
-        expected = family.run_reference(reference, inputs)
+        expected = harness.run_reference(reference, inputs)
     timings["run_reference"] = time.perf_counter() - t
     del reference
     t = time.perf_counter()
     if groups:
-        got, nnx_layers = layerwise.nnx_outputs(family.run_nnx, model, inputs)
+        got, nnx_layers = layerwise.nnx_outputs(harness.run_nnx, model, inputs)
     else:
-        got, nnx_layers = family.run_nnx(model, inputs), {}
+        got, nnx_layers = harness.run_nnx(model, inputs), {}
     timings["run_nnx"] = time.perf_counter() - t
-    tol = family.tolerance(dtype)
-    outputs = [compare(name, got[name], expected[name], tol, distribution=name in family.distributions)
+    tol = harness.tolerance(dtype)
+    outputs = [compare(name, got[name], expected[name], tol, distribution=name in harness.distributions)
                for name in expected]
     t = time.perf_counter()
     mask = next((np.asarray(i.value).astype(bool) for i in inputs if i.name == "attention_mask"), None)
     layers, skipped = layerwise.compare_layers(groups, ref_layers, nnx_layers, threshold=tol.rtol,
-                                               channels_first=family.channels_first_reference, mask=mask)
+                                               channels_first=harness.channels_first_reference, mask=mask)
     del ref_layers, nnx_layers
     jump = layerwise.first_jump([d.max_rel_diff for d in layers], tol.rtol)
     if groups:

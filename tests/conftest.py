@@ -1,6 +1,6 @@
 """Shared fixtures: random-weight replicas of real checkpoints, in folders and in an offline hub cache.
 
-The hub is unreachable here, so every test builds its checkpoints locally (see nnxport.replicas). The
+The hub is unreachable here, so every test builds its checkpoints locally (see nnxport.testing). The
 hub environment is fixed before anything imports huggingface_hub (it reads it at import time): offline,
 with a cache private to this test session.
 """
@@ -27,7 +27,7 @@ os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
 import pytest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from nnxport.replicas import build_replica, published_config  # noqa: E402
+from nnxport.testing.replicas import build_replica, published_config  # noqa: E402
 
 TINY_RESNET: dict[str, Any] = published_config(
     "microsoft/resnet-50", depths=[1, 2], hidden_sizes=[32, 64], embedding_size=16, num_labels=10

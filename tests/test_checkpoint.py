@@ -97,7 +97,7 @@ def test_conversion_path_uses_no_torch_and_keeps_bf16(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from nnxport.replicas import build_replica
+    from nnxport.testing.replicas import build_replica
     from tests.conftest import TINY_RESNET
 
     src = build_replica(TINY_RESNET, tmp_path / "bf16", dtype="bfloat16", seed=2)

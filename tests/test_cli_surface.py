@@ -27,7 +27,7 @@ from safetensors import safe_open
 import nnxport
 from nnxport.cli import app
 from nnxport.cli import progress as cli_progress
-from nnxport.replicas import build_replica, published_config
+from nnxport.testing.replicas import build_replica, published_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = (ROOT / "docs" / "cli.md").read_text()

@@ -71,8 +71,8 @@ def test_resnet50_from_offline_hub_cache(resnet50_hub: str, tmp_path: Path) -> N
     # nnxport.load gives a callable model with the same logits as the reference run during conversion.
     model = nnxport.load(out)
     family = get_family("resnet")
-    inputs = family.parity_inputs(config, seed=0)
-    got = family.run_nnx(model, inputs)["logits"]
+    inputs = family.parity.parity_inputs(config, seed=0)
+    got = family.parity.run_nnx(model, inputs)["logits"]
     ref = _reference_logits(Path(src["path"]), inputs)
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-3)
 
@@ -88,7 +88,7 @@ def _reference_logits(folder: Path, inputs: list) -> np.ndarray:
     import transformers
 
     ref = transformers.ResNetForImageClassification.from_pretrained(folder).eval()
-    return get_family("resnet").run_reference(ref, inputs)["logits"]
+    return get_family("resnet").parity.run_reference(ref, inputs)["logits"]
 
 
 @pytest.mark.parametrize(
@@ -160,7 +160,7 @@ def test_single_file_with_config(tiny_resnet_dir: Path, tmp_path: Path, cli) -> 
 
 def test_sharded_base_model_checkpoint(tmp_path: Path, cli) -> None:
     """ResNetModel (no `resnet.` prefix, no classifier) saved in several shards with an index."""
-    from nnxport.replicas import build_replica
+    from nnxport.testing.replicas import build_replica
     from tests.conftest import TINY_RESNET
 
     src = build_replica(TINY_RESNET, tmp_path / "base", base_model=True, max_shard_size="40KB")

@@ -15,7 +15,7 @@ import pytest
 
 from nnxport.draft import draft_mapping
 from nnxport.mapping import TensorSpec, analyze, load_mapping_text
-from nnxport.replicas import build_replica, edit_safetensors, published_config
+from nnxport.testing.replicas import build_replica, edit_safetensors, published_config
 
 TINY_VIT = published_config("google/vit-base-patch16-224", hidden_size=64, num_hidden_layers=2,
                             num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8,

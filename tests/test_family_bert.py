@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 import nnxport
 from nnxport.models.bert import Bert
-from nnxport.replicas import build_replica, edit_safetensors, published_config
+from nnxport.testing.replicas import build_replica, edit_safetensors, published_config
 
 REPO = "google-bert/bert-base-uncased"
 BERT_YAML = (Path(__file__).resolve().parents[1] / "mappings" / "bert.yaml").read_text()

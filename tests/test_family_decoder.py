@@ -19,8 +19,8 @@ import nnxport
 from nnxport.models import get_family
 from nnxport.models.decoder import DEFAULTS, Decoder, Rope, resolve
 from nnxport.parity import compare
-from nnxport.replicas import build_replica, edit_safetensors, published_config
 from nnxport.source import write_hub_cache
+from nnxport.testing.replicas import build_replica, edit_safetensors, published_config
 
 MAPPING = Path(__file__).resolve().parents[1] / "mappings" / "decoder.yaml"
 FAMILY = get_family("decoder")
@@ -141,14 +141,15 @@ def test_the_switch_matters(name: str, wrong: dict[str, Any], replicas: Callable
     model = nnxport.load(tmp_path / "out")
     assert isinstance(model, Decoder)
     config = json.loads((folder / "config.json").read_text())
-    inputs = FAMILY.parity_inputs(config, 0)
+    harness = FAMILY.parity
+    inputs = harness.parity_inputs(config, 0)
     ref_class = getattr(transformers, REFERENCE[config["model_type"]])
     ref_model = ref_class.from_pretrained(folder, dtype=torch.float32).eval()
-    ref = FAMILY.run_reference(ref_model, inputs)["logits"]
-    good = compare("logits", FAMILY.run_nnx(model, inputs)["logits"], ref, FAMILY.tolerance("float32"))
+    ref = harness.run_reference(ref_model, inputs)["logits"]
+    good = compare("logits", harness.run_nnx(model, inputs)["logits"], ref, harness.tolerance("float32"))
     assert good.passed
     model.spec = dataclasses.replace(model.spec, **wrong)
-    bad = compare("logits", FAMILY.run_nnx(model, inputs)["logits"], ref, FAMILY.tolerance("float32"))
+    bad = compare("logits", harness.run_nnx(model, inputs)["logits"], ref, harness.tolerance("float32"))
     assert not bad.passed and bad.max_abs_diff > 100 * good.max_abs_diff
 
 

@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 import nnxport
 from nnxport.models.gpt2 import GPT2
-from nnxport.replicas import build_replica, edit_safetensors, published_config
+from nnxport.testing.replicas import build_replica, edit_safetensors, published_config
 
 REPO = "openai-community/gpt2"
 GPT2_YAML = (Path(__file__).resolve().parents[1] / "mappings" / "gpt2.yaml").read_text()

@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 import nnxport
 from nnxport.models.vit import ViT
-from nnxport.replicas import build_replica, edit_safetensors, published_config
+from nnxport.testing.replicas import build_replica, edit_safetensors, published_config
 
 REPO = "google/vit-base-patch16-224"
 VIT_YAML = (Path(__file__).resolve().parents[1] / "mappings" / "vit.yaml").read_text()

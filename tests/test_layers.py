@@ -27,7 +27,7 @@ from nnxport.layerwise import (
     layer_groups,
 )
 from nnxport.parity import PARITY_PNG, ParityReport
-from nnxport.replicas import build_replica, published_config
+from nnxport.testing.replicas import build_replica, published_config
 
 MAPPINGS = Path(__file__).resolve().parents[1] / "mappings"
 

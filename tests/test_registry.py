@@ -11,14 +11,15 @@ from flax import nnx
 from nnxport import api
 from nnxport.mapping import select_mapping
 from nnxport.models import FAMILIES
+from nnxport.testing.published import PUBLISHED as CONFIGS
 
-PUBLISHED = [(family, repo) for family in FAMILIES.values() for repo in family.published]
+PUBLISHED = [(family, repo) for family in FAMILIES.values() for repo in CONFIGS.get(family.name, {})]
 
 
 def test_every_family_publishes_configs_and_names_existing_mappings() -> None:
     names = {m.name: m for m in api.builtin_mappings()}
     for family in FAMILIES.values():
-        assert family.published, family.name
+        assert CONFIGS.get(family.name), family.name
         for stem in family.mappings:
             assert stem in names, f"{family.name}: mapping {stem} missing"
             assert names[stem].model == family.name
@@ -28,13 +29,13 @@ def test_every_family_publishes_configs_and_names_existing_mappings() -> None:
 
 @pytest.mark.parametrize(("family", "repo"), PUBLISHED, ids=[repo for _, repo in PUBLISHED])
 def test_published_config_selects_the_family_mapping_and_builds(family, repo: str) -> None:
-    config = dict(family.published[repo])
+    config = dict(CONFIGS[family.name][repo])
     mapping = select_mapping(config, api.builtin_mappings())
     assert mapping.model == family.name and mapping.name in family.mappings
     family.check_config(config)
     model = nnx.eval_shape(lambda: family.build(config, nnx.Rngs(0), {}))
     ours = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    assert ours == _reference_parameters(family.reference_class(config, {}), config), repo
+    assert ours == _reference_parameters(family.parity.reference_class(config, {}), config), repo
 
 
 def _reference_parameters(cls_name: str, config: dict) -> int:

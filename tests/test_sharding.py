@@ -23,8 +23,8 @@ from nnxport import checkpoint as ckpt
 from nnxport.errors import MappingError
 from nnxport.mapping import load_mapping_text
 from nnxport.place import build_mesh, partition_spec
-from nnxport.replicas import build_replica, edit_safetensors, published_config
 from nnxport.source import Source
+from nnxport.testing.replicas import build_replica, edit_safetensors, published_config
 from tests.conftest import run_subprocess
 
 TINY_LLAMA = published_config("meta-llama/Llama-3.2-1B", hidden_size=64, num_attention_heads=4,

@@ -1,4 +1,5 @@
-"""Registry of model families: every module in this package that defines ``FAMILY`` (one file per family)."""
+"""Registry of model families: every module in this package that defines ``FAMILY`` (one file per family:
+its spec, modules, Family and parity harness; see :mod:`nnxport.models.base`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import importlib
 import pkgutil
 
 from nnxport.errors import NnxportError
-from nnxport.models.base import Family, ParityInput, Tolerance
+from nnxport.models.base import Family, ParityHarness, ParityInput, Tolerance
 
 
 def _discover() -> dict[str, Family]:
@@ -40,4 +41,4 @@ def resolve_family(name: str) -> Family:
     return CustomFamily(name) if is_import_path(name) else get_family(name)
 
 
-__all__ = ["FAMILIES", "Family", "ParityInput", "Tolerance", "get_family", "resolve_family"]
+__all__ = ["FAMILIES", "Family", "ParityHarness", "ParityInput", "Tolerance", "get_family", "resolve_family"]

@@ -1,14 +1,16 @@
-"""What a model family provides: the NNX model, its reference, and how to compare the two."""
+"""What a model family provides: config.json -> spec -> NNX model (:class:`Family`), and, separately, how
+parity compares that model with its reference (:class:`ParityHarness`)."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from nnxport.errors import ConfigError
 
@@ -45,20 +47,17 @@ class Tolerance:
         return out
 
 
-class Family(ABC):
-    """A model family: one NNX implementation configured from a Hugging Face ``config.json``.
+class ParityHarness(ABC):
+    """How parity compares a family's NNX model with its reference implementation.
 
-    ``options`` are architecture choices that config.json does not state but the checkpoint's keys do
-    (e.g. whether a BERT base model was saved with its pooler). :meth:`options` derives them once at
-    conversion; they are recorded in the manifest and passed back to :meth:`build` and the reference.
+    One harness per family, reachable as ``family.parity``; :func:`nnxport.parity.run_parity` drives it:
+    :meth:`load_reference` (or ``transformers.<reference_class>.from_pretrained`` with
+    :meth:`reference_kwargs`), :meth:`parity_inputs`, :meth:`run_reference` and :meth:`run_nnx` on them,
+    then compares the named outputs within :meth:`tolerance`. Every method takes the config.json dict and
+    the family's ``options`` as recorded in the manifest, so ``nnxport verify`` can rebuild the comparison
+    from the output folder alone.
     """
 
-    name: str
-    description: str
-    #: Built-in mappings (file stems in ``mappings/``) that target this family.
-    mappings: tuple[str, ...]
-    #: Published configs (hub id -> config.json fields) that tests, the demo and benchmarks replicate.
-    published: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     #: Outputs that are logits of a distribution over the last axis: parity also reports KL divergence
     #: and top-1 / top-5 agreement for them.
     distributions: tuple[str, ...] = ("logits",)
@@ -66,18 +65,18 @@ class Family(ABC):
     #: parity transposes them before comparing.
     channels_first_reference: bool = False
 
-    def options(self, config: Mapping[str, Any], keys: Collection[str]) -> dict[str, Any]:
-        """Architecture options read from the source's tensor names (JSON-serialisable; default none)."""
-        return {}
-
     def has_reference(self) -> bool:
         """Whether parity has a reference to compare with (a custom model may declare none)."""
         return True
 
     def load_reference(self, source: Any, config: Mapping[str, Any], options: Mapping[str, Any]
                        ) -> tuple[Any, str] | None:
-        """The reference model and its name, when the family builds it itself; None: the transformers
-        class of :meth:`reference_class`, loaded from the source with ``from_pretrained``."""
+        """The reference model and its name, when the harness builds it itself.
+
+        Returns:
+            ``(model, name)``, or None: the transformers class of :meth:`reference_class`, loaded from
+            the source with ``from_pretrained``.
+        """
         return None
 
     def reference_kwargs(self, config: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
@@ -85,24 +84,16 @@ class Family(ABC):
         return {}
 
     @abstractmethod
-    def check_config(self, config: Mapping[str, Any]) -> None:
-        """Raise ConfigError naming the field if ``config`` asks for something this family cannot do."""
-
-    @abstractmethod
-    def build(self, config: Mapping[str, Any], rngs: nnx.Rngs, options: Mapping[str, Any]) -> nnx.Module:
-        """Construct the model (called under ``nnx.eval_shape``: never materialised randomly)."""
-
-    @abstractmethod
     def reference_class(self, config: Mapping[str, Any], options: Mapping[str, Any]) -> str:
         """Name of the ``transformers`` class that is the reference implementation."""
 
     @abstractmethod
     def parity_inputs(self, config: Mapping[str, Any], seed: int) -> list[ParityInput]:
-        """Seeded inputs in the NNX layout."""
+        """Seeded inputs in the NNX layout (the reference's layout is :meth:`run_reference`'s business)."""
 
     @abstractmethod
     def run_nnx(self, model: nnx.Module, inputs: list[ParityInput]) -> dict[str, np.ndarray]:
-        """Named outputs of the NNX model."""
+        """Named outputs of the NNX model on ``inputs``."""
 
     @abstractmethod
     def run_reference(self, model: Any, inputs: list[ParityInput]) -> dict[str, np.ndarray]:
@@ -111,6 +102,73 @@ class Family(ABC):
     @abstractmethod
     def tolerance(self, dtype: str) -> Tolerance:
         """Tolerance for outputs of a model whose weights are stored in ``dtype``."""
+
+
+class Family(ABC):
+    """A model family: one NNX implementation configured from a Hugging Face ``config.json``.
+
+    The protocol is small (as keras-hub's converters): :meth:`resolve` turns config.json into the
+    family's typed, frozen spec (refusing, with a ConfigError naming the field, anything that would change
+    the computation and is not implemented), :meth:`build` constructs the model from it, and
+    :meth:`options` derives the architecture choices that config.json does not state but the checkpoint's
+    keys do (e.g. whether a BERT base model was saved with its pooler); they are recorded in the manifest
+    and passed back to :meth:`build` and the parity harness. How the model is compared with its reference
+    lives in :attr:`parity` (a :class:`ParityHarness`); the published configs that tests replicate live in
+    :mod:`nnxport.testing.published`.
+    """
+
+    name: str
+    description: str
+    #: Built-in mappings (file stems in ``mappings/``) that target this family.
+    mappings: tuple[str, ...]
+    #: How parity compares this family's model with its reference.
+    parity: ParityHarness
+
+    def options(self, config: Mapping[str, Any], keys: Collection[str]) -> dict[str, Any]:
+        """Architecture options read from the source's tensor names (JSON-serialisable; default none).
+
+        Args:
+            config: config.json fields.
+            keys: the source's tensor names.
+        """
+        return {}
+
+    @abstractmethod
+    def resolve(self, config: Mapping[str, Any]) -> Any:
+        """The family's spec for ``config`` (a pure function of it).
+
+        Raises:
+            ConfigError: naming the field, for anything this family cannot represent.
+        """
+
+    def check_config(self, config: Mapping[str, Any]) -> None:
+        """Raise ConfigError naming the field if ``config`` asks for something this family cannot do."""
+        self.resolve(config)
+
+    @abstractmethod
+    def build(self, config: Mapping[str, Any], rngs: nnx.Rngs, options: Mapping[str, Any]) -> nnx.Module:
+        """Construct the model (called under ``nnx.eval_shape``: never materialised randomly).
+
+        Args:
+            config: config.json fields (resolved with :meth:`resolve`).
+            rngs: the random streams of the initialisers (unused under ``nnx.eval_shape``).
+            options: what :meth:`options` derived at conversion (from the manifest when reloading).
+        """
+
+
+def annotated_shards(state: nnx.State) -> dict[str, tuple[tuple[str, ...] | None, ...]]:
+    """Each annotated leaf's default layout (its ``out_sharding`` metadata, as ``nnx.get_partition_spec``
+    reads it), by dotted path, in the form of a mapping's ``shard:`` entry: per dimension, None (whole)
+    or the mesh axes it is split over. Leaves without an annotation are absent (replicated)."""
+    ndims = {path: len(leaf.get_value().shape) for path, leaf in nnx.to_flat_state(state)}
+    out: dict[str, tuple[tuple[str, ...] | None, ...]] = {}
+    for path, leaf in nnx.to_flat_state(nnx.get_partition_spec(state)):
+        spec = leaf.get_value()
+        if not isinstance(spec, PartitionSpec) or not any(d is not None for d in spec):
+            continue
+        dims = [None if d is None else (d,) if isinstance(d, str) else tuple(d) for d in spec]
+        out[".".join(map(str, path))] = tuple(dims + [None] * (ndims[path] - len(dims)))
+    return out
 
 
 def require(config: Mapping[str, Any], field: str, kind: type | tuple[type, ...]) -> Any:
@@ -123,6 +181,32 @@ def require(config: Mapping[str, Any], field: str, kind: type | tuple[type, ...]
     if not isinstance(value, kind):
         raise ConfigError(f"config.json: field '{field}' must be {_kind_name(kind)}, got {value!r}")
     return value
+
+
+def int_field(config: Mapping[str, Any], field: str, default: int, *, minimum: int = 1) -> int:
+    """``config[field]`` (``default`` when absent), checked to be an integer >= ``minimum``."""
+    value = config.get(field, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"config.json: field '{field}' must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def positive_float_field(config: Mapping[str, Any], field: str, default: float) -> float:
+    """``config[field]`` (``default`` when absent), checked to be a positive number."""
+    value = config.get(field, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"config.json: field '{field}' must be a positive number, got {value!r}")
+    return float(value)
+
+
+def num_labels(config: Mapping[str, Any], *, base_model: bool) -> int:
+    """Size of a classification head: 0 for a base model, else transformers' rule: ``len(id2label)``,
+    or ``num_labels`` (default 2)."""
+    if base_model:
+        return 0
+    if "id2label" in config and isinstance(config["id2label"], dict):
+        return len(config["id2label"])
+    return int(config.get("num_labels", 2))
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:

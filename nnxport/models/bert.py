@@ -16,7 +16,8 @@ Target paths (what ``mappings/bert.yaml`` fills)::
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,43 +25,158 @@ import numpy as np
 from flax import nnx
 
 from nnxport.errors import ConfigError
-from nnxport.models.base import Family, ParityInput, Tolerance, token_inputs, valid_positions
-from nnxport.models.layers import ACTIVATIONS, attention, attention_mask
+from nnxport.models.base import (
+    Family,
+    ParityHarness,
+    ParityInput,
+    Tolerance,
+    int_field,
+    positive_float_field,
+    token_inputs,
+    valid_positions,
+)
+from nnxport.models.layers import (
+    ACTIVATIONS,
+    COLUMN,
+    EMBEDDING,
+    ROW,
+    attention,
+    attention_mask,
+    sharded,
+    torch_layer_norm,
+)
 
 MLM = "BertForMaskedLM"
 BASE = "BertModel"
 
 
-def _layer_norm(dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    # torch computes the variance in two passes; flax's fast variance (E[x²] - E[x]²) loses digits.
-    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
+# ------------------------------------------------------------------------------------------- config
 
+@dataclass(frozen=True)
+class BertSpec:
+    """Everything the NNX model needs, resolved from config.json (see :func:`resolve`).
+
+    Attributes:
+        vocab_size: word embedding rows.
+        hidden_size: hidden size.
+        num_hidden_layers: number of encoder layers.
+        num_attention_heads: attention heads (dividing ``hidden_size``).
+        intermediate_size: MLP hidden size.
+        hidden_act: transformers' activation name, of the MLP and the MLM head's transform.
+        max_position_embeddings: absolute position embedding rows.
+        type_vocab_size: token-type (segment) embedding rows.
+        layer_norm_eps: LayerNorm epsilon.
+        mlm: the model is ``BertForMaskedLM`` (has the MLM head, no pooler).
+        tie_word_embeddings: the MLM decoder is the word embeddings' transpose (plus ``mlm.bias``).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    hidden_act: str
+    max_position_embeddings: int
+    type_vocab_size: int
+    layer_norm_eps: float
+    mlm: bool
+    tie_word_embeddings: bool
+
+
+def _is_mlm(config: Mapping[str, Any]) -> bool:
+    return MLM in (config.get("architectures") or [])
+
+
+def resolve(config: Mapping[str, Any]) -> BertSpec:
+    """The :class:`BertSpec` of ``config``; ConfigError naming the field for anything not implemented."""
+    archs = config.get("architectures") or []
+    if archs and not {MLM, BASE} & set(archs):
+        raise ConfigError(f"config.json: field 'architectures' {archs!r} is not supported by nnxport's "
+                          f"bert family (supported: {BASE}, {MLM})")
+    hidden = int_field(config, "hidden_size", 768)
+    heads = int_field(config, "num_attention_heads", 12)
+    if hidden % heads:
+        raise ConfigError(f"config.json: field 'num_attention_heads' ({heads}) must divide 'hidden_size' "
+                          f"({hidden})")
+    vocab, layers = int_field(config, "vocab_size", 30522), int_field(config, "num_hidden_layers", 12)
+    intermediate = int_field(config, "intermediate_size", 3072)
+    positions = int_field(config, "max_position_embeddings", 512)
+    types = int_field(config, "type_vocab_size", 2)
+    act = config.get("hidden_act", "gelu")
+    if act not in ACTIVATIONS:
+        raise ConfigError(f"config.json: field 'hidden_act' {act!r} is not supported "
+                          f"(supported: {', '.join(sorted(ACTIVATIONS))})")
+    kind = config.get("position_embedding_type", "absolute")
+    if kind != "absolute":
+        raise ConfigError(f"config.json: field 'position_embedding_type' {kind!r} is not supported "
+                          "(nnxport's bert family has 'absolute' position embeddings only)")
+    for field in ("is_decoder", "add_cross_attention"):
+        if config.get(field, False) is not False:
+            raise ConfigError(f"config.json: field '{field}' {config[field]!r} is not supported "
+                              "(nnxport's bert family is a bidirectional encoder, without "
+                              "cross-attention)")
+    tie = config.get("tie_word_embeddings", True)
+    if not isinstance(tie, bool):
+        raise ConfigError(f"config.json: field 'tie_word_embeddings' must be true or false, got {tie!r}")
+    eps = positive_float_field(config, "layer_norm_eps", 1e-12)
+    return BertSpec(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                    intermediate_size=intermediate, hidden_act=str(act), max_position_embeddings=positions,
+                    type_vocab_size=types, layer_norm_eps=eps, mlm=_is_mlm(config), tie_word_embeddings=tie)
+
+
+# -------------------------------------------------------------------------------------------- model
 
 class Embeddings(nnx.Module):
-    def __init__(self, vocab: int, positions: int, types: int, hidden: int, eps: float, *, rngs: nnx.Rngs):
-        self.word = nnx.Embed(vocab, hidden, rngs=rngs)
-        self.position = nnx.Embed(positions, hidden, rngs=rngs)
-        self.token_type = nnx.Embed(types, hidden, rngs=rngs)
-        self.norm = _layer_norm(hidden, eps, rngs)
+    """Word + token-type + absolute position embeddings, then LayerNorm.
+
+    Args:
+        spec: the model's spec.
+        rngs: random streams.
+    """
+
+    def __init__(self, spec: BertSpec, *, rngs: nnx.Rngs):
+        self.word = nnx.Embed(spec.vocab_size, spec.hidden_size, embedding_metadata=sharded(EMBEDDING),
+                              rngs=rngs)
+        self.position = nnx.Embed(spec.max_position_embeddings, spec.hidden_size, rngs=rngs)
+        self.token_type = nnx.Embed(spec.type_vocab_size, spec.hidden_size, rngs=rngs)
+        self.norm = torch_layer_norm(spec.hidden_size, spec.layer_norm_eps, rngs)
 
     def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
+        """Embedded tokens [B, T, hidden_size].
+
+        Args:
+            input_ids: token ids [B, T].
+            token_type_ids: segment ids [B, T].
+        """
         positions = jnp.arange(input_ids.shape[1])[None, :]
         x = self.word(input_ids) + self.token_type(token_type_ids) + self.position(positions)
         return self.norm(x)
 
 
 class Attention(nnx.Module):
-    """Bidirectional multi-head self-attention (separate q, k, v projections)."""
+    """Bidirectional multi-head self-attention (separate q, k, v projections).
 
-    def __init__(self, hidden: int, heads: int, *, rngs: nnx.Rngs):
-        self.heads = heads
-        self.head_dim = hidden // heads
-        self.q = nnx.Linear(hidden, hidden, rngs=rngs)
-        self.k = nnx.Linear(hidden, hidden, rngs=rngs)
-        self.v = nnx.Linear(hidden, hidden, rngs=rngs)
-        self.o = nnx.Linear(hidden, hidden, rngs=rngs)
+    Args:
+        spec: the model's spec (``hidden_size``, ``num_attention_heads``).
+        rngs: random streams.
+    """
+
+    def __init__(self, spec: BertSpec, *, rngs: nnx.Rngs):
+        hidden = spec.hidden_size
+        self.heads = spec.num_attention_heads
+        self.head_dim = hidden // self.heads
+        self.q = nnx.Linear(hidden, hidden, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.k = nnx.Linear(hidden, hidden, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.v = nnx.Linear(hidden, hidden, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.o = nnx.Linear(hidden, hidden, kernel_metadata=sharded(ROW), rngs=rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        """Attend and project back.
+
+        Args:
+            x: hidden states [B, T, hidden_size].
+            mask: boolean [B|1, 1, T, T], True where query i may attend to key j.
+        """
         b, t, hidden = x.shape
         shape = (b, t, self.heads, self.head_dim)
         out = attention(self.q(x).reshape(shape), self.k(x).reshape(shape), self.v(x).reshape(shape), mask)
@@ -68,51 +184,98 @@ class Attention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-    def __init__(self, hidden: int, intermediate: int, act: str, *, rngs: nnx.Rngs):
-        self.up = nnx.Linear(hidden, intermediate, rngs=rngs)
-        self.down = nnx.Linear(intermediate, hidden, rngs=rngs)
-        self.act = act
+    """``down(act(up(x)))``.
+
+    Args:
+        spec: the model's spec (``hidden_size``, ``intermediate_size``, ``hidden_act``).
+        rngs: random streams.
+    """
+
+    def __init__(self, spec: BertSpec, *, rngs: nnx.Rngs):
+        self.up = nnx.Linear(spec.hidden_size, spec.intermediate_size, kernel_metadata=sharded(COLUMN),
+                             rngs=rngs)
+        self.down = nnx.Linear(spec.intermediate_size, spec.hidden_size, kernel_metadata=sharded(ROW),
+                               rngs=rngs)
+        self.act = spec.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """Apply the MLP.
+
+        Args:
+            x: hidden states [..., hidden_size].
+        """
         return self.down(ACTIVATIONS[self.act](self.up(x)))
 
 
 class Layer(nnx.Module):
-    """Post-LN block: x = ln(x + attn(x)); x = ln(x + mlp(x))."""
+    """Post-LN block: x = ln(x + attn(x)); x = ln(x + mlp(x)).
 
-    def __init__(self, hidden: int, heads: int, intermediate: int, act: str, eps: float, *, rngs: nnx.Rngs):
-        self.attn = Attention(hidden, heads, rngs=rngs)
-        self.attn_norm = _layer_norm(hidden, eps, rngs)
-        self.mlp = Mlp(hidden, intermediate, act, rngs=rngs)
-        self.mlp_norm = _layer_norm(hidden, eps, rngs)
+    Args:
+        spec: the model's spec.
+        rngs: random streams.
+    """
+
+    def __init__(self, spec: BertSpec, *, rngs: nnx.Rngs):
+        self.attn = Attention(spec, rngs=rngs)
+        self.attn_norm = torch_layer_norm(spec.hidden_size, spec.layer_norm_eps, rngs)
+        self.mlp = Mlp(spec, rngs=rngs)
+        self.mlp_norm = torch_layer_norm(spec.hidden_size, spec.layer_norm_eps, rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        """Apply the block.
+
+        Args:
+            x: hidden states [B, T, hidden_size].
+            mask: boolean attention mask [B|1, 1, T, T].
+        """
         x = self.attn_norm(x + self.attn(x, mask))
         return self.mlp_norm(x + self.mlp(x))
 
 
 class Pooler(nnx.Module):
-    """dense + tanh on the first ([CLS]) token."""
+    """dense + tanh on the first ([CLS]) token.
 
-    def __init__(self, hidden: int, *, rngs: nnx.Rngs):
-        self.dense = nnx.Linear(hidden, hidden, rngs=rngs)
+    Args:
+        spec: the model's spec (``hidden_size``).
+        rngs: random streams.
+    """
+
+    def __init__(self, spec: BertSpec, *, rngs: nnx.Rngs):
+        self.dense = nnx.Linear(spec.hidden_size, spec.hidden_size, rngs=rngs)
 
     def __call__(self, hidden_states: jax.Array) -> jax.Array:
+        """The pooled output [B, hidden_size].
+
+        Args:
+            hidden_states: the encoder's output [B, T, hidden_size].
+        """
         return jnp.tanh(self.dense(hidden_states[:, 0]))
 
 
 class MlmHead(nnx.Module):
     """transform (dense + act + LayerNorm), then the decoder: the word embeddings' transpose plus ``bias``
-    when tied, else its own ``decoder`` Linear."""
+    when tied, else its own ``decoder`` Linear.
 
-    def __init__(self, hidden: int, vocab: int, act: str, eps: float, tied: bool, *, rngs: nnx.Rngs):
+    Args:
+        spec: the model's spec (``tie_word_embeddings`` decides which decoder).
+        rngs: random streams.
+    """
+
+    def __init__(self, spec: BertSpec, *, rngs: nnx.Rngs):
+        hidden, vocab, tied = spec.hidden_size, spec.vocab_size, spec.tie_word_embeddings
         self.transform = nnx.Linear(hidden, hidden, rngs=rngs)
-        self.norm = _layer_norm(hidden, eps, rngs)
-        self.act = act
+        self.norm = torch_layer_norm(hidden, spec.layer_norm_eps, rngs)
+        self.act = spec.hidden_act
         self.bias = nnx.Param(jnp.zeros((vocab,), jnp.float32)) if tied else None
-        self.decoder = None if tied else nnx.Linear(hidden, vocab, rngs=rngs)
+        self.decoder = None if tied else nnx.Linear(hidden, vocab, kernel_metadata=sharded(COLUMN), rngs=rngs)
 
     def __call__(self, h: jax.Array, word: nnx.Embed) -> jax.Array:
+        """Masked-LM logits [B, T, vocab_size].
+
+        Args:
+            h: the encoder's output [B, T, hidden_size].
+            word: the word embeddings (the tied decoder).
+        """
         h = self.norm(ACTIVATIONS[self.act](self.transform(h)))
         if self.decoder is not None:
             return self.decoder(h)
@@ -121,41 +284,43 @@ class MlmHead(nnx.Module):
 
 
 class Bert(nnx.Module):
-    """BERT encoder; ``__call__`` returns the final hidden states [batch, length, hidden]; :meth:`pool` the
-    pooler output and :meth:`mlm_logits` the masked-LM logits (when the model has them)."""
+    """BERT encoder (transformers' ``BertModel`` / ``BertForMaskedLM``).
 
-    def __init__(
-        self,
-        *,
-        vocab_size: int,
-        hidden_size: int,
-        num_hidden_layers: int,
-        num_attention_heads: int,
-        intermediate_size: int,
-        hidden_act: str,
-        max_position_embeddings: int,
-        type_vocab_size: int,
-        layer_norm_eps: float,
-        pooler: bool,
-        mlm: bool,
-        tie_word_embeddings: bool,
-        rngs: nnx.Rngs,
-    ):
-        self.embeddings = Embeddings(vocab_size, max_position_embeddings, type_vocab_size, hidden_size,
-                                     layer_norm_eps, rngs=rngs)
-        self.layers = nnx.List([
-            Layer(hidden_size, num_attention_heads, intermediate_size, hidden_act, layer_norm_eps, rngs=rngs)
-            for _ in range(num_hidden_layers)
-        ])
-        self.pooler = Pooler(hidden_size, rngs=rngs) if pooler else None
-        head = None
-        if mlm:
-            head = MlmHead(hidden_size, vocab_size, hidden_act, layer_norm_eps, tie_word_embeddings,
-                           rngs=rngs)
-        self.mlm = head
+    ``__call__`` returns the final hidden states; :meth:`pool` the pooler output and :meth:`mlm_logits`
+    the masked-LM logits (when the model has them).
+
+    Args:
+        spec: the resolved config (:func:`resolve`).
+        pooler: whether a ``BertModel`` has its pooler (the family's ``pooler`` option); ignored for
+            ``BertForMaskedLM``, which has none.
+        rngs: random streams for the initialisers.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from nnxport.models.bert import Bert, resolve
+        >>> spec = resolve({"architectures": ["BertForMaskedLM"], "hidden_size": 32, "num_hidden_layers": 2,
+        ...                 "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 100})
+        >>> model = Bert(spec, rngs=nnx.Rngs(0))
+        >>> model.mlm_logits(model(jnp.zeros((2, 8), jnp.int32))).shape
+        (2, 8, 100)
+    """
+
+    def __init__(self, spec: BertSpec, *, pooler: bool = True, rngs: nnx.Rngs):
+        self.embeddings = Embeddings(spec, rngs=rngs)
+        self.layers = nnx.List([Layer(spec, rngs=rngs) for _ in range(spec.num_hidden_layers)])
+        self.pooler = Pooler(spec, rngs=rngs) if pooler and not spec.mlm else None
+        self.mlm = MlmHead(spec, rngs=rngs) if spec.mlm else None
 
     def __call__(self, input_ids: jax.Array, attention_mask_: jax.Array | None = None,
                  token_type_ids: jax.Array | None = None) -> jax.Array:
+        """The final hidden states [B, T, hidden_size].
+
+        Args:
+            input_ids: token ids [B, T].
+            attention_mask_: padding mask [B, T] (1 = token), or None.
+            token_type_ids: segment ids [B, T]; None: all 0.
+        """
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         x = self.embeddings(input_ids, token_type_ids)
@@ -165,100 +330,25 @@ class Bert(nnx.Module):
         return x
 
     def pool(self, hidden_states: jax.Array) -> jax.Array:
+        """The pooler output [B, hidden_size] of :meth:`__call__`'s ``hidden_states``."""
         assert self.pooler is not None
         return self.pooler(hidden_states)
 
     def mlm_logits(self, hidden_states: jax.Array) -> jax.Array:
+        """The masked-LM logits [B, T, vocab_size] of :meth:`__call__`'s ``hidden_states``."""
         assert self.mlm is not None
         return self.mlm(hidden_states, self.embeddings.word)
 
 
-def _int(config: Mapping[str, Any], field: str, default: int, *, minimum: int = 1) -> int:
-    value = config.get(field, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"config.json: field '{field}' must be an integer >= {minimum}, got {value!r}")
-    return value
+# ------------------------------------------------------------------------------------------- family
 
+class BertParity(ParityHarness):
+    """BERT parity: seeded sentence pairs with a right-padded last row; MLM logits, or the base model's
+    hidden states and pooler output, at the unpadded positions."""
 
-def _is_mlm(config: Mapping[str, Any]) -> bool:
-    return MLM in (config.get("architectures") or [])
-
-
-class BertFamily(Family):
-    name = "bert"
-    description = "BERT encoders (transformers BertModel / BertForMaskedLM)"
-    mappings = ("bert",)
-    published: ClassVar[Mapping[str, Mapping[str, Any]]] = {
-        "google-bert/bert-base-uncased": {
-            "architectures": [MLM], "model_type": "bert", "attention_probs_dropout_prob": 0.1,
-            "gradient_checkpointing": False, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
-            "hidden_size": 768, "initializer_range": 0.02, "intermediate_size": 3072, "layer_norm_eps": 1e-12,
-            "max_position_embeddings": 512, "num_attention_heads": 12, "num_hidden_layers": 12,
-            "pad_token_id": 0, "position_embedding_type": "absolute", "type_vocab_size": 2, "use_cache": True,
-            "vocab_size": 30522,
-        },
-    }
     distributions = ("logits",)
     #: Parity inputs: [batch, length] token ids; the last row is right-padded.
     length = 16
-
-    def check_config(self, config: Mapping[str, Any]) -> None:
-        archs = config.get("architectures") or []
-        if archs and not {MLM, BASE} & set(archs):
-            raise ConfigError(f"config.json: field 'architectures' {archs!r} is not supported by nnxport's "
-                              f"bert family (supported: {BASE}, {MLM})")
-        hidden = _int(config, "hidden_size", 768)
-        heads = _int(config, "num_attention_heads", 12)
-        if hidden % heads:
-            raise ConfigError(f"config.json: field 'num_attention_heads' ({heads}) must divide 'hidden_size' "
-                              f"({hidden})")
-        for field, default in (("vocab_size", 30522), ("num_hidden_layers", 12), ("intermediate_size", 3072),
-                               ("max_position_embeddings", 512), ("type_vocab_size", 2)):
-            _int(config, field, default)
-        act = config.get("hidden_act", "gelu")
-        if act not in ACTIVATIONS:
-            raise ConfigError(f"config.json: field 'hidden_act' {act!r} is not supported "
-                              f"(supported: {', '.join(sorted(ACTIVATIONS))})")
-        kind = config.get("position_embedding_type", "absolute")
-        if kind != "absolute":
-            raise ConfigError(f"config.json: field 'position_embedding_type' {kind!r} is not supported "
-                              "(nnxport's bert family has 'absolute' position embeddings only)")
-        for field in ("is_decoder", "add_cross_attention"):
-            if config.get(field, False) is not False:
-                raise ConfigError(f"config.json: field '{field}' {config[field]!r} is not supported "
-                                  "(nnxport's bert family is a bidirectional encoder, without "
-                                  "cross-attention)")
-        tie = config.get("tie_word_embeddings", True)
-        if not isinstance(tie, bool):
-            raise ConfigError(f"config.json: field 'tie_word_embeddings' must be true or false, got {tie!r}")
-        eps = config.get("layer_norm_eps", 1e-12)
-        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
-            raise ConfigError(f"config.json: field 'layer_norm_eps' must be a positive number, got {eps!r}")
-
-    def options(self, config: Mapping[str, Any], keys: Collection[str]) -> dict[str, Any]:
-        """``pooler``: whether a BertModel checkpoint carries its pooler (BertForMaskedLM has none)."""
-        if _is_mlm(config):
-            return {"pooler": False}
-        return {"pooler": any(k == "pooler.dense.weight" or k.endswith(".pooler.dense.weight") for k in keys)}
-
-    def build(self, config: Mapping[str, Any], rngs: nnx.Rngs, options: Mapping[str, Any]) -> nnx.Module:
-        self.check_config(config)
-        mlm = _is_mlm(config)
-        return Bert(
-            vocab_size=int(config.get("vocab_size", 30522)),
-            hidden_size=int(config.get("hidden_size", 768)),
-            num_hidden_layers=int(config.get("num_hidden_layers", 12)),
-            num_attention_heads=int(config.get("num_attention_heads", 12)),
-            intermediate_size=int(config.get("intermediate_size", 3072)),
-            hidden_act=str(config.get("hidden_act", "gelu")),
-            max_position_embeddings=int(config.get("max_position_embeddings", 512)),
-            type_vocab_size=int(config.get("type_vocab_size", 2)),
-            layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
-            pooler=not mlm and bool(options.get("pooler", True)),
-            mlm=mlm,
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
-            rngs=rngs,
-        )
 
     def reference_class(self, config: Mapping[str, Any], options: Mapping[str, Any]) -> str:
         return MLM if _is_mlm(config) else BASE
@@ -324,6 +414,31 @@ class BertFamily(Family):
         if dtype == "float16":
             return Tolerance(atol=1e-2, rtol=1e-2, atol_relative=True)
         return Tolerance(atol=1e-4, rtol=1e-3)
+
+
+class BertFamily(Family):
+    """The ``bert`` family: config.json of ``model_type: bert`` -> :class:`BertSpec` -> :class:`Bert`.
+
+    Mapping: ``mappings/bert.yaml``; parity: :class:`BertParity`; tests: tests/test_family_bert.py.
+    """
+
+    name = "bert"
+    description = "BERT encoders (transformers BertModel / BertForMaskedLM)"
+    mappings = ("bert",)
+    parity = BertParity()
+
+    def resolve(self, config: Mapping[str, Any]) -> BertSpec:
+        """See :func:`resolve`."""
+        return resolve(config)
+
+    def options(self, config: Mapping[str, Any], keys: Collection[str]) -> dict[str, Any]:
+        """``pooler``: whether a BertModel checkpoint carries its pooler (BertForMaskedLM has none)."""
+        if _is_mlm(config):
+            return {"pooler": False}
+        return {"pooler": any(k == "pooler.dense.weight" or k.endswith(".pooler.dense.weight") for k in keys)}
+
+    def build(self, config: Mapping[str, Any], rngs: nnx.Rngs, options: Mapping[str, Any]) -> Bert:
+        return Bert(resolve(config), pooler=bool(options.get("pooler", True)), rngs=rngs)
 
 
 FAMILY = BertFamily()

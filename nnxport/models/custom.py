@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from nnxport.errors import ConfigError, NnxportError
-from nnxport.models.base import Family, ParityInput, Tolerance
+from nnxport.models.base import Family, ParityHarness, ParityInput, Tolerance
 
 DEFAULT_TOLERANCE = {"atol": 1e-4, "rtol": 1e-3}
 
@@ -81,27 +81,22 @@ def _named(out: Any, to_numpy: Any) -> dict[str, np.ndarray]:
     return {"output": to_numpy(out)}
 
 
-class CustomFamily(Family):
-    """A user's NNX class following the protocol above; ``name`` is its import path."""
+class CustomParity(ParityHarness):
+    """Parity for a custom model: its ``reference`` torch class, loaded with the source's state dict, on
+    ``parity_inputs(config)`` standard-normal inputs (see the protocol above).
 
-    mappings = ()
+    Args:
+        cls: the user's NNX class.
+        name: its import path (for messages).
+        reference_spec: its ``reference`` import path, or None (no parity).
+    """
+
     distributions = ()
 
-    def __init__(self, spec: str):
-        cls = import_object(spec, "model")
-        if not (isinstance(cls, type) and issubclass(cls, nnx.Module)):
-            raise NnxportError(f"model {spec!r}: {cls!r} is not an nnx.Module subclass")
-        self.name = spec
-        self.cls: Any = cls
-        self.description = (cls.__doc__ or spec).strip().splitlines()[0]
-        ref = getattr(cls, "reference", None)
-        if ref is not None and not (isinstance(ref, str) and is_import_path(ref)):
-            raise NnxportError(f"model {spec!r}: its 'reference' must be an import path "
-                               f"'package.module:TorchClass', got {ref!r}")
-        self.reference_spec: str | None = ref
-        if ref is not None and not callable(getattr(cls, "parity_inputs", None)):
-            raise NnxportError(f"model {spec!r} names a reference but has no parity_inputs(config) "
-                               "classmethod giving the input shapes")
+    def __init__(self, cls: Any, name: str, reference_spec: str | None):
+        self.cls = cls
+        self.name = name
+        self.reference_spec = reference_spec
 
     def has_reference(self) -> bool:
         """Whether the class declares a reference; a declared one that cannot be imported is an error
@@ -110,28 +105,6 @@ class CustomFamily(Family):
             return False
         import_object(self.reference_spec, f"reference of model {self.name}")
         return True
-
-    def check_config(self, config: Mapping[str, Any]) -> None:
-        check = getattr(self.cls, "check_config", None)
-        if callable(check):
-            try:
-                check(dict(config))
-            except NnxportError:
-                raise
-            except Exception as e:  # the user's check raised something else: still the config's fault
-                raise ConfigError(f"model {self.name}: check_config refused the config: "
-                                  f"{type(e).__name__}: {e}") from None
-
-    def build(self, config: Mapping[str, Any], rngs: nnx.Rngs, options: Mapping[str, Any]) -> nnx.Module:
-        try:
-            model = self.cls(dict(config), rngs=rngs)
-        except NnxportError:
-            raise
-        except Exception as e:
-            raise ConfigError(f"model {self.name}: building it from the config failed: "
-                              f"{type(e).__name__}: {e}") from None
-        assert isinstance(model, nnx.Module)
-        return model
 
     def reference_class(self, config: Mapping[str, Any], options: Mapping[str, Any]) -> str:
         return self.reference_spec or ""
@@ -209,3 +182,56 @@ class CustomFamily(Family):
             return Tolerance(atol=2e-2, rtol=2e-2, atol_relative=True)
         tol = {**DEFAULT_TOLERANCE, **(getattr(self.cls, "parity_tolerance", None) or {})}
         return Tolerance(atol=float(tol["atol"]), rtol=float(tol["rtol"]))
+
+
+class CustomFamily(Family):
+    """A user's NNX class following the protocol above; ``name`` is its import path.
+
+    The class is the spec's owner: :meth:`resolve` runs its optional ``check_config`` and gives the config
+    as a plain dict, which :meth:`build` passes to the class; :attr:`parity` is a :class:`CustomParity`.
+
+    Args:
+        spec: the import path ``package.module:Class``.
+    """
+
+    mappings = ()
+
+    def __init__(self, spec: str):
+        cls = import_object(spec, "model")
+        if not (isinstance(cls, type) and issubclass(cls, nnx.Module)):
+            raise NnxportError(f"model {spec!r}: {cls!r} is not an nnx.Module subclass")
+        self.name = spec
+        self.cls: Any = cls
+        self.description = (cls.__doc__ or spec).strip().splitlines()[0]
+        ref = getattr(cls, "reference", None)
+        if ref is not None and not (isinstance(ref, str) and is_import_path(ref)):
+            raise NnxportError(f"model {spec!r}: its 'reference' must be an import path "
+                               f"'package.module:TorchClass', got {ref!r}")
+        if ref is not None and not callable(getattr(cls, "parity_inputs", None)):
+            raise NnxportError(f"model {spec!r} names a reference but has no parity_inputs(config) "
+                               "classmethod giving the input shapes")
+        self.parity = CustomParity(cls, spec, ref)
+
+    def resolve(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """The config as the class gets it (a dict), after the class's own ``check_config``, if any."""
+        check = getattr(self.cls, "check_config", None)
+        if callable(check):
+            try:
+                check(dict(config))
+            except NnxportError:
+                raise
+            except Exception as e:  # the user's check raised something else: still the config's fault
+                raise ConfigError(f"model {self.name}: check_config refused the config: "
+                                  f"{type(e).__name__}: {e}") from None
+        return dict(config)
+
+    def build(self, config: Mapping[str, Any], rngs: nnx.Rngs, options: Mapping[str, Any]) -> nnx.Module:
+        try:
+            model = self.cls(dict(config), rngs=rngs)
+        except NnxportError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"model {self.name}: building it from the config failed: "
+                              f"{type(e).__name__}: {e}") from None
+        assert isinstance(model, nnx.Module)
+        return model

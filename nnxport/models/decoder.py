@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -49,8 +49,8 @@ import numpy as np
 from flax import nnx
 
 from nnxport.errors import ConfigError
-from nnxport.models.base import Family, ParityInput, Tolerance, token_inputs, valid_positions
-from nnxport.models.layers import ACTIVATIONS, attention, attention_mask
+from nnxport.models.base import Family, ParityHarness, ParityInput, Tolerance, token_inputs, valid_positions
+from nnxport.models.layers import ACTIVATIONS, COLUMN, EMBEDDING, ROW, attention, attention_mask, sharded
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 REFERENCE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -323,13 +323,19 @@ def resolve(config: Mapping[str, Any]) -> DecoderSpec:
 # -------------------------------------------------------------------------------------------- model
 
 class RMSNorm(nnx.Module):
-    """transformers' LlamaRMSNorm: normalise in float32, cast back, then multiply by ``scale``."""
+    """transformers' LlamaRMSNorm: normalise in float32, cast back, then multiply by ``scale``.
+
+    Args:
+        dim: the normalised (last) dimension.
+        eps: ``rms_norm_eps``.
+    """
 
     def __init__(self, dim: int, eps: float):
         self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalise ``x`` [..., dim]; the result has x's dtype (the scale's where that is wider)."""
         h = x.astype(jnp.float32)
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
         return self.scale[...] * h.astype(x.dtype)
@@ -346,17 +352,33 @@ def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class Attention(nnx.Module):
+    """Grouped-query self-attention with rotary embeddings (and Qwen3's per-head q/k RMSNorm).
+
+    Args:
+        spec: the model's spec (sizes, biases, ``qk_norm``).
+        rngs: random streams.
+    """
+
     def __init__(self, spec: DecoderSpec, *, rngs: nnx.Rngs):
         h, d = spec.hidden_size, spec.head_dim
-        self.q = nnx.Linear(h, spec.num_heads * d, use_bias=spec.qkv_bias, rngs=rngs)
-        self.k = nnx.Linear(h, spec.num_kv_heads * d, use_bias=spec.qkv_bias, rngs=rngs)
-        self.v = nnx.Linear(h, spec.num_kv_heads * d, use_bias=spec.qkv_bias, rngs=rngs)
-        self.o = nnx.Linear(spec.num_heads * d, h, use_bias=spec.o_bias, rngs=rngs)
+        qh, kvh, bias = spec.num_heads * d, spec.num_kv_heads * d, spec.qkv_bias
+        self.q = nnx.Linear(h, qh, use_bias=bias, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.k = nnx.Linear(h, kvh, use_bias=bias, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.v = nnx.Linear(h, kvh, use_bias=bias, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.o = nnx.Linear(qh, h, use_bias=spec.o_bias, kernel_metadata=sharded(ROW), rngs=rngs)
         self.q_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
         self.heads, self.kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, d
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        """Attend and project back.
+
+        Args:
+            x: hidden states [B, T, hidden_size].
+            cos: rotary cosines [T, head_dim], in x's dtype.
+            sin: rotary sines [T, head_dim], in x's dtype.
+            mask: boolean [B|1, 1, T, T], True where query i may attend to key j.
+        """
         b, t, _ = x.shape
         q = self.q(x).reshape(b, t, self.heads, self.head_dim)
         k = self.k(x).reshape(b, t, self.kv_heads, self.head_dim)
@@ -369,18 +391,37 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
+    """SwiGLU MLP: ``down(act(gate(x)) * up(x))``.
+
+    Args:
+        spec: the model's spec (sizes, ``mlp_bias``, ``hidden_act``).
+        rngs: random streams.
+    """
+
     def __init__(self, spec: DecoderSpec, *, rngs: nnx.Rngs):
         h, i = spec.hidden_size, spec.intermediate_size
-        self.gate = nnx.Linear(h, i, use_bias=spec.mlp_bias, rngs=rngs)
-        self.up = nnx.Linear(h, i, use_bias=spec.mlp_bias, rngs=rngs)
-        self.down = nnx.Linear(i, h, use_bias=spec.mlp_bias, rngs=rngs)
+        self.gate = nnx.Linear(h, i, use_bias=spec.mlp_bias, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.up = nnx.Linear(h, i, use_bias=spec.mlp_bias, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.down = nnx.Linear(i, h, use_bias=spec.mlp_bias, kernel_metadata=sharded(ROW), rngs=rngs)
         self.act = spec.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """Apply the MLP.
+
+        Args:
+            x: hidden states [..., hidden_size].
+        """
         return self.down(ACTIVATIONS[self.act](self.gate(x)) * self.up(x))
 
 
 class Block(nnx.Module):
+    """Pre-norm block: ``x + attn(input_norm(x))``, then ``x + mlp(post_attn_norm(x))``.
+
+    Args:
+        spec: the model's spec.
+        rngs: random streams.
+    """
+
     def __init__(self, spec: DecoderSpec, *, rngs: nnx.Rngs):
         self.input_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.attn = Attention(spec, rngs=rngs)
@@ -388,24 +429,51 @@ class Block(nnx.Module):
         self.mlp = MLP(spec, rngs=rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        """Apply the block (arguments as :meth:`Attention.__call__`)."""
         x = x + self.attn(self.input_norm(x), cos, sin, mask)
         return x + self.mlp(self.post_attn_norm(x))
 
 
 class Decoder(nnx.Module):
     """A decoder-only LM: ``model(input_ids [B, T] int, attention_mask [B, T] or None) -> logits [B, T, V]``
-    in the weights' dtype. Positions are 0..T-1 (no KV cache): the mask only hides padded keys."""
+    in the weights' dtype. Positions are 0..T-1 (no KV cache): the mask only hides padded keys.
+
+    Args:
+        spec: the resolved config (:func:`resolve`).
+        rngs: random streams for the initialisers.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from nnxport.models.decoder import Decoder, resolve
+        >>> spec = resolve({"model_type": "llama", "hidden_size": 32, "num_attention_heads": 4,
+        ...                 "num_key_value_heads": 2, "num_hidden_layers": 2, "intermediate_size": 64,
+        ...                 "vocab_size": 100})
+        >>> model = Decoder(spec, rngs=nnx.Rngs(0))
+        >>> model(jnp.zeros((2, 8), jnp.int32)).shape
+        (2, 8, 100)
+    """
 
     def __init__(self, spec: DecoderSpec, *, rngs: nnx.Rngs):
         self.spec = spec
-        self.embed = nnx.Embed(spec.vocab_size, spec.hidden_size, rngs=rngs)
+        self.embed = nnx.Embed(spec.vocab_size, spec.hidden_size, embedding_metadata=sharded(EMBEDDING),
+                               rngs=rngs)
         self.layers = nnx.List([Block(spec, rngs=rngs) for _ in range(spec.num_layers)])
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = (None if spec.tie_word_embeddings
-                        else nnx.Linear(spec.hidden_size, spec.vocab_size, use_bias=False, rngs=rngs))
+                        else nnx.Linear(spec.hidden_size, spec.vocab_size, use_bias=False,
+                                        kernel_metadata=sharded(COLUMN), rngs=rngs))
 
     def hidden_states(self, input_ids: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        """The final normed hidden states [B, T, hidden]."""
+        """The final normed hidden states.
+
+        Args:
+            input_ids: token ids [B, T].
+            mask: padding mask [B, T] (1 = token), or None.
+
+        Returns:
+            [B, T, hidden_size], in the weights' dtype.
+        """
         # Not nnx.Embed.__call__: it computes in the dtype the module was built with (float32), while the
         # model runs in the dtype of the stored weights, as transformers does.
         x = jnp.take(self.embed.embedding[...], input_ids, axis=0)
@@ -421,6 +489,7 @@ class Decoder(nnx.Module):
         return self.norm(x)
 
     def __call__(self, input_ids: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """Logits [B, T, vocab_size] (arguments as :meth:`hidden_states`)."""
         h = self.hidden_states(input_ids, mask)
         if self.lm_head is None:  # tied: the embedding's transpose
             return h @ self.embed.embedding[...].T
@@ -429,61 +498,11 @@ class Decoder(nnx.Module):
 
 # ------------------------------------------------------------------------------------------- family
 
-def _published() -> dict[str, dict[str, Any]]:
-    return {
-        "meta-llama/Llama-3.2-1B": {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
-            "attention_dropout": 0.0, "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64,
-            "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
-            "max_position_embeddings": 131072, "mlp_bias": False, "num_attention_heads": 32,
-            "num_hidden_layers": 16, "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
-            "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                             "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-            "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
-            "vocab_size": 128256,
-        },
-        "Qwen/Qwen2.5-0.5B": {
-            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "attention_dropout": 0.0,
-            "bos_token_id": 151643, "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896,
-            "initializer_range": 0.02, "intermediate_size": 4864, "max_position_embeddings": 32768,
-            "max_window_layers": 24, "num_attention_heads": 14, "num_hidden_layers": 24,
-            "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
-            "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True, "use_mrope": False,
-            "use_sliding_window": False, "vocab_size": 151936,
-        },
-        "Qwen/Qwen3-0.6B": {
-            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
-            "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128,
-            "hidden_act": "silu", "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 3072,
-            "max_position_embeddings": 40960, "max_window_layers": 28, "num_attention_heads": 16,
-            "num_hidden_layers": 28, "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None,
-            "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": True,
-            "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
-        },
-        "mistralai/Mistral-7B-v0.1": {
-            "architectures": ["MistralForCausalLM"], "model_type": "mistral", "bos_token_id": 1,
-            "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
-            "intermediate_size": 14336, "max_position_embeddings": 32768, "num_attention_heads": 32,
-            "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
-            "sliding_window": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-            "use_cache": True, "vocab_size": 32000,
-        },
-    }
+class DecoderParity(ParityHarness):
+    """Decoder parity against the model type's transformers class (``LlamaForCausalLM``, ...): seeded
+    token ids with a right-padded last row; logits at the unpadded positions (float32)."""
 
-
-class DecoderFamily(Family):
-    name = "decoder"
-    description = ("Decoder-only LMs: Llama 2/3.x, Qwen2/2.5, Qwen3, Mistral "
-                   "(transformers LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM)")
-    mappings = ("decoder",)
-    published: ClassVar[Mapping[str, Mapping[str, Any]]] = _published()
     distributions = ("logits",)
-
-    def check_config(self, config: Mapping[str, Any]) -> None:
-        resolve(config)
-
-    def build(self, config: Mapping[str, Any], rngs: nnx.Rngs, options: Mapping[str, Any]) -> nnx.Module:
-        return Decoder(resolve(config), rngs=rngs)
 
     def reference_class(self, config: Mapping[str, Any], options: Mapping[str, Any]) -> str:
         return REFERENCE[resolve(config).model_type]
@@ -514,6 +533,27 @@ class DecoderFamily(Family):
         if dtype in ("bfloat16", "float16"):
             return Tolerance(atol=5e-2, rtol=5e-2, atol_relative=True)
         return Tolerance(atol=1e-4, rtol=1e-3)
+
+
+class DecoderFamily(Family):
+    """The ``decoder`` family: config.json of a llama / qwen2 / qwen3 / mistral model -> :class:`DecoderSpec`
+    -> :class:`Decoder`.
+
+    Mapping: ``mappings/decoder.yaml``; parity: :class:`DecoderParity`; tests: tests/test_family_decoder.py.
+    """
+
+    name = "decoder"
+    description = ("Decoder-only LMs: Llama 2/3.x, Qwen2/2.5, Qwen3, Mistral "
+                   "(transformers LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM)")
+    mappings = ("decoder",)
+    parity = DecoderParity()
+
+    def resolve(self, config: Mapping[str, Any]) -> DecoderSpec:
+        """See :func:`resolve`."""
+        return resolve(config)
+
+    def build(self, config: Mapping[str, Any], rngs: nnx.Rngs, options: Mapping[str, Any]) -> Decoder:
+        return Decoder(resolve(config), rngs=rngs)
 
 
 FAMILY = DecoderFamily()

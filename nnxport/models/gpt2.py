@@ -16,7 +16,8 @@ transformers' Conv1D stores its weight as [in, out], which is already the nnx.Li
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +25,17 @@ import numpy as np
 from flax import nnx
 
 from nnxport.errors import ConfigError
-from nnxport.models.base import Family, ParityInput, Tolerance, token_inputs, valid_positions
-from nnxport.models.layers import ACTIVATIONS, attention, attention_mask
+from nnxport.models.base import Family, ParityHarness, ParityInput, Tolerance, token_inputs, valid_positions
+from nnxport.models.layers import (
+    ACTIVATIONS,
+    COLUMN,
+    EMBEDDING,
+    ROW,
+    attention,
+    attention_mask,
+    sharded,
+    torch_layer_norm,
+)
 
 #: Architectures whose checkpoints hold exactly the weights this family maps (a base GPT2Model checkpoint
 #: gets the tied LM head on top). Heads such as GPT2ForSequenceClassification are not implemented.
@@ -38,6 +48,37 @@ DEFAULTS: dict[str, Any] = {
     "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
     "add_cross_attention": False, "tie_word_embeddings": True,
 }
+
+
+# ------------------------------------------------------------------------------------------- config
+
+@dataclass(frozen=True)
+class GPT2Spec:
+    """Everything the NNX model needs, resolved from config.json (see :func:`resolve`).
+
+    Attributes:
+        vocab_size: token embedding rows (and logits).
+        n_positions: learned position embedding rows (the longest input).
+        n_embd: hidden size.
+        n_layer: number of blocks.
+        n_head: attention heads (dividing ``n_embd``).
+        n_inner: MLP hidden size (config.json's ``n_inner``, or ``4 * n_embd`` when null).
+        activation_function: transformers' activation name (a key of ``ACTIVATIONS``).
+        layer_norm_epsilon: LayerNorm epsilon.
+        attention_scales: per layer, the softmax scale (:func:`attention_scales`).
+        tie_word_embeddings: logits use ``wte`` (no ``lm_head`` leaf).
+    """
+
+    vocab_size: int
+    n_positions: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_inner: int
+    activation_function: str
+    layer_norm_epsilon: float
+    attention_scales: tuple[float, ...]
+    tie_word_embeddings: bool
 
 
 def _get(config: Mapping[str, Any], field: str) -> Any:
@@ -59,97 +100,6 @@ def _flag(config: Mapping[str, Any], field: str) -> bool:
     return value
 
 
-class Attention(nnx.Module):
-    """Causal multi-head self-attention; q, k, v are the three parts of GPT-2's fused ``c_attn``."""
-
-    def __init__(self, dim: int, heads: int, scale: float, *, rngs: nnx.Rngs):
-        self.q = nnx.Linear(dim, dim, rngs=rngs)
-        self.k = nnx.Linear(dim, dim, rngs=rngs)
-        self.v = nnx.Linear(dim, dim, rngs=rngs)
-        self.o = nnx.Linear(dim, dim, rngs=rngs)
-        self.heads = heads
-        self.scale = scale
-
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        b, t, dim = x.shape
-        shape = (b, t, self.heads, dim // self.heads)
-        q, k, v = (proj(x).reshape(shape) for proj in (self.q, self.k, self.v))
-        out = attention(q, k, v, mask, scale=self.scale)
-        return self.o(out.reshape(b, t, dim))
-
-
-class MLP(nnx.Module):
-    def __init__(self, dim: int, inner: int, act: str, *, rngs: nnx.Rngs):
-        self.c_fc = nnx.Linear(dim, inner, rngs=rngs)
-        self.c_proj = nnx.Linear(inner, dim, rngs=rngs)
-        self.act = act
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.c_proj(ACTIVATIONS[self.act](self.c_fc(x)))
-
-
-def _layer_norm(dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    # torch's LayerNorm computes the variance as E[(x - mean)^2], not E[x^2] - mean^2.
-    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
-
-
-class Block(nnx.Module):
-    """Pre-LN block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
-
-    def __init__(self, dim: int, heads: int, inner: int, act: str, eps: float, scale: float, *,
-                 rngs: nnx.Rngs):
-        self.ln_1 = _layer_norm(dim, eps, rngs)
-        self.attn = Attention(dim, heads, scale, rngs=rngs)
-        self.ln_2 = _layer_norm(dim, eps, rngs)
-        self.mlp = MLP(dim, inner, act, rngs=rngs)
-
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + self.attn(self.ln_1(x), mask)
-        return x + self.mlp(self.ln_2(x))
-
-
-class GPT2(nnx.Module):
-    """GPT-2 language model: token ids [batch, length] (+ padding mask) -> logits [batch, length, vocab]."""
-
-    def __init__(
-        self,
-        *,
-        vocab_size: int,
-        n_positions: int,
-        n_embd: int,
-        n_layer: int,
-        n_head: int,
-        n_inner: int,
-        activation_function: str,
-        layer_norm_epsilon: float,
-        scales: list[float],
-        tie_word_embeddings: bool,
-        rngs: nnx.Rngs,
-    ):
-        self.wte = nnx.Embed(vocab_size, n_embd, rngs=rngs)
-        self.wpe = nnx.Embed(n_positions, n_embd, rngs=rngs)
-        self.layers = nnx.List([
-            Block(n_embd, n_head, n_inner, activation_function, layer_norm_epsilon, scales[i], rngs=rngs)
-            for i in range(n_layer)
-        ])
-        self.ln_f = _layer_norm(n_embd, layer_norm_epsilon, rngs)
-        self.lm_head = None if tie_word_embeddings else nnx.Linear(n_embd, vocab_size, use_bias=False,
-                                                                   rngs=rngs)
-
-    def hidden_states(self, input_ids: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        """Final hidden states (after ``ln_f``), [batch, length, n_embd]."""
-        length = input_ids.shape[1]
-        x = self.wte(input_ids) + self.wpe(jnp.arange(length))[None]
-        allowed = attention_mask(mask, length, causal=True)
-        for block in self.layers:
-            x = block(x, allowed)
-        return self.ln_f(x)
-
-    def __call__(self, input_ids: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        h = self.hidden_states(input_ids, mask)
-        return self.wte.attend(h) if self.lm_head is None else self.lm_head(h)
-
-
 def attention_scales(config: Mapping[str, Any]) -> list[float]:
     """Per-layer softmax scale, transformers' rule: ``head_dim ** -0.5`` if ``scale_attn_weights`` (else
     1), divided by ``layer_idx + 1`` if ``scale_attn_by_inverse_layer_idx``."""
@@ -159,78 +109,201 @@ def attention_scales(config: Mapping[str, Any]) -> list[float]:
     return [base / float(i + 1) if by_layer else base for i in range(_positive_int(config, "n_layer"))]
 
 
-class GPT2Family(Family):
-    name = "gpt2"
-    description = "GPT-2 small/medium/large/xl (transformers GPT2LMHeadModel / GPT2Model, tied LM head)"
-    mappings = ("gpt2",)
-    published: ClassVar[Mapping[str, Mapping[str, Any]]] = {
-        "openai-community/gpt2": {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
-            "attn_pdrop": 0.1, "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256,
-            "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "n_ctx": 1024, "n_embd": 768,
-            "n_head": 12, "n_layer": 12, "n_positions": 1024, "resid_pdrop": 0.1, "summary_activation": None,
-            "summary_first_dropout": 0.1, "summary_proj_to_labels": True, "summary_type": "cls_index",
-            "summary_use_proj": True, "vocab_size": 50257,
-        },
-    }
+def resolve(config: Mapping[str, Any]) -> GPT2Spec:
+    """The :class:`GPT2Spec` of ``config``; ConfigError naming the field for anything not implemented."""
+    archs = config.get("architectures") or []
+    unsupported = [a for a in archs if a not in ARCHITECTURES]
+    if unsupported:
+        raise ConfigError(f"config.json: field 'architectures' names {unsupported[0]!r}, which the gpt2 "
+                          f"family does not implement (supported: {', '.join(ARCHITECTURES)})")
+    for field in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+        _positive_int(config, field)
+    n_embd = _positive_int(config, "n_embd")
+    if n_embd % _positive_int(config, "n_head"):
+        raise ConfigError(f"config.json: field 'n_embd' ({config.get('n_embd')}) must be a multiple of "
+                          f"'n_head' ({config.get('n_head')})")
+    inner = config.get("n_inner")
+    if inner is not None and (isinstance(inner, bool) or not isinstance(inner, int) or inner <= 0):
+        raise ConfigError(f"config.json: field 'n_inner' must be null or a positive integer, "
+                          f"got {inner!r}")
+    act = _get(config, "activation_function")
+    if act not in ACTIVATIONS:
+        raise ConfigError(f"config.json: field 'activation_function' is {act!r}, which the gpt2 family "
+                          f"does not implement (supported: {', '.join(sorted(ACTIVATIONS))})")
+    eps = _get(config, "layer_norm_epsilon")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ConfigError(f"config.json: field 'layer_norm_epsilon' must be a positive number, "
+                          f"got {eps!r}")
+    # Implemented: the softmax scale rules, and both head layouts. reorder_and_upcast_attn only changes
+    # the precision of the scores in eager mixed precision; nnxport's attention is always float32.
+    for field in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
+                  "tie_word_embeddings"):
+        _flag(config, field)
+    if _flag(config, "add_cross_attention"):
+        raise ConfigError("config.json: field 'add_cross_attention' is true: GPT-2 with cross-attention "
+                          "(an encoder-decoder component) is not implemented by the gpt2 family")
+    return GPT2Spec(
+        vocab_size=_positive_int(config, "vocab_size"),
+        n_positions=_positive_int(config, "n_positions"),
+        n_embd=n_embd,
+        n_layer=_positive_int(config, "n_layer"),
+        n_head=_positive_int(config, "n_head"),
+        n_inner=4 * n_embd if inner is None else int(inner),
+        activation_function=str(act),
+        layer_norm_epsilon=float(eps),
+        attention_scales=tuple(attention_scales(config)),
+        tie_word_embeddings=_flag(config, "tie_word_embeddings"),
+    )
 
-    def check_config(self, config: Mapping[str, Any]) -> None:
-        archs = config.get("architectures") or []
-        unsupported = [a for a in archs if a not in ARCHITECTURES]
-        if unsupported:
-            raise ConfigError(f"config.json: field 'architectures' names {unsupported[0]!r}, which the gpt2 "
-                              f"family does not implement (supported: {', '.join(ARCHITECTURES)})")
-        for field in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-            _positive_int(config, field)
-        if _positive_int(config, "n_embd") % _positive_int(config, "n_head"):
-            raise ConfigError(f"config.json: field 'n_embd' ({config.get('n_embd')}) must be a multiple of "
-                              f"'n_head' ({config.get('n_head')})")
-        inner = config.get("n_inner")
-        if inner is not None and (isinstance(inner, bool) or not isinstance(inner, int) or inner <= 0):
-            raise ConfigError(f"config.json: field 'n_inner' must be null or a positive integer, "
-                              f"got {inner!r}")
-        act = _get(config, "activation_function")
-        if act not in ACTIVATIONS:
-            raise ConfigError(f"config.json: field 'activation_function' is {act!r}, which the gpt2 family "
-                              f"does not implement (supported: {', '.join(sorted(ACTIVATIONS))})")
-        eps = _get(config, "layer_norm_epsilon")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ConfigError(f"config.json: field 'layer_norm_epsilon' must be a positive number, "
-                              f"got {eps!r}")
-        # Implemented: the softmax scale rules, and both head layouts. reorder_and_upcast_attn only changes
-        # the precision of the scores in eager mixed precision; nnxport's attention is always float32.
-        for field in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
-                      "tie_word_embeddings"):
-            _flag(config, field)
-        if _flag(config, "add_cross_attention"):
-            raise ConfigError("config.json: field 'add_cross_attention' is true: GPT-2 with cross-attention "
-                              "(an encoder-decoder component) is not implemented by the gpt2 family")
 
-    def build(self, config: Mapping[str, Any], rngs: nnx.Rngs, options: Mapping[str, Any]) -> nnx.Module:
-        self.check_config(config)
-        n_embd = _positive_int(config, "n_embd")
-        inner = config.get("n_inner")
-        return GPT2(
-            vocab_size=_positive_int(config, "vocab_size"),
-            n_positions=_positive_int(config, "n_positions"),
-            n_embd=n_embd,
-            n_layer=_positive_int(config, "n_layer"),
-            n_head=_positive_int(config, "n_head"),
-            n_inner=4 * n_embd if inner is None else int(inner),
-            activation_function=str(_get(config, "activation_function")),
-            layer_norm_epsilon=float(_get(config, "layer_norm_epsilon")),
-            scales=attention_scales(config),
-            tie_word_embeddings=_flag(config, "tie_word_embeddings"),
-            rngs=rngs,
-        )
+# -------------------------------------------------------------------------------------------- model
+
+class Attention(nnx.Module):
+    """Causal multi-head self-attention; q, k, v are the three parts of GPT-2's fused ``c_attn``.
+
+    Args:
+        spec: the model's spec (``n_embd``, ``n_head``).
+        scale: this layer's softmax scale.
+        rngs: random streams.
+    """
+
+    def __init__(self, spec: GPT2Spec, scale: float, *, rngs: nnx.Rngs):
+        dim = spec.n_embd
+        self.q = nnx.Linear(dim, dim, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.k = nnx.Linear(dim, dim, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.v = nnx.Linear(dim, dim, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.o = nnx.Linear(dim, dim, kernel_metadata=sharded(ROW), rngs=rngs)
+        self.heads = spec.n_head
+        self.scale = scale
+
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        """Attend and project back.
+
+        Args:
+            x: hidden states [B, T, n_embd].
+            mask: boolean [B|1, 1, T, T], True where query i may attend to key j.
+        """
+        b, t, dim = x.shape
+        shape = (b, t, self.heads, dim // self.heads)
+        q, k, v = (proj(x).reshape(shape) for proj in (self.q, self.k, self.v))
+        out = attention(q, k, v, mask, scale=self.scale)
+        return self.o(out.reshape(b, t, dim))
+
+
+class MLP(nnx.Module):
+    """``c_proj(act(c_fc(x)))``.
+
+    Args:
+        spec: the model's spec (``n_embd``, ``n_inner``, ``activation_function``).
+        rngs: random streams.
+    """
+
+    def __init__(self, spec: GPT2Spec, *, rngs: nnx.Rngs):
+        self.c_fc = nnx.Linear(spec.n_embd, spec.n_inner, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.c_proj = nnx.Linear(spec.n_inner, spec.n_embd, kernel_metadata=sharded(ROW), rngs=rngs)
+        self.act = spec.activation_function
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Apply the MLP.
+
+        Args:
+            x: hidden states [..., n_embd].
+        """
+        return self.c_proj(ACTIVATIONS[self.act](self.c_fc(x)))
+
+
+class Block(nnx.Module):
+    """Pre-LN block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``.
+
+    Args:
+        spec: the model's spec.
+        scale: this layer's softmax scale (``spec.attention_scales[layer]``).
+        rngs: random streams.
+    """
+
+    def __init__(self, spec: GPT2Spec, scale: float, *, rngs: nnx.Rngs):
+        self.ln_1 = torch_layer_norm(spec.n_embd, spec.layer_norm_epsilon, rngs)
+        self.attn = Attention(spec, scale, rngs=rngs)
+        self.ln_2 = torch_layer_norm(spec.n_embd, spec.layer_norm_epsilon, rngs)
+        self.mlp = MLP(spec, rngs=rngs)
+
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        """Apply the block.
+
+        Args:
+            x: hidden states [B, T, n_embd].
+            mask: boolean attention mask [B|1, 1, T, T].
+        """
+        x = x + self.attn(self.ln_1(x), mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2(nnx.Module):
+    """GPT-2 language model (transformers' ``GPT2LMHeadModel``).
+
+    Args:
+        spec: the resolved config (:func:`resolve`).
+        rngs: random streams for the initialisers.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from nnxport.models.gpt2 import GPT2, resolve
+        >>> spec = resolve({"n_embd": 32, "n_head": 4, "n_layer": 2, "vocab_size": 100, "n_positions": 16})
+        >>> model = GPT2(spec, rngs=nnx.Rngs(0))
+        >>> model(jnp.zeros((2, 8), jnp.int32)).shape
+        (2, 8, 100)
+    """
+
+    def __init__(self, spec: GPT2Spec, *, rngs: nnx.Rngs):
+        self.wte = nnx.Embed(spec.vocab_size, spec.n_embd, embedding_metadata=sharded(EMBEDDING), rngs=rngs)
+        self.wpe = nnx.Embed(spec.n_positions, spec.n_embd, rngs=rngs)
+        self.layers = nnx.List([Block(spec, scale, rngs=rngs) for scale in spec.attention_scales])
+        self.ln_f = torch_layer_norm(spec.n_embd, spec.layer_norm_epsilon, rngs)
+        self.lm_head = None if spec.tie_word_embeddings else nnx.Linear(
+            spec.n_embd, spec.vocab_size, use_bias=False, kernel_metadata=sharded(COLUMN), rngs=rngs)
+
+    def hidden_states(self, input_ids: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """Final hidden states (after ``ln_f``).
+
+        Args:
+            input_ids: token ids [B, T] (T <= n_positions).
+            mask: padding mask [B, T] (1 = token), or None.
+
+        Returns:
+            [B, T, n_embd].
+        """
+        length = input_ids.shape[1]
+        x = self.wte(input_ids) + self.wpe(jnp.arange(length))[None]
+        allowed = attention_mask(mask, length, causal=True)
+        for block in self.layers:
+            x = block(x, allowed)
+        return self.ln_f(x)
+
+    def __call__(self, input_ids: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """Logits [B, T, vocab_size].
+
+        Args:
+            input_ids: token ids [B, T] (T <= n_positions).
+            mask: padding mask [B, T] (1 = token), or None.
+        """
+        h = self.hidden_states(input_ids, mask)
+        return self.wte.attend(h) if self.lm_head is None else self.lm_head(h)
+
+
+# ------------------------------------------------------------------------------------------- family
+
+class GPT2Parity(ParityHarness):
+    """GPT-2 parity against ``GPT2LMHeadModel``: seeded token ids with a right-padded last row; logits
+    at the unpadded positions."""
 
     def reference_class(self, config: Mapping[str, Any], options: Mapping[str, Any]) -> str:
         return "GPT2LMHeadModel"
 
     def parity_inputs(self, config: Mapping[str, Any], seed: int) -> list[ParityInput]:
-        length = min(16, _positive_int(config, "n_positions"))
-        return token_inputs(_positive_int(config, "vocab_size"), seed, length=length,
-                            padding=min(5, length - 1))
+        spec = resolve(config)
+        length = min(16, spec.n_positions)
+        return token_inputs(spec.vocab_size, seed, length=length, padding=min(5, length - 1))
 
     def run_nnx(self, model: nnx.Module, inputs: list[ParityInput]) -> dict[str, np.ndarray]:
         assert isinstance(model, GPT2)
@@ -257,6 +330,25 @@ class GPT2Family(Family):
         if dtype == "float16":
             return Tolerance(atol=1e-2, rtol=1e-2, atol_relative=True)
         return Tolerance(atol=2e-5, rtol=1e-3, atol_relative=True)
+
+
+class GPT2Family(Family):
+    """The ``gpt2`` family: config.json of ``model_type: gpt2`` -> :class:`GPT2Spec` -> :class:`GPT2`.
+
+    Mapping: ``mappings/gpt2.yaml``; parity: :class:`GPT2Parity`; tests: tests/test_family_gpt2.py.
+    """
+
+    name = "gpt2"
+    description = "GPT-2 small/medium/large/xl (transformers GPT2LMHeadModel / GPT2Model, tied LM head)"
+    mappings = ("gpt2",)
+    parity = GPT2Parity()
+
+    def resolve(self, config: Mapping[str, Any]) -> GPT2Spec:
+        """See :func:`resolve`."""
+        return resolve(config)
+
+    def build(self, config: Mapping[str, Any], rngs: nnx.Rngs, options: Mapping[str, Any]) -> GPT2:
+        return GPT2(resolve(config), rngs=rngs)
 
 
 FAMILY = GPT2Family()

@@ -1,12 +1,15 @@
-"""Building blocks shared by the families: activations and attention with torch's numerics."""
+"""Building blocks shared by the families: activations, LayerNorm and attention with torch's numerics,
+and the default sharding annotations of their parameters."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 #: transformers' ACT2FN names -> jax functions with the same definition.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -21,6 +24,46 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "tanh": jnp.tanh,
     "sigmoid": jax.nn.sigmoid,
 }
+
+
+#: Megatron-style default layouts of ``[in, out]`` kernels and ``[rows, features]`` embeddings, in the mesh
+#: axis names nnxport uses (``--mesh data=2,model=4``): the big dimension over ``model``, the other over
+#: ``data``. Column-parallel projections (q, k, v, gate, up, fc1, LM heads) split their output features.
+COLUMN = ("data", "model")
+#: Row-parallel projections (o, down, fc2) split their input features.
+ROW = ("model", "data")
+#: Token embeddings split their vocabulary rows.
+EMBEDDING = ("model", "data")
+
+
+def sharded(axes: tuple[str | None, ...]) -> dict[str, Any]:
+    """Variable metadata annotating a parameter's default layout, for ``kernel_metadata`` /
+    ``embedding_metadata`` of nnx.Linear / nnx.Embed (``nnx.get_partition_spec`` reads it).
+
+    The annotation is metadata only (``eager_sharding`` off): the models are built under
+    ``nnx.eval_shape`` without a mesh, and nnxport places every array itself. A conversion with ``--mesh``
+    lays each target out as annotated unless its mapping rule's ``shard`` says otherwise; an axis the mesh
+    does not have, or one that does not divide the dimension, leaves that dimension whole.
+
+    Args:
+        axes: per dimension, a mesh axis name or None (whole).
+
+    Returns:
+        ``{"out_sharding": axes, "eager_sharding": False}``.
+    """
+    return {"out_sharding": axes, "eager_sharding": False}
+
+
+def torch_layer_norm(dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """An ``nnx.LayerNorm`` with torch's numerics: the variance in two passes, E[(x - mean)²] (flax's fast
+    variance, E[x²] - E[x]², loses digits).
+
+    Args:
+        dim: the normalised (last) dimension.
+        eps: ``layer_norm_eps`` / ``layer_norm_epsilon`` of config.json.
+        rngs: random streams (scale and bias are initialised to ones and zeros).
+    """
+    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
 
 
 def attention_mask(mask: jax.Array | None, length: int, *, causal: bool,

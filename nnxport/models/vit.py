@@ -17,7 +17,8 @@ Target paths (what ``mappings/vit.yaml`` fills)::
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,125 +26,58 @@ import numpy as np
 from flax import nnx
 
 from nnxport.errors import ConfigError
-from nnxport.models.base import Family, ParityInput, Tolerance
-from nnxport.models.layers import ACTIVATIONS, attention
+from nnxport.models.base import Family, ParityHarness, ParityInput, Tolerance, int_field, positive_float_field
+from nnxport.models.base import num_labels as _num_labels
+from nnxport.models.layers import ACTIVATIONS, COLUMN, ROW, attention, sharded, torch_layer_norm
 
 CLASSIFIER = "ViTForImageClassification"
 BASE = "ViTModel"
 
 
-def _layer_norm(dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    # torch computes the variance in two passes; flax's fast variance (E[x²] - E[x]²) loses digits.
-    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
+# ------------------------------------------------------------------------------------------- config
 
+@dataclass(frozen=True)
+class ViTSpec:
+    """Everything the NNX model needs, resolved from config.json (see :func:`resolve`).
 
-class Attention(nnx.Module):
-    """Multi-head self-attention with one fused q/k/v projection (q, k, v in that order on the output
-    axis)."""
+    Attributes:
+        image_size: (height, width) of the input images.
+        patch_size: (height, width) of a patch (the patch embedding's kernel and stride).
+        num_channels: input image channels.
+        hidden_size: hidden size.
+        num_hidden_layers: number of encoder layers.
+        num_attention_heads: attention heads.
+        head_dim: per-head size (config.json's ``head_dim``, else ``hidden_size / num_attention_heads``).
+        intermediate_size: MLP hidden size.
+        hidden_act: transformers' activation name of the MLP.
+        layer_norm_eps: LayerNorm epsilon.
+        qkv_bias: the fused q/k/v projection has a bias.
+        image_classifier: the model is ``ViTForImageClassification`` (False: ``ViTModel``).
+        num_labels: classifier outputs; 0 without a classifier.
+        pooler_output_size: the pooler's output size (config.json's ``pooler_output_size``, else hidden).
+        pooler_act: transformers' activation name of the pooler.
+    """
 
-    def __init__(self, hidden: int, heads: int, head_dim: int, qkv_bias: bool, *, rngs: nnx.Rngs):
-        self.heads = heads
-        self.head_dim = head_dim
-        self.qkv = nnx.Linear(hidden, 3 * heads * head_dim, use_bias=qkv_bias, rngs=rngs)
-        self.o = nnx.Linear(heads * head_dim, hidden, rngs=rngs)
+    image_size: tuple[int, int]
+    patch_size: tuple[int, int]
+    num_channels: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    head_dim: int
+    intermediate_size: int
+    hidden_act: str
+    layer_norm_eps: float
+    qkv_bias: bool
+    image_classifier: bool
+    num_labels: int
+    pooler_output_size: int
+    pooler_act: str
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, t, _ = x.shape
-        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
-        shape = (b, t, self.heads, self.head_dim)
-        mask = jnp.ones((1, 1, t, t), dtype=bool)
-        out = attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), mask)
-        return self.o(out.reshape(b, t, self.heads * self.head_dim))
-
-
-class Mlp(nnx.Module):
-    def __init__(self, hidden: int, intermediate: int, act: str, *, rngs: nnx.Rngs):
-        self.fc1 = nnx.Linear(hidden, intermediate, rngs=rngs)
-        self.fc2 = nnx.Linear(intermediate, hidden, rngs=rngs)
-        self.act = act
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(ACTIVATIONS[self.act](self.fc1(x)))
-
-
-class Layer(nnx.Module):
-    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
-
-    def __init__(self, hidden: int, heads: int, head_dim: int, intermediate: int, act: str, eps: float,
-                 qkv_bias: bool, *, rngs: nnx.Rngs):
-        self.layernorm_before = _layer_norm(hidden, eps, rngs)
-        self.attn = Attention(hidden, heads, head_dim, qkv_bias, rngs=rngs)
-        self.layernorm_after = _layer_norm(hidden, eps, rngs)
-        self.mlp = Mlp(hidden, intermediate, act, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.attn(self.layernorm_before(x))
-        return x + self.mlp(self.layernorm_after(x))
-
-
-class Pooler(nnx.Module):
-    """ViTModel's pooler: dense + activation on the CLS token."""
-
-    def __init__(self, hidden: int, out: int, act: str, *, rngs: nnx.Rngs):
-        self.dense = nnx.Linear(hidden, out, rngs=rngs)
-        self.act = act
-
-    def __call__(self, hidden_states: jax.Array) -> jax.Array:
-        return ACTIVATIONS[self.act](self.dense(hidden_states[:, 0]))
-
-
-class ViT(nnx.Module):
-    """Vision Transformer on NHWC float images. ``__call__`` gives the classifier's logits (the final [CLS]
-    state when ``num_labels`` is 0); :meth:`encode` the final hidden states [batch, patches + 1, hidden].
-    ``image_classifier`` is False for ViTModel (outputs: hidden states and, with a pooler, its output)."""
-
-    def __init__(
-        self,
-        *,
-        image_size: tuple[int, int],
-        patch_size: tuple[int, int],
-        num_channels: int,
-        hidden_size: int,
-        num_hidden_layers: int,
-        num_attention_heads: int,
-        head_dim: int,
-        intermediate_size: int,
-        hidden_act: str,
-        layer_norm_eps: float,
-        qkv_bias: bool,
-        image_classifier: bool,
-        num_labels: int,
-        pooler: tuple[int, str] | None,
-        rngs: nnx.Rngs,
-    ):
-        self.image_classifier = image_classifier
-        num_patches = (image_size[0] // patch_size[0]) * (image_size[1] // patch_size[1])
-        self.patch_embed = nnx.Conv(num_channels, hidden_size, patch_size, strides=patch_size,
-                                    padding="VALID", rngs=rngs)
-        self.cls_token = nnx.Param(jnp.zeros((hidden_size,), jnp.float32))
-        self.pos_embed = nnx.Param(jnp.zeros((num_patches + 1, hidden_size), jnp.float32))
-        self.layers = nnx.List([
-            Layer(hidden_size, num_attention_heads, head_dim, intermediate_size, hidden_act, layer_norm_eps,
-                  qkv_bias, rngs=rngs)
-            for _ in range(num_hidden_layers)
-        ])
-        self.layernorm = _layer_norm(hidden_size, layer_norm_eps, rngs)
-        self.classifier = nnx.Linear(hidden_size, num_labels, rngs=rngs) if num_labels > 0 else None
-        self.pooler = Pooler(hidden_size, pooler[0], pooler[1], rngs=rngs) if pooler is not None else None
-
-    def encode(self, pixel_values: jax.Array) -> jax.Array:
-        x = self.patch_embed(pixel_values)                    # [B, H/p, W/p, hidden], row-major patches
-        b = x.shape[0]
-        x = x.reshape(b, -1, x.shape[-1])
-        cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, x.shape[-1]))
-        x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...]
-        for layer in self.layers:
-            x = layer(x)
-        return self.layernorm(x)
-
-    def __call__(self, pixel_values: jax.Array) -> jax.Array:
-        cls = self.encode(pixel_values)[:, 0]
-        return cls if self.classifier is None else self.classifier(cls)
+    @property
+    def num_patches(self) -> int:
+        """Patches per image (the sequence is one longer: the CLS token)."""
+        return (self.image_size[0] // self.patch_size[0]) * (self.image_size[1] // self.patch_size[1])
 
 
 def _pair(config: Mapping[str, Any], field: str, default: int) -> tuple[int, int]:
@@ -166,18 +100,7 @@ def is_base_model(config: Mapping[str, Any]) -> bool:
 def num_labels(config: Mapping[str, Any]) -> int:
     """Size of the classification head: 0 for ViTModel, else transformers' rule: ``len(id2label)``, or
     ``num_labels`` (default 2)."""
-    if is_base_model(config):
-        return 0
-    if "id2label" in config and isinstance(config["id2label"], dict):
-        return len(config["id2label"])
-    return int(config.get("num_labels", 2))
-
-
-def _int(config: Mapping[str, Any], field: str, default: int, *, minimum: int = 1) -> int:
-    value = config.get(field, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"config.json: field '{field}' must be an integer >= {minimum}, got {value!r}")
-    return value
+    return _num_labels(config, base_model=is_base_model(config))
 
 
 def _head_dim(config: Mapping[str, Any]) -> int:
@@ -186,85 +109,226 @@ def _head_dim(config: Mapping[str, Any]) -> int:
     return int(config.get("hidden_size", 768)) // int(config.get("num_attention_heads", 12))
 
 
-class ViTFamily(Family):
-    name = "vit"
-    description = "Vision Transformer (transformers ViTForImageClassification / ViTModel)"
-    mappings = ("vit",)
-    published: ClassVar[Mapping[str, Mapping[str, Any]]] = {
-        "google/vit-base-patch16-224": {
-            "architectures": [CLASSIFIER], "model_type": "vit",
-            "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
-            "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-            "initializer_range": 0.02, "layer_norm_eps": 1e-12, "image_size": 224, "patch_size": 16,
-            "num_channels": 3, "qkv_bias": True, "num_labels": 1000,
-        },
-    }
+def resolve(config: Mapping[str, Any]) -> ViTSpec:
+    """The :class:`ViTSpec` of ``config``; ConfigError naming the field for anything not implemented."""
+    archs = config.get("architectures") or []
+    if archs and not {CLASSIFIER, BASE} & set(archs):
+        raise ConfigError(f"config.json: field 'architectures' {archs!r} is not supported by nnxport's "
+                          f"vit family (supported: {CLASSIFIER}, {BASE})")
+    hidden = int_field(config, "hidden_size", 768)
+    heads = int_field(config, "num_attention_heads", 12)
+    layers = int_field(config, "num_hidden_layers", 12)
+    intermediate = int_field(config, "intermediate_size", 3072)
+    channels = int_field(config, "num_channels", 3)
+    if "head_dim" in config:
+        int_field(config, "head_dim", 64)
+    elif hidden % heads:
+        raise ConfigError(f"config.json: field 'num_attention_heads' ({heads}) must divide "
+                          f"'hidden_size' ({hidden})")
+    image, patch = _pair(config, "image_size", 224), _pair(config, "patch_size", 16)
+    if image[0] < patch[0] or image[1] < patch[1]:
+        raise ConfigError(f"config.json: field 'patch_size' {list(patch)} is larger than 'image_size' "
+                          f"{list(image)}")
+    acts = {"hidden_act": config.get("hidden_act", "gelu"), "pooler_act": config.get("pooler_act", "tanh")}
+    for field, act in acts.items():
+        if act not in ACTIVATIONS:
+            raise ConfigError(f"config.json: field '{field}' {act!r} is not supported "
+                              f"(supported: {', '.join(sorted(ACTIVATIONS))})")
+    qkv_bias = config.get("qkv_bias", True)
+    if not isinstance(qkv_bias, bool):
+        raise ConfigError(f"config.json: field 'qkv_bias' must be true or false, got {qkv_bias!r}")
+    if config.get("pooler_output_size") is not None:
+        int_field(config, "pooler_output_size", hidden)
+    eps = positive_float_field(config, "layer_norm_eps", 1e-12)
+    if "id2label" not in config:
+        int_field(config, "num_labels", 2, minimum=0)
+    return ViTSpec(
+        image_size=image, patch_size=patch, num_channels=channels, hidden_size=hidden,
+        num_hidden_layers=layers, num_attention_heads=heads, head_dim=_head_dim(config),
+        intermediate_size=intermediate, hidden_act=str(acts["hidden_act"]), layer_norm_eps=eps,
+        qkv_bias=qkv_bias, image_classifier=not is_base_model(config), num_labels=num_labels(config),
+        pooler_output_size=int(config.get("pooler_output_size") or hidden),
+        pooler_act=str(acts["pooler_act"]),
+    )
+
+
+# -------------------------------------------------------------------------------------------- model
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with one fused q/k/v projection (q, k, v in that order on the output
+    axis).
+
+    Args:
+        spec: the model's spec (``hidden_size``, heads, ``head_dim``, ``qkv_bias``).
+        rngs: random streams.
+    """
+
+    def __init__(self, spec: ViTSpec, *, rngs: nnx.Rngs):
+        self.heads = spec.num_attention_heads
+        self.head_dim = spec.head_dim
+        inner = self.heads * self.head_dim
+        self.qkv = nnx.Linear(spec.hidden_size, 3 * inner, use_bias=spec.qkv_bias,
+                              kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.o = nnx.Linear(inner, spec.hidden_size, kernel_metadata=sharded(ROW), rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Attend (every token to every token) and project back.
+
+        Args:
+            x: hidden states [B, T, hidden_size].
+        """
+        b, t, _ = x.shape
+        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
+        shape = (b, t, self.heads, self.head_dim)
+        mask = jnp.ones((1, 1, t, t), dtype=bool)
+        out = attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), mask)
+        return self.o(out.reshape(b, t, self.heads * self.head_dim))
+
+
+class Mlp(nnx.Module):
+    """``fc2(act(fc1(x)))``.
+
+    Args:
+        spec: the model's spec (``hidden_size``, ``intermediate_size``, ``hidden_act``).
+        rngs: random streams.
+    """
+
+    def __init__(self, spec: ViTSpec, *, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(spec.hidden_size, spec.intermediate_size, kernel_metadata=sharded(COLUMN),
+                              rngs=rngs)
+        self.fc2 = nnx.Linear(spec.intermediate_size, spec.hidden_size, kernel_metadata=sharded(ROW),
+                              rngs=rngs)
+        self.act = spec.hidden_act
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Apply the MLP.
+
+        Args:
+            x: hidden states [..., hidden_size].
+        """
+        return self.fc2(ACTIVATIONS[self.act](self.fc1(x)))
+
+
+class Layer(nnx.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
+
+    Args:
+        spec: the model's spec.
+        rngs: random streams.
+    """
+
+    def __init__(self, spec: ViTSpec, *, rngs: nnx.Rngs):
+        self.layernorm_before = torch_layer_norm(spec.hidden_size, spec.layer_norm_eps, rngs)
+        self.attn = Attention(spec, rngs=rngs)
+        self.layernorm_after = torch_layer_norm(spec.hidden_size, spec.layer_norm_eps, rngs)
+        self.mlp = Mlp(spec, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Apply the block.
+
+        Args:
+            x: hidden states [B, T, hidden_size].
+        """
+        x = x + self.attn(self.layernorm_before(x))
+        return x + self.mlp(self.layernorm_after(x))
+
+
+class Pooler(nnx.Module):
+    """ViTModel's pooler: dense + activation on the CLS token.
+
+    Args:
+        spec: the model's spec (``hidden_size``, ``pooler_output_size``, ``pooler_act``).
+        rngs: random streams.
+    """
+
+    def __init__(self, spec: ViTSpec, *, rngs: nnx.Rngs):
+        self.dense = nnx.Linear(spec.hidden_size, spec.pooler_output_size, rngs=rngs)
+        self.act = spec.pooler_act
+
+    def __call__(self, hidden_states: jax.Array) -> jax.Array:
+        """The pooled output [B, pooler_output_size].
+
+        Args:
+            hidden_states: the encoder's output [B, T, hidden_size].
+        """
+        return ACTIVATIONS[self.act](self.dense(hidden_states[:, 0]))
+
+
+class ViT(nnx.Module):
+    """Vision Transformer on NHWC float images (transformers' ``ViTForImageClassification`` /
+    ``ViTModel``).
+
+    ``__call__`` gives the classifier's logits (the final [CLS] state when ``num_labels`` is 0);
+    :meth:`encode` the final hidden states [batch, patches + 1, hidden]. ``image_classifier`` is False for
+    ViTModel (outputs: hidden states and, with a pooler, its output).
+
+    Args:
+        spec: the resolved config (:func:`resolve`).
+        pooler: whether a ``ViTModel`` has its pooler (the family's ``pooler`` option); a
+            ``ViTForImageClassification`` has none.
+        rngs: random streams for the initialisers.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from nnxport.models.vit import ViT, resolve
+        >>> spec = resolve({"architectures": ["ViTForImageClassification"], "hidden_size": 32,
+        ...                 "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+        ...                 "image_size": 32, "patch_size": 8, "num_labels": 10})
+        >>> model = ViT(spec, rngs=nnx.Rngs(0))
+        >>> model(jnp.zeros((2, 32, 32, 3))).shape
+        (2, 10)
+    """
+
+    def __init__(self, spec: ViTSpec, *, pooler: bool = True, rngs: nnx.Rngs):
+        self.image_classifier = spec.image_classifier
+        hidden = spec.hidden_size
+        self.patch_embed = nnx.Conv(spec.num_channels, hidden, spec.patch_size, strides=spec.patch_size,
+                                    padding="VALID", rngs=rngs)
+        self.cls_token = nnx.Param(jnp.zeros((hidden,), jnp.float32))
+        self.pos_embed = nnx.Param(jnp.zeros((spec.num_patches + 1, hidden), jnp.float32))
+        self.layers = nnx.List([Layer(spec, rngs=rngs) for _ in range(spec.num_hidden_layers)])
+        self.layernorm = torch_layer_norm(hidden, spec.layer_norm_eps, rngs)
+        self.classifier = nnx.Linear(hidden, spec.num_labels, rngs=rngs) if spec.num_labels > 0 else None
+        has_pooler = pooler and not spec.image_classifier
+        self.pooler = Pooler(spec, rngs=rngs) if has_pooler else None
+
+    def encode(self, pixel_values: jax.Array) -> jax.Array:
+        """The final hidden states (after ``layernorm``).
+
+        Args:
+            pixel_values: NHWC float images [B, height, width, num_channels].
+
+        Returns:
+            [B, num_patches + 1, hidden_size]: the CLS token first, then the patches in row-major order.
+        """
+        x = self.patch_embed(pixel_values)                    # [B, H/p, W/p, hidden], row-major patches
+        b = x.shape[0]
+        x = x.reshape(b, -1, x.shape[-1])
+        cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, x.shape[-1]))
+        x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...]
+        for layer in self.layers:
+            x = layer(x)
+        return self.layernorm(x)
+
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        """Logits [B, num_labels], or the final [CLS] state [B, hidden_size] without a classifier.
+
+        Args:
+            pixel_values: NHWC float images [B, height, width, num_channels].
+        """
+        cls = self.encode(pixel_values)[:, 0]
+        return cls if self.classifier is None else self.classifier(cls)
+
+
+# ------------------------------------------------------------------------------------------- family
+
+class ViTParity(ParityHarness):
+    """ViT parity: two seeded NHWC images at the config's ``image_size`` (NCHW for the reference);
+    logits, or the base model's hidden states and pooler output."""
+
     batch = 2
     channels_first_reference = True
-
-    def check_config(self, config: Mapping[str, Any]) -> None:
-        archs = config.get("architectures") or []
-        if archs and not {CLASSIFIER, BASE} & set(archs):
-            raise ConfigError(f"config.json: field 'architectures' {archs!r} is not supported by nnxport's "
-                              f"vit family (supported: {CLASSIFIER}, {BASE})")
-        hidden = _int(config, "hidden_size", 768)
-        heads = _int(config, "num_attention_heads", 12)
-        for field, default in (("num_hidden_layers", 12), ("intermediate_size", 3072), ("num_channels", 3)):
-            _int(config, field, default)
-        if "head_dim" in config:
-            _int(config, "head_dim", 64)
-        elif hidden % heads:
-            raise ConfigError(f"config.json: field 'num_attention_heads' ({heads}) must divide "
-                              f"'hidden_size' ({hidden})")
-        image, patch = _pair(config, "image_size", 224), _pair(config, "patch_size", 16)
-        if image[0] < patch[0] or image[1] < patch[1]:
-            raise ConfigError(f"config.json: field 'patch_size' {list(patch)} is larger than 'image_size' "
-                              f"{list(image)}")
-        for field, act in (("hidden_act", config.get("hidden_act", "gelu")),
-                           ("pooler_act", config.get("pooler_act", "tanh"))):
-            if act not in ACTIVATIONS:
-                raise ConfigError(f"config.json: field '{field}' {act!r} is not supported "
-                                  f"(supported: {', '.join(sorted(ACTIVATIONS))})")
-        qkv_bias = config.get("qkv_bias", True)
-        if not isinstance(qkv_bias, bool):
-            raise ConfigError(f"config.json: field 'qkv_bias' must be true or false, got {qkv_bias!r}")
-        if config.get("pooler_output_size") is not None:
-            _int(config, "pooler_output_size", hidden)
-        eps = config.get("layer_norm_eps", 1e-12)
-        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
-            raise ConfigError(f"config.json: field 'layer_norm_eps' must be a positive number, got {eps!r}")
-        if "id2label" not in config:
-            _int(config, "num_labels", 2, minimum=0)
-
-    def options(self, config: Mapping[str, Any], keys: Collection[str]) -> dict[str, Any]:
-        """``pooler``: whether a ViTModel checkpoint carries its pooler (``pooler.dense.weight``)."""
-        if not is_base_model(config):
-            return {"pooler": False}
-        return {"pooler": any(k == "pooler.dense.weight" or k.endswith(".pooler.dense.weight") for k in keys)}
-
-    def build(self, config: Mapping[str, Any], rngs: nnx.Rngs, options: Mapping[str, Any]) -> nnx.Module:
-        self.check_config(config)
-        hidden = int(config.get("hidden_size", 768))
-        pooler = None
-        if is_base_model(config) and options.get("pooler", True):
-            pooler = (int(config.get("pooler_output_size") or hidden), str(config.get("pooler_act", "tanh")))
-        return ViT(
-            image_size=_pair(config, "image_size", 224),
-            patch_size=_pair(config, "patch_size", 16),
-            num_channels=int(config.get("num_channels", 3)),
-            hidden_size=hidden,
-            num_hidden_layers=int(config.get("num_hidden_layers", 12)),
-            num_attention_heads=int(config.get("num_attention_heads", 12)),
-            head_dim=_head_dim(config),
-            intermediate_size=int(config.get("intermediate_size", 3072)),
-            hidden_act=str(config.get("hidden_act", "gelu")),
-            layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
-            qkv_bias=bool(config.get("qkv_bias", True)),
-            image_classifier=not is_base_model(config),
-            num_labels=num_labels(config),
-            pooler=pooler,
-            rngs=rngs,
-        )
 
     def reference_class(self, config: Mapping[str, Any], options: Mapping[str, Any]) -> str:
         return BASE if is_base_model(config) else CLASSIFIER
@@ -319,6 +383,31 @@ class ViTFamily(Family):
         if dtype == "float16":
             return Tolerance(atol=5e-3, rtol=5e-3, atol_relative=True)
         return Tolerance(atol=1e-4, rtol=1e-3)
+
+
+class ViTFamily(Family):
+    """The ``vit`` family: config.json of ``model_type: vit`` -> :class:`ViTSpec` -> :class:`ViT`.
+
+    Mapping: ``mappings/vit.yaml``; parity: :class:`ViTParity`; tests: tests/test_family_vit.py.
+    """
+
+    name = "vit"
+    description = "Vision Transformer (transformers ViTForImageClassification / ViTModel)"
+    mappings = ("vit",)
+    parity = ViTParity()
+
+    def resolve(self, config: Mapping[str, Any]) -> ViTSpec:
+        """See :func:`resolve`."""
+        return resolve(config)
+
+    def options(self, config: Mapping[str, Any], keys: Collection[str]) -> dict[str, Any]:
+        """``pooler``: whether a ViTModel checkpoint carries its pooler (``pooler.dense.weight``)."""
+        if not is_base_model(config):
+            return {"pooler": False}
+        return {"pooler": any(k == "pooler.dense.weight" or k.endswith(".pooler.dense.weight") for k in keys)}
+
+    def build(self, config: Mapping[str, Any], rngs: nnx.Rngs, options: Mapping[str, Any]) -> ViT:
+        return ViT(resolve(config), pooler=bool(options.get("pooler", True)), rngs=rngs)
 
 
 FAMILY = ViTFamily()

@@ -3,7 +3,10 @@
 The Hugging Face hub is not always reachable (it is not on our CI machines), so the demo, the tests and
 the benchmarks build checkpoints that have the real architectures, key names, shapes and dtypes, with
 random weights. Every float tensor is randomised — BatchNorm running statistics and norm scales included —
-so that a mapping mistake anywhere changes the outputs.
+so that a mapping mistake anywhere changes the outputs. The configs come from
+:mod:`nnxport.testing.published`.
+
+``python -m nnxport.testing.replicas REPO_ID --hub-cache DIR`` puts one into a hub-style cache.
 """
 
 from __future__ import annotations
@@ -14,19 +17,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from nnxport.testing.published import published, published_config
 
-def published() -> dict[str, dict[str, Any]]:
-    """Every family's published configs: hub id -> config.json fields (architecture fields only)."""
-    from nnxport.models import FAMILIES
-
-    return {repo: dict(cfg) for f in FAMILIES.values() for repo, cfg in f.published.items()}
-
-
-def published_config(repo_id: str, **overrides: Any) -> dict[str, Any]:
-    """The published config of ``repo_id`` with ``overrides`` applied."""
-    config = copy.deepcopy(published()[repo_id])
-    config.update(overrides)
-    return config
+__all__ = ["build_replica", "edit_safetensors", "published_config"]
 
 
 def build_replica(
@@ -109,15 +102,15 @@ def edit_safetensors(folder: Path, *, add: dict[str, Any] | None = None, drop: I
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m nnxport.replicas REPO_ID --hub-cache DIR``: put a replica of REPO_ID into a hub-style
-    cache (once; an existing snapshot is kept)."""
+    """``python -m nnxport.testing.replicas REPO_ID --hub-cache DIR``: put a replica of REPO_ID into a
+    hub-style cache (once; an existing snapshot is kept)."""
     import argparse
     import sys
     import tempfile
 
     from nnxport.source import write_hub_cache
 
-    parser = argparse.ArgumentParser(prog="python -m nnxport.replicas", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m nnxport.testing.replicas", description=main.__doc__)
     parser.add_argument("repo_id", choices=sorted(published()))
     parser.add_argument("--hub-cache", type=Path, required=True)
     args = parser.parse_args(argv)

@@ -1,0 +1,112 @@
+"""Published configs that the tests, the demo and the benchmarks replicate: per family, hub id ->
+config.json fields (architecture fields as the hub has them; :mod:`nnxport.testing.replicas` builds
+random-weight checkpoints from them).
+
+Test fixtures, not part of a family: a family is config -> model (:mod:`nnxport.models`); which public
+checkpoints it is tested on is recorded here. ``tests/test_registry.py`` checks that every registered
+family has at least one, that it selects the family's mapping, and that the model built from it has as
+many parameters as its transformers reference.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+#: family name -> hub id -> config.json fields.
+PUBLISHED: dict[str, dict[str, dict[str, Any]]] = {
+    "resnet": {
+        "microsoft/resnet-50": {
+            "architectures": ["ResNetForImageClassification"], "model_type": "resnet",
+            "depths": [3, 4, 6, 3], "hidden_sizes": [256, 512, 1024, 2048], "embedding_size": 64,
+            "layer_type": "bottleneck", "hidden_act": "relu", "downsample_in_first_stage": False,
+            "num_channels": 3, "num_labels": 1000,
+        },
+        "microsoft/resnet-18": {
+            "architectures": ["ResNetForImageClassification"], "model_type": "resnet",
+            "depths": [2, 2, 2, 2], "hidden_sizes": [64, 128, 256, 512], "embedding_size": 64,
+            "layer_type": "basic", "hidden_act": "relu", "downsample_in_first_stage": False,
+            "num_channels": 3, "num_labels": 1000,
+        },
+    },
+    "gpt2": {
+        "openai-community/gpt2": {
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
+            "attn_pdrop": 0.1, "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256,
+            "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "n_ctx": 1024, "n_embd": 768,
+            "n_head": 12, "n_layer": 12, "n_positions": 1024, "resid_pdrop": 0.1, "summary_activation": None,
+            "summary_first_dropout": 0.1, "summary_proj_to_labels": True, "summary_type": "cls_index",
+            "summary_use_proj": True, "vocab_size": 50257,
+        },
+    },
+    "bert": {
+        "google-bert/bert-base-uncased": {
+            "architectures": ["BertForMaskedLM"], "model_type": "bert", "attention_probs_dropout_prob": 0.1,
+            "gradient_checkpointing": False, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+            "hidden_size": 768, "initializer_range": 0.02, "intermediate_size": 3072, "layer_norm_eps": 1e-12,
+            "max_position_embeddings": 512, "num_attention_heads": 12, "num_hidden_layers": 12,
+            "pad_token_id": 0, "position_embedding_type": "absolute", "type_vocab_size": 2, "use_cache": True,
+            "vocab_size": 30522,
+        },
+    },
+    "vit": {
+        "google/vit-base-patch16-224": {
+            "architectures": ["ViTForImageClassification"], "model_type": "vit",
+            "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+            "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+            "initializer_range": 0.02, "layer_norm_eps": 1e-12, "image_size": 224, "patch_size": 16,
+            "num_channels": 3, "qkv_bias": True, "num_labels": 1000,
+        },
+    },
+    "decoder": {
+        "meta-llama/Llama-3.2-1B": {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
+            "attention_dropout": 0.0, "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64,
+            "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
+            "max_position_embeddings": 131072, "mlp_bias": False, "num_attention_heads": 32,
+            "num_hidden_layers": 16, "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+            "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                             "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+            "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+            "vocab_size": 128256,
+        },
+        "Qwen/Qwen2.5-0.5B": {
+            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "attention_dropout": 0.0,
+            "bos_token_id": 151643, "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896,
+            "initializer_range": 0.02, "intermediate_size": 4864, "max_position_embeddings": 32768,
+            "max_window_layers": 24, "num_attention_heads": 14, "num_hidden_layers": 24,
+            "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+            "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True, "use_mrope": False,
+            "use_sliding_window": False, "vocab_size": 151936,
+        },
+        "Qwen/Qwen3-0.6B": {
+            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
+            "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128,
+            "hidden_act": "silu", "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 3072,
+            "max_position_embeddings": 40960, "max_window_layers": 28, "num_attention_heads": 16,
+            "num_hidden_layers": 28, "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None,
+            "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": True,
+            "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+        },
+        "mistralai/Mistral-7B-v0.1": {
+            "architectures": ["MistralForCausalLM"], "model_type": "mistral", "bos_token_id": 1,
+            "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+            "intermediate_size": 14336, "max_position_embeddings": 32768, "num_attention_heads": 32,
+            "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+            "sliding_window": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+            "use_cache": True, "vocab_size": 32000,
+        },
+    },
+}
+
+
+def published() -> dict[str, dict[str, Any]]:
+    """Every family's published configs: hub id -> config.json fields (architecture fields only)."""
+    return {repo: dict(cfg) for configs in PUBLISHED.values() for repo, cfg in configs.items()}
+
+
+def published_config(repo_id: str, **overrides: Any) -> dict[str, Any]:
+    """The published config of ``repo_id`` with ``overrides`` applied (a deep copy)."""
+    config = copy.deepcopy(published()[repo_id])
+    config.update(overrides)
+    return config
