@@ -202,6 +202,10 @@ class BertFamily(Family):
     #: Parity inputs: [batch, length] token ids; the last row is right-padded.
     length = 16
 
+    layer_keys: ClassVar[Mapping[str, str]] = {
+        "num_hidden_layers": r"^(?:bert\.)?encoder\.layer\.(\d{1,9})\.",
+    }
+
     def check_config(self, config: Mapping[str, Any]) -> None:
         archs = config.get("architectures") or []
         if archs and not {MLM, BASE} & set(archs):

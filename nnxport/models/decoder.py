@@ -479,6 +479,10 @@ class DecoderFamily(Family):
     published: ClassVar[Mapping[str, Mapping[str, Any]]] = _published()
     distributions = ("logits",)
 
+    layer_keys: ClassVar[Mapping[str, str]] = {
+        "num_hidden_layers": r"^model\.layers\.(\d{1,9})\.",
+    }
+
     def check_config(self, config: Mapping[str, Any]) -> None:
         resolve(config)
 

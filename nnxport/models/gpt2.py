@@ -174,6 +174,10 @@ class GPT2Family(Family):
         },
     }
 
+    layer_keys: ClassVar[Mapping[str, str]] = {
+        "n_layer": r"^(?:transformer\.)?h\.(\d{1,9})\.",
+    }
+
     def check_config(self, config: Mapping[str, Any]) -> None:
         archs = config.get("architectures") or []
         unsupported = [a for a in archs if a not in ARCHITECTURES]

@@ -179,6 +179,10 @@ class ResNetFamily(Family):
     channels_first_reference = True
     batch = 2
 
+    layer_keys: ClassVar[Mapping[str, str]] = {
+        "depths": r"^(?:resnet\.)?encoder\.stages\.(\d{1,9})\.layers\.(\d{1,9})\.",
+    }
+
     def check_config(self, config: Mapping[str, Any]) -> None:
         depths = require(config, "depths", list)
         sizes = require(config, "hidden_sizes", list)

@@ -202,6 +202,10 @@ class ViTFamily(Family):
     batch = 2
     channels_first_reference = True
 
+    layer_keys: ClassVar[Mapping[str, str]] = {
+        "num_hidden_layers": r"^(?:vit\.)?encoder\.layer\.(\d{1,9})\.",
+    }
+
     def check_config(self, config: Mapping[str, Any]) -> None:
         archs = config.get("architectures") or []
         if archs and not {CLASSIFIER, BASE} & set(archs):
