@@ -130,7 +130,7 @@ def _open_source(source: str | Path, revision: str | None, config: str | Path | 
         if len(raw) > MAX_CONFIG_YAML_BYTES:
             raise SourceError(f"{config}: larger than {MAX_CONFIG_YAML_BYTES // 1_000_000} MB, too large for "
                               "a config")
-        doc = yaml.load(raw.decode("utf-8"), Loader=NoAliasLoader)  # noqa: S506 (a SafeLoader, no aliases)
+        doc = yaml.load(raw.decode("utf-8"), Loader=NoAliasLoader)  # a SafeLoader refusing aliases
     except (OSError, UnicodeDecodeError) as e:
         raise SourceError(f"{config}: cannot read ({e})") from None
     except RecursionError:

@@ -342,7 +342,7 @@ def _backtracks(items: Any, *, in_repeat: bool) -> str | None:
     (it holds the GIL while it matches), so such regexes are refused at load time."""
     for op, av in items:
         if op in _REPEATS:
-            low, high, body = av
+            _low, high, body = av
             repeats = high > 1 or high == _sre_c.MAXREPEAT
             if repeats and in_repeat and op is not _sre_c.POSSESSIVE_REPEAT:
                 return "a repeat"
