@@ -58,10 +58,10 @@ def init_distributed(coordinator: str | None, num_processes: int | None, process
     """Join a multi-process run (``jax.distributed``) when a coordinator is given, by flag or by
     JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES / JAX_PROCESS_ID for the other two); the number of
     processes. Must run before anything asks jax for its devices."""
-    for flag, value in (("--num-processes", num_processes), ("--process-id", process_id)):
-        if value is not None and (type(value) is not int or value < (1 if flag == "--num-processes" else 0)):
-            raise DeviceError(f"{flag} {value!r}: must be an integer of at least "
-                              f"{1 if flag == '--num-processes' else 0}")
+    if num_processes is not None and num_processes < 1:
+        raise DeviceError(f"--num-processes {num_processes}: must be at least 1")
+    if process_id is not None and process_id < 0:
+        raise DeviceError(f"--process-id {process_id}: must be at least 0")
     if num_processes is not None and process_id is not None and process_id >= num_processes:
         raise DeviceError(f"--process-id {process_id}: must be in 0..{num_processes - 1} for "
                           f"{num_processes} processes")
