@@ -106,9 +106,9 @@ def family_for(mapping: Mapping, model: str | None = None) -> Family:
     return resolve_family(model or mapping.model)
 
 
-MAX_CONFIG_YAML_BYTES = 4_000_000
-"""The largest ``--config`` YAML read: a config.json is a few kB (1 MB with 21k class labels), and
-PyYAML's pure-Python parser, which can refuse aliases, takes ~2 s per MB."""
+MAX_CONFIG_YAML_BYTES = 1_000_000
+"""The largest ``--config`` YAML read: a config is a few kB, and PyYAML's pure-Python parser (the one that
+can refuse aliases) takes up to ~5 s and 200 MB per MB of short lines; pass a larger config as JSON."""
 
 
 def _open_source(source: str | Path, revision: str | None, config: str | Path | None,

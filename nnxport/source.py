@@ -669,6 +669,10 @@ def _no_safetensors_message(root: Path, what: str) -> str:
     return f"{what}: no .safetensors files found in {root}"
 
 
+MAX_INDEX_FILES = 10_000
+"""The most shard files an index may name (the largest published checkpoints have a few hundred)."""
+
+
 def _scan_index(
     root: Path, index_path: Path, *, snapshot: bool
 ) -> tuple[list[SourceFile], dict[str, TensorInfo]]:
@@ -685,6 +689,9 @@ def _scan_index(
     first_key: dict[str, str] = {}
     for key, name in weight_map.items():
         first_key.setdefault(name, key)
+    if len(first_key) > MAX_INDEX_FILES:
+        raise SourceError(f"{index_path}: names {len(first_key)} files, more than a checkpoint has "
+                          f"(at most {MAX_INDEX_FILES} here)")
     for name, key in sorted(first_key.items()):
         entry = f"{index_path}: weight_map entry {show_value(key)} -> {show_value(name)}"
         if (why := _index_name_problem(name)) is not None:

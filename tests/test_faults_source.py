@@ -212,6 +212,11 @@ def _pickle_index_escapes(src: Path, tmp: Path) -> Case:
     return Case(["--allow-pickle"], ["pytorch_model.bin.index.json", "'a.weight'", "'..'"])
 
 
+def _many_files(src: Path, tmp: Path) -> Case:
+    index = _index(src, lambda wm: wm.update({f"k{i}": f"f{i}.safetensors" for i in range(20000)}))
+    return Case([], [str(index), "names 20002 files", "(at most 10000 here)"])
+
+
 def _hub_blob_of_another_repo(src: Path, tmp: Path) -> Case:
     cache = Path(os.environ["HF_HUB_CACHE"])
     other = write_hub_cache(cache, "faults/other-blobs", src, blobs=True)
@@ -339,6 +344,7 @@ CASES: dict[str, Callable[[Path, Path], Case]] = {
     "index-entry-newline": _entry("a\nb.safetensors", "'a\\nb.safetensors'", "line-break"),
     "index-entry-empty": _entry("", "the file name is empty"),
     "index-entry-windows-drive": _entry("C:\\secret.safetensors", "is an absolute path"),
+    "index-names-20000-files": _many_files,
     "index-shard-symlink-outside": _shard_links_outside,
     "index-subfolder-symlink-outside": _subfolder_links_outside,
     "index-json-symlink-outside": _index_links_outside,
@@ -361,7 +367,7 @@ CASES: dict[str, Callable[[Path, Path], Case]] = {
     "mapping-500-problems-capped": _bad_rules,
     "config-yaml-alias-bomb": _config_yaml(BOMB.replace("version: 1\nmodel: resnet\nrules:\n", "x:\n"),
                                            "invalid YAML at line 3", ALIAS),
-    "config-yaml-over-4-mb": _config_yaml("a: " + "x" * 4_000_001 + "\n", "larger than 4 MB"),
+    "config-yaml-over-1-mb": _config_yaml("a: " + "x" * 1_000_001 + "\n", "larger than 1 MB"),
     "config-yaml-nested-too-deeply": _config_yaml("x: " + "[" * 5000 + "\n", "nested too deeply"),
     "config-2000-layers-in-a-stage": _config_edit(
         lambda c: c.update(depths=[1, 2000]), "field 'depths' is [1, 2000]", "hold [1, 2] layers per stage"),
