@@ -6,6 +6,7 @@ import contextlib
 import datetime as _dt
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -108,6 +109,11 @@ def family_for(mapping: Mapping, model: str | None = None) -> Family:
     return resolve_family(model or mapping.model)
 
 
+MAX_CONFIG_YAML_BYTES = 1_000_000
+"""The largest ``--config`` YAML read: a config is a few kB, and PyYAML's pure-Python parser (the one that
+can refuse aliases) takes up to ~5 s and 200 MB per MB of short lines; pass a larger config as JSON."""
+
+
 def _open_source(source: str | Path, revision: str | None, config: str | Path | None,
                  allow_pickle: bool = False) -> Source:
     """:func:`open_source`, with ``config`` a JSON file or, by its suffix, a YAML one."""
@@ -115,13 +121,23 @@ def _open_source(source: str | Path, revision: str | None, config: str | Path | 
         return open_source(source, revision=revision, config=config, allow_pickle=allow_pickle)
     import yaml
 
+    from nnxport.mapping import NoAliasLoader
+    from nnxport.source import open_regular
+
     path = Path(config).expanduser()
+    if not os.path.lexists(path):
+        raise SourceError(f"{config}: no such config file")
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SourceError(f"{config}: no such config file") from None
+        with os.fdopen(open_regular(path), "rb") as fh:  # a FIFO or device is refused, not waited on
+            raw = fh.read(MAX_CONFIG_YAML_BYTES + 1)
+        if len(raw) > MAX_CONFIG_YAML_BYTES:
+            raise SourceError(f"{config}: larger than {MAX_CONFIG_YAML_BYTES // 1_000_000} MB, too large for "
+                              "a config")
+        doc = yaml.load(raw.decode("utf-8"), Loader=NoAliasLoader)  # a SafeLoader refusing aliases
     except (OSError, UnicodeDecodeError) as e:
         raise SourceError(f"{config}: cannot read ({e})") from None
+    except RecursionError:
+        raise SourceError(f"{config}: invalid YAML: nested too deeply") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -136,6 +152,7 @@ def _open_source(source: str | Path, revision: str | None, config: str | Path | 
 def abstract_state(family: Family, config: dict[str, Any],
                    options: dict[str, Any]) -> tuple[nnx.GraphDef, nnx.State]:
     """Graph definition and abstract (ShapeDtypeStruct) state of the family's model for ``config``."""
+    family.check_layers(config, None)  # a config asking for absurdly many layers is refused, not built
     model = nnx.eval_shape(lambda: family.build(config, nnx.Rngs(0), options))
     graphdef, state, *_rest = nnx.split(model, STATE_FILTER, ...)
     return graphdef, state
@@ -251,6 +268,8 @@ def convert(
     written.
     """
     prog = NO_PROGRESS if progress is None else progress
+    if mesh is not None:
+        parse_mesh(mesh)  # a malformed (or empty) --mesh fails before anything is read
     processes = init_distributed(coordinator, num_processes, process_id)
     timings: dict[str, float] = {}
     with _timed(timings, "resolve", progress):
@@ -265,6 +284,7 @@ def convert(
             the_mapping = resolve_mapping(mapping, cfg)
             family = family_for(the_mapping, model)
             family.check_config(cfg)
+            family.check_layers(cfg, src.tensors.keys())  # before building: fast
             options = family.options(cfg, src.tensors.keys())
             graphdef, abstract = abstract_state(family, cfg, options)
             analysis = analyze(the_mapping, source_specs(src), target_specs(abstract), cfg)
@@ -287,7 +307,7 @@ def convert(
             if processes > 1 and not mesh:
                 raise NnxportError(f"a multi-process conversion ({processes} processes) needs --mesh over "
                                    f"all {len(jax.devices())} devices")
-            if mesh:
+            if mesh is not None:
                 axes = parse_mesh(mesh)
                 the_mesh = build_mesh(axes)
                 shardings = _shardings(the_mapping.name, assignments, the_mesh, abstract)
@@ -722,6 +742,7 @@ def inspect_keys(
     family = family_for(the_mapping)
     cfg = _require_config(src)
     family.check_config(cfg)
+    family.check_layers(cfg, src.tensors.keys())  # before building: fast
     _, abstract = abstract_state(family, cfg, family.options(cfg, src.tensors.keys()))
     return Inspection(src, the_mapping, analyze(the_mapping, source_specs(src), target_specs(abstract), cfg))
 
@@ -746,6 +767,7 @@ def draft(
         family = resolve_family(model)
         cfg = _require_config(src)
         family.check_config(cfg)
+        family.check_layers(cfg, src.tensors.keys())  # before building: fast
         _, abstract = abstract_state(family, cfg, family.options(cfg, src.tensors.keys()))
         return draft_mapping(source_specs(src), target_specs(abstract), cfg, model, title=src.spec)
     finally:

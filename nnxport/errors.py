@@ -35,8 +35,12 @@ class MappingError(NnxportError):
     """The mapping file is invalid, or does not fit the source checkpoint / target model.
 
     ``problems`` holds every violation found (they are reported together); the message is a one-line
-    summary followed by one line per problem.
+    summary followed by one line for each of the first :attr:`SHOWN` problems and, past those, a last
+    line ``... and K more`` (all of them stay in ``problems``, and in ``--format json`` output).
     """
+
+    #: At most this many problems are spelled out in the message.
+    SHOWN = 20
 
     def __init__(self, where: str, problems: Iterable[str]) -> None:
         self.where = where
@@ -45,7 +49,9 @@ class MappingError(NnxportError):
             msg = f"{where}: {self.problems[0]}"
         else:
             lines = [f"{where}: {len(self.problems)} problems"]
-            lines += [f"  - {p}" for p in self.problems]
+            lines += [f"  - {p}" for p in self.problems[:self.SHOWN]]
+            if len(self.problems) > self.SHOWN:
+                lines.append(f"  ... and {len(self.problems) - self.SHOWN} more")
             msg = "\n".join(lines)
         super().__init__(msg)
 

@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import os
 import re
+import re._constants as _sre_c  # the parsed form of a regex, for the static backtracking check
+import re._parser as _sre
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Mapping as MappingABC
 from dataclasses import dataclass, field
@@ -185,8 +189,25 @@ class _List(list[Any]):
     item_lines: list[int]
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader building :class:`_Dict` / :class:`_List` and noting duplicate keys."""
+MAX_MAPPING_BYTES = 1_000_000
+"""The largest mapping file read (the built-in ones are under 10 kB)."""
+
+
+class NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader refusing YAML aliases (``*name``, and so ``<<: *name`` merges): a few hundred bytes of
+    nested aliases expand into billions of nodes (an "alias bomb"), and nnxport's YAML files need none."""
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} refused: nnxport's YAML "
+                                              "files may not use aliases (write the value out)",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+class _Loader(NoAliasLoader):
+    """SafeLoader building :class:`_Dict` / :class:`_List`, noting duplicate keys, refusing aliases."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
@@ -300,11 +321,72 @@ def _type(value: object) -> str:
 # ---------------------------------------------------------------------------------------------- loading
 
 def _compile(regex: str) -> re.Pattern[str] | str:
-    """The compiled regex, or why it is not one."""
+    """The compiled regex, or why it is not one (or why it could take exponential time)."""
     try:
-        return re.compile(regex)
+        compiled = re.compile(regex)
+        backtracks = _backtracks(_sre.parse(regex).data, in_repeat=False)
     except (re.error, OverflowError, RecursionError) as e:
         return str(e)
+    if backtracks:
+        return (f"{backtracks} inside a repeat (like (a+)+ or (a|ab)*) can take exponential time to match "
+                "a long key; use a single repeat, or make the inner one possessive (a++) or atomic (?>...)")
+    return compiled
+
+
+_REPEATS = (_sre_c.MAX_REPEAT, _sre_c.MIN_REPEAT, _sre_c.POSSESSIVE_REPEAT)
+
+
+def _backtracks(items: Any, *, in_repeat: bool) -> str | None:
+    """Static check against catastrophic backtracking on a parsed regex: what, inside a repeat, could
+    match one string in many ways ("a repeat", "an alternation"), or None. ``re`` cannot be time-bound
+    (it holds the GIL while it matches), so such regexes are refused at load time."""
+    for op, av in items:
+        if op in _REPEATS:
+            _low, high, body = av
+            repeats = high > 1 or high == _sre_c.MAXREPEAT
+            if repeats and in_repeat and op is not _sre_c.POSSESSIVE_REPEAT:
+                return "a repeat"
+            found = _backtracks(body, in_repeat=in_repeat or (repeats and op is not _sre_c.POSSESSIVE_REPEAT))
+        elif op is _sre_c.ATOMIC_GROUP:
+            found = _backtracks(av, in_repeat=False)
+        elif op is _sre_c.SUBPATTERN:
+            found = _backtracks(av[-1], in_repeat=in_repeat)
+        elif op in (_sre_c.ASSERT, _sre_c.ASSERT_NOT):
+            found = _backtracks(av[1], in_repeat=in_repeat)
+        elif op is _sre_c.BRANCH:
+            if in_repeat and _overlapping(av[1]):
+                return "an alternation whose branches can start alike"
+            found = next((f for b in av[1] if (f := _backtracks(b, in_repeat=in_repeat))), None)
+        elif op is _sre_c.GROUPREF_EXISTS:
+            found = next((f for b in av[1:] if b is not None and (f := _backtracks(b, in_repeat=in_repeat))),
+                         None)
+        else:
+            continue
+        if found:
+            return found
+    return None
+
+
+def _overlapping(branches: Sequence[Any]) -> bool:
+    """Whether two alternatives of a branch may start with the same character (unknown counts as yes)."""
+    seen: set[int] = set()
+    for branch in branches:
+        items = list(branch)
+        while items and items[0][0] is _sre_c.SUBPATTERN:  # (?:...) / (...) around the first item
+            items = list(items[0][1][-1]) + items[1:]
+        if not items:
+            return True
+        op, av = items[0]
+        if op is _sre_c.LITERAL:
+            first = {av}
+        elif op is _sre_c.IN and all(o is _sre_c.LITERAL for o, _ in av):
+            first = {v for _, v in av}
+        else:
+            return True
+        if first & seen:
+            return True
+        seen |= first
+    return False
 
 
 def _check_template(pattern: re.Pattern[str], template: str) -> str | None:
@@ -564,6 +646,9 @@ def _load_ignore(doc: dict[Any, Any], problems: list[str]) -> list[re.Pattern[st
 def load_mapping_text(text: str, name: str = "<stdin>", path: Path | None = None) -> Mapping:
     """Parse and validate a mapping; MappingError (naming ``path``, else ``name``) lists every problem."""
     where = str(path) if path is not None else name
+    if len(text) > MAX_MAPPING_BYTES:
+        raise MappingError(where, [f"{len(text)} characters: larger than {MAX_MAPPING_BYTES // 1_000_000} "
+                                   "MB, too large for a mapping file"])
     doc, problems = _parse_yaml(text, where)
     if not isinstance(doc, dict):
         raise MappingError(where, [*problems, f"a mapping file is a YAML mapping with keys "
@@ -604,7 +689,16 @@ def load_mapping_text(text: str, name: str = "<stdin>", path: Path | None = None
 def load_mapping_file(path: Path) -> Mapping:
     """Read a UTF-8 mapping file and load it (named by its stem); MappingError if it cannot be read."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as fh:
+            mode = os.fstat(fh.fileno()).st_mode
+            if not stat.S_ISREG(mode):  # a FIFO would block: opened without waiting, refused here
+                what = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
+                raise MappingError(str(path), [f"cannot read mapping file: it is {what}"])
+            raw = fh.read(MAX_MAPPING_BYTES + 1)
+        if len(raw) > MAX_MAPPING_BYTES:
+            raise MappingError(str(path), [f"larger than {MAX_MAPPING_BYTES // 1_000_000} MB, too large "
+                                           "for a mapping file"])
+        text = raw.decode("utf-8")
     except OSError as e:
         raise MappingError(str(path), [f"cannot read mapping file: {e.strerror or e}"]) from None
     except UnicodeDecodeError as e:

@@ -95,6 +95,13 @@ def init_distributed(coordinator: str | None, num_processes: int | None, process
     """Join a multi-process run (``jax.distributed``) when a coordinator is given, by flag or by
     JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES / JAX_PROCESS_ID for the other two); the number of
     processes. Must run before anything asks jax for its devices."""
+    if num_processes is not None and num_processes < 1:
+        raise DeviceError(f"--num-processes {num_processes}: must be at least 1")
+    if process_id is not None and process_id < 0:
+        raise DeviceError(f"--process-id {process_id}: must be at least 0")
+    if num_processes is not None and process_id is not None and process_id >= num_processes:
+        raise DeviceError(f"--process-id {process_id}: must be in 0..{num_processes - 1} for "
+                          f"{num_processes} processes")
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
     if coordinator is None:
         if (num_processes or 1) > 1 or (process_id or 0) > 0:
@@ -158,7 +165,9 @@ def _env_int(name: str, flag: str) -> int | None:
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
-    """``"data=2,model=4"`` -> ``{"data": 2, "model": 4}``."""
+    """``"data=2,model=4"`` -> ``{"data": 2, "model": 4}``; an empty spec is an error, not "no mesh"."""
+    if not spec.strip():
+        raise DeviceError(f"--mesh {spec!r}: empty; expected AXIS=N[,AXIS=N...] with N >= 1, e.g. data=2")
     axes: dict[str, int] = {}
     for part in spec.split(","):
         m = re.fullmatch(r"\s*([A-Za-z_]\w*)\s*=\s*(\d+)\s*", part)

@@ -8,6 +8,7 @@ stored dtype (bfloat16 as ``ml_dtypes.bfloat16``), never through torch.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -16,6 +17,7 @@ import operator
 import os
 import re
 import shutil
+import stat
 import struct
 import threading
 from collections.abc import Sequence
@@ -29,7 +31,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from nnxport.errors import SourceError, one_line
-from nnxport.ops import box_slices
+from nnxport.ops import box_slices, show_value
 
 __all__ = [
     "Source",
@@ -91,6 +93,53 @@ def _numpy_dtype(name: str) -> np.dtype[Any]:
     return np.dtype(getattr(ml_dtypes, name, name))
 
 
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _not_regular(path: Path | str, mode: int) -> SourceError:
+    if stat.S_ISDIR(mode):
+        return SourceError(f"{path}: is a folder, not a file")
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+    return SourceError(f"{path}: is {kind}, not a regular file; nnxport reads only regular files")
+
+
+def _stat_error(path: Path | str, e: OSError) -> SourceError:
+    if e.errno == errno.ELOOP:
+        return SourceError(f"{path}: symlink loop (too many levels of symbolic links)")
+    if e.errno == errno.ENOENT and os.path.islink(path):
+        return SourceError(f"{path}: broken symlink (points to {os.readlink(path)!r}, which does not exist)")
+    return SourceError(f"{path}: cannot read ({e.strerror or e})")
+
+
+def check_regular(path: Path | str) -> os.stat_result:
+    """``os.stat(path)``, refusing anything but a regular file (a FIFO or device would block or have
+    effects when opened), a symlink loop and a broken symlink: one-line :class:`SourceError`\\ s."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise _stat_error(path, e) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, st.st_mode)
+    return st
+
+
+def open_regular(path: Path | str) -> int:
+    """A read-only descriptor of the regular file ``path`` (:func:`check_regular`, then opened without
+    blocking and checked again: a FIFO swapped in between is refused instead of waited on)."""
+    check_regular(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise _stat_error(path, e) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _not_regular(path, mode)
+    os.set_blocking(fd, True)
+    return fd
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One tensor as its file header describes it (no data read)."""
@@ -112,8 +161,8 @@ class SourceFile:
 
     def sha256(self) -> str:
         """Hex sha256 of the file, streamed; cached per (path, size, mtime)."""
+        st = check_regular(self.path)
         try:
-            st = self.path.stat()
             return _sha256(self.path, st.st_size, st.st_mtime_ns)
         except OSError as e:
             raise SourceError(f"{self.path}: cannot read ({e.strerror or e})") from e
@@ -122,7 +171,7 @@ class SourceFile:
 @functools.cache
 def _sha256(path: Path, size: int, mtime_ns: int) -> str:
     """sha256 of ``path``; ``size`` and ``mtime_ns`` only key the cache."""
-    with path.open("rb") as fh:
+    with os.fdopen(open_regular(path), "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
@@ -274,10 +323,7 @@ class Source:
         with self._lock:
             fd = self._fds.get(path)
             if fd is None:
-                try:
-                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
-                except OSError as e:
-                    raise SourceError(f"{path}: cannot open ({e.strerror or e})") from e
+                fd = self._fds[path] = open_regular(path)
             return fd
 
     def _header(self, path: Path) -> tuple[int, dict[str, HeaderEntry]]:
@@ -352,10 +398,7 @@ _TORCH_DTYPES = {
 def _load_pickle(path: Path) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` (memory-mapped when the file's format allows), checked to be
     a flat state dict of tensors; errors name the file. Cached per (path, size, mtime)."""
-    try:
-        st = path.stat()
-    except OSError as e:
-        raise SourceError(f"{path}: cannot read ({e.strerror or e})") from e
+    st = check_regular(path)
     return _load_pickle_cached(path, st.st_size, st.st_mtime_ns)
 
 
@@ -435,9 +478,11 @@ def open_source(
     unpickles tensors and plain containers but never runs code from the file."""
     text = str(spec)
     path = Path(text).expanduser()
-    if path.exists() or isinstance(spec, Path) or not is_hub_id(text):
-        if not path.exists():
+    if os.path.lexists(path) or isinstance(spec, Path) or not is_hub_id(text):
+        if not os.path.lexists(path):
             raise SourceError(f"{text}: no such file or folder (and not a hub id)")
+        if not path.is_dir():
+            check_regular(path)
         if revision is not None:
             raise SourceError(f"{text}: --revision only applies to hub ids")
         path = Path(os.path.abspath(path))
@@ -447,7 +492,7 @@ def open_source(
             files, tensors = _scan_folder(root, what=text, allow_pickle=allow_pickle)
         elif path.suffix == ".safetensors" or (path.suffix in PICKLE_SUFFIXES and allow_pickle):
             kind, root = "file", path.parent
-            files = [SourceFile(path, path.name, path.stat().st_size)]
+            files = [SourceFile(path, path.name, check_regular(path).st_size)]
             tensors = _scan_files(files)
         elif path.suffix in PICKLE_SUFFIXES:
             raise SourceError(f"{text}: pickle weights, which can run code when loaded; convert them to "
@@ -463,9 +508,11 @@ def open_source(
         at = f"{text}@{resolved[:12]}"
         files, tensors = _scan_folder(root, what=at, snapshot=True, allow_pickle=allow_pickle)
     cfg_path = Path(config).expanduser() if config is not None else root / CONFIG_NAME
-    if config is not None and not cfg_path.is_file():
-        raise SourceError(f"{config}: " + ("not a file" if cfg_path.exists() else "no such config file"))
-    cfg = _read_json_object(cfg_path) if cfg_path.is_file() else None
+    if config is not None and not os.path.lexists(cfg_path):
+        raise SourceError(f"{config}: no such config file")
+    if config is None and os.path.lexists(cfg_path):
+        check_inside(cfg_path, source_homes(root, snapshot=kind == "hub"))
+    cfg = _read_json_object(cfg_path, unique=True) if os.path.lexists(cfg_path) else None
     cls = PickleSource if files[0].name.endswith(PICKLE_SUFFIXES) else Source
     return cls(
         spec=text,
@@ -559,19 +606,54 @@ def _scan_folder(
     root: Path, *, what: str, snapshot: bool = False, allow_pickle: bool = False
 ) -> tuple[list[SourceFile], dict[str, TensorInfo]]:
     """Files and tensors of a folder (or hub snapshot), through its index when it has one. Pickle weights
-    are used only when there are no safetensors and ``allow_pickle``."""
+    are used only when there are no safetensors and ``allow_pickle``. Every file used must resolve inside
+    the folder (:func:`check_inside`) and be a regular file."""
+    homes = source_homes(root, snapshot=snapshot)
     index_path = root / INDEX_NAME
-    if index_path.is_file():
-        return _scan_index(root, index_path, snapshot=snapshot)
+    if os.path.lexists(index_path):
+        return _scan_index(root, check_inside(index_path, homes), snapshot=snapshot)
     paths = sorted(root.glob("*.safetensors"))
     if not paths and allow_pickle:
-        if (root / PICKLE_INDEX_NAME).is_file():
-            return _scan_index(root, root / PICKLE_INDEX_NAME, snapshot=snapshot)
-        paths = sorted(p for p in root.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES))
+        if os.path.lexists(root / PICKLE_INDEX_NAME):
+            return _scan_index(root, check_inside(root / PICKLE_INDEX_NAME, homes), snapshot=snapshot)
+        paths = sorted(p for p in root.iterdir() if p.name.endswith(PICKLE_SUFFIXES) and p.is_file())
     if not paths:
         raise SourceError(_no_safetensors_message(root, what))
-    files = [SourceFile(p, p.name, p.stat().st_size) for p in paths]
+    files = [SourceFile(p, p.name, check_regular(check_inside(p, homes)).st_size) for p in paths]
     return files, _scan_files(files)
+
+
+def source_homes(root: Path, *, snapshot: bool) -> tuple[Path, ...]:
+    """Where the files of a source may resolve to: its folder; for a hub snapshot
+    (``models--org--name/snapshots/<rev>``) also that cache repo's ``blobs/``, which the hub's snapshot
+    files are symlinks into."""
+    homes = [Path(os.path.realpath(root))]
+    if snapshot:
+        homes.append(Path(os.path.realpath(root.parent.parent / "blobs")))
+    return tuple(homes)
+
+
+def check_inside(path: Path, homes: Sequence[Path], what: str | None = None) -> Path:
+    """``path``, refused (one line naming ``what``, else the path, and where it points) when it resolves
+    (symlinks followed, nothing opened) outside every folder of ``homes``."""
+    real = Path(os.path.realpath(path))
+    if not any(real == h or real.is_relative_to(h) for h in homes):
+        raise SourceError(f"{what or path} points outside {homes[0]} (to {str(real)!r}); "
+                          "nnxport reads only files inside the source folder")
+    return path
+
+
+def _index_name_problem(name: str) -> str | None:
+    """Why ``name`` (a weight_map value) cannot be a file of the source folder, or None."""
+    if not name:
+        return "is empty"
+    if not name.isprintable():
+        return "contains a NUL, control or line-break character"
+    if os.path.isabs(name) or name.startswith("\\") or re.match(r"[A-Za-z]:", name):
+        return "is an absolute path"
+    if ".." in re.split(r"[/\\]", name):
+        return "goes up a folder with '..'"
+    return None
 
 
 def _no_safetensors_message(root: Path, what: str) -> str:
@@ -587,6 +669,10 @@ def _no_safetensors_message(root: Path, what: str) -> str:
     return f"{what}: no .safetensors files found in {root}"
 
 
+MAX_INDEX_FILES = 10_000
+"""The most shard files an index may name (the largest published checkpoints have a few hundred)."""
+
+
 def _scan_index(
     root: Path, index_path: Path, *, snapshot: bool
 ) -> tuple[list[SourceFile], dict[str, TensorInfo]]:
@@ -597,12 +683,26 @@ def _scan_index(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise SourceError(f"{index_path}: 'weight_map' must be an object mapping tensor names to file names")
+    if not weight_map:
+        raise SourceError(f"{index_path}: 'weight_map' is empty: the index names no tensor")
+    homes = source_homes(root, snapshot=snapshot)
+    first_key: dict[str, str] = {}
+    for key, name in weight_map.items():
+        first_key.setdefault(name, key)
+    if len(first_key) > MAX_INDEX_FILES:
+        raise SourceError(f"{index_path}: names {len(first_key)} files, more than a checkpoint has "
+                          f"(at most {MAX_INDEX_FILES} here)")
+    for name, key in sorted(first_key.items()):
+        entry = f"{index_path}: weight_map entry {show_value(key)} -> {show_value(name)}"
+        if (why := _index_name_problem(name)) is not None:
+            raise SourceError(f"{entry}: the file name {why}; an index names files inside its own folder")
+        check_inside(root / name, homes, entry)
     names = sorted(set(weight_map.values()))
-    missing = [n for n in names if not (root / n).is_file()]
+    missing = [n for n in names if not os.path.lexists(root / n)]
     if missing:
         state = "the snapshot is incomplete" if snapshot else "the checkpoint is incomplete"
         raise SourceError(f"{index_path}: {_few(missing)} named by the index not found in {root}; {state}")
-    files = [SourceFile(root / n, n, (root / n).stat().st_size) for n in names]
+    files = [SourceFile(root / n, n, check_regular(root / n).st_size) for n in names]
     tensors = _scan_files(files)
     misplaced: dict[str, list[str]] = {}
     for key, name in weight_map.items():
@@ -671,8 +771,9 @@ def parse_header(path: Path) -> tuple[int, dict[str, HeaderEntry]]:
     section exactly, without overlap or gap. nnxport checks this itself (rather than through
     ``safe_open``) to name what is wrong: the library's messages ("invalid offset", "file not fully
     covered") do not say which tensor, nor by how much."""
+    fd = open_regular(path)
     try:
-        with path.open("rb") as fh:
+        with os.fdopen(fd, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             prefix = fh.read(8)
             if len(prefix) < 8:
@@ -773,12 +874,21 @@ def _header_entry(path: Path, key: str, entry: Any) -> HeaderEntry:
     return dtype, tuple(shape), offsets[0], offsets[1]
 
 
+MAX_JSON_BYTES = 64_000_000
+"""The largest config.json / index.json read (the largest published indexes are a few MB)."""
+
+
 def _read_json_object(path: Path, *, unique: bool = False) -> dict[str, Any]:
     """A JSON file that must hold an object; ``unique``: a name given twice in one object is an error
     (JSON parsers silently keep the last)."""
     try:
         hook = _unique_pairs if unique else None
-        doc = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=hook)
+        with os.fdopen(open_regular(path), "rb") as fh:
+            raw = fh.read(MAX_JSON_BYTES + 1)
+        if len(raw) > MAX_JSON_BYTES:
+            raise SourceError(f"{path}: larger than {MAX_JSON_BYTES // 1_000_000} MB, too large for a JSON "
+                              "config or index")
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=hook)
     except _DuplicateKey as e:
         first, second = (json.dumps(v) if not isinstance(v, str) else v for v in e.values)
         raise SourceError(f"{path}: names {e.key!r} twice ({first} and {second})") from None
@@ -795,18 +905,34 @@ def _read_json_object(path: Path, *, unique: bool = False) -> dict[str, Any]:
 
 
 def write_hub_cache(
-    cache_dir: Path, repo_id: str, folder: Path, revision: str = "0123456789abcdef0123456789abcdef01234567"
+    cache_dir: Path, repo_id: str, folder: Path, revision: str = "0123456789abcdef0123456789abcdef01234567",
+    *, blobs: bool = False,
 ) -> Path:
     """Copy the files of ``folder`` into a hub-style cache (``models--org--name/snapshots/<revision>/``
-    with ``refs/main`` = ``revision``), which ``snapshot_download`` resolves offline. Plain files, no
-    blobs. An existing snapshot of that revision is replaced. Returns the snapshot folder."""
+    with ``refs/main`` = ``revision``), which ``snapshot_download`` resolves offline. Plain files, or with
+    ``blobs`` the layout huggingface_hub writes: each file stored once as ``blobs/<sha256>`` and the
+    snapshot's files relative symlinks ``../../blobs/<sha256>``. An existing snapshot of that revision is
+    replaced. Returns the snapshot folder."""
     if not is_hub_id(repo_id):
         raise ValueError(f"not a hub id: {repo_id!r}")
     repo_dir = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
     snapshot = repo_dir / "snapshots" / revision
     if snapshot.exists():
         shutil.rmtree(snapshot)
-    shutil.copytree(folder, snapshot)
+    if blobs:
+        store = repo_dir / "blobs"
+        store.mkdir(parents=True, exist_ok=True)
+        for file in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+            rel = file.relative_to(folder)
+            with file.open("rb") as fh:
+                digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            if not (store / digest).exists():
+                shutil.copyfile(file, store / digest)
+            link = snapshot / rel
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(store / digest, link.parent))
+    else:
+        shutil.copytree(folder, snapshot)
     refs = repo_dir / "refs"
     refs.mkdir(parents=True, exist_ok=True)
     (refs / "main").write_text(revision)  # no newline: huggingface_hub reads the ref without stripping it

@@ -37,6 +37,21 @@ class DType(StrEnum):
     float16 = "float16"
 
 
+def _check_mesh(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise typer.BadParameter("empty; expected AXIS=N[,AXIS=N...] with N >= 1, e.g. data=2")
+    return value
+
+
+def _check_processes(ctx: typer.Context, param: typer.CallbackParam, value: int | None) -> int | None:
+    """--process-id must be below --num-processes, whichever of the two comes first."""
+    given = {**ctx.params, param.name or "": value}
+    index, count = given.get("process_id"), given.get("num_processes")
+    if index is not None and count is not None and index >= count:
+        raise typer.BadParameter(f"--process-id {index} is not in 0..{count - 1} for --num-processes {count}")
+    return value
+
+
 def convert(
     source: Annotated[str, typer.Argument(help="Hub id (org/name), local folder, or .safetensors file.")],
     out_dir: Annotated[Path | None,
@@ -54,7 +69,8 @@ def convert(
     device: Annotated[Device, typer.Option(help="Where the arrays go.")] = Device.auto,
     dtype: Annotated[DType, typer.Option(help="Cast floating-point weights (integers never change).")]
     = DType.keep,
-    mesh: Annotated[str | None, typer.Option(help="Device mesh AXIS=N[,AXIS=N...]; arrays are sharded as "
+    mesh: Annotated[str | None, typer.Option(
+        callback=_check_mesh, help="Device mesh AXIS=N[,AXIS=N...]; arrays are sharded as "
                                                   "the mapping's 'shard' entries say, replicated elsewhere.")]
     = None,
     no_parity: Annotated[bool, typer.Option("--no-parity", help="Skip the parity check.")] = False,
@@ -71,8 +87,10 @@ def convert(
         help="Multi-host: HOST:PORT of process 0's coordinator (or JAX_COORDINATOR_ADDRESS).",
         rich_help_panel="Multi-host")] = None,
     num_processes: Annotated[int | None, typer.Option(
-        help="Multi-host: number of processes (or JAX_NUM_PROCESSES).", rich_help_panel="Multi-host")] = None,
+        min=1, callback=_check_processes, help="Multi-host: number of processes (or JAX_NUM_PROCESSES).",
+        rich_help_panel="Multi-host")] = None,
     process_id: Annotated[int | None, typer.Option(
+        min=0, callback=_check_processes,
         help="Multi-host: this process's index, 0 to N-1 (or JAX_PROCESS_ID).",
         rich_help_panel="Multi-host")] = None,
 ) -> None:

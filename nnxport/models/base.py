@@ -3,10 +3,11 @@ parity compares that model with its reference (:class:`ParityHarness`)."""
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from flax import nnx
@@ -123,6 +124,34 @@ class Family(ABC):
     mappings: tuple[str, ...]
     #: How parity compares this family's model with its reference.
     parity: ParityHarness
+    #: config.json fields that count layers -> a regex over the source's keys whose group 1 is a layer's
+    #: index (for a field holding a list per stage, as ResNet's ``depths``: group 1 the stage, group 2 the
+    #: layer within it). :meth:`check_layers` compares the two before the model is built.
+    layer_keys: ClassVar[Mapping[str, str]] = {}
+
+    def check_layers(self, config: Mapping[str, Any], keys: Collection[str] | None) -> None:
+        """ConfigError naming the field when config.json asks for more than :data:`MAX_LAYERS` layers, or
+        (``keys``: the source's) for more layers than the checkpoint's keys hold — before anything is
+        built, since building the abstract model takes time in proportion to its layers."""
+        for field, regex in self.layer_keys.items():
+            value = config.get(field)
+            counts = value if isinstance(value, list) else [value]
+            if not counts or not all(type(c) is int for c in counts):
+                continue  # missing or mistyped: resolve() reports it
+            if sum(counts) > MAX_LAYERS:
+                raise ConfigError(f"config.json: field '{field}' asks for {sum(counts)} layers, more than "
+                                  f"nnxport builds ({MAX_LAYERS})")
+            have = _layers_in_keys(regex, keys or (), stages=isinstance(value, list))
+            if not have:
+                continue  # the keys are named some other way (a custom mapping): nothing to compare
+            if isinstance(value, list):
+                short = len(value) > len(have) or any(c > h for c, h in zip(value, have, strict=False))
+                if short:
+                    raise ConfigError(f"config.json: field '{field}' is {value}, but the checkpoint's keys "
+                                      f"hold {have} layers per stage")
+            elif isinstance(value, int) and value > have[0]:
+                raise ConfigError(f"config.json: field '{field}' is {value}, but the checkpoint's keys hold "
+                                  f"only {have[0]} layers (0..{have[0] - 1})")
 
     def options(self, config: Mapping[str, Any], keys: Collection[str]) -> dict[str, Any]:
         """Architecture options read from the source's tensor names (JSON-serialisable; default none).
@@ -231,3 +260,20 @@ def valid_positions(out: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Rows of a [batch, length, ...] output at unmasked positions, as [n_valid, ...]: padded positions
     carry no meaning and are not compared."""
     return np.asarray(out)[np.asarray(mask).astype(bool)]
+
+
+MAX_LAYERS = 4096
+"""The most layers (summed over stages) a config may ask for; published models have at most a few
+hundred."""
+
+
+def _layers_in_keys(regex: str, keys: Collection[str], *, stages: bool) -> list[int]:
+    """Layers per stage (one entry without ``stages``) that the keys matching ``regex`` show: the highest
+    index + 1; [] if no key matches."""
+    pattern = re.compile(regex)
+    top: dict[int, int] = {}
+    for key in keys:
+        if m := pattern.search(key):
+            stage, index = (int(m[1]), int(m[2])) if stages else (0, int(m[1]))
+            top[stage] = max(top.get(stage, 0), index + 1)
+    return [top.get(i, 0) for i in range(max(top) + 1)] if top else []

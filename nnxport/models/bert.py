@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -425,6 +425,9 @@ class BertFamily(Family):
     name = "bert"
     description = "BERT encoders (transformers BertModel / BertForMaskedLM)"
     mappings = ("bert",)
+    layer_keys: ClassVar[Mapping[str, str]] = {
+        "num_hidden_layers": r"^(?:bert\.)?encoder\.layer\.(\d{1,9})\.",
+    }
     parity = BertParity()
 
     def resolve(self, config: Mapping[str, Any]) -> BertSpec:

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -546,6 +546,9 @@ class DecoderFamily(Family):
     description = ("Decoder-only LMs: Llama 2/3.x, Qwen2/2.5, Qwen3, Mistral "
                    "(transformers LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM)")
     mappings = ("decoder",)
+    layer_keys: ClassVar[Mapping[str, str]] = {
+        "num_hidden_layers": r"^model\.layers\.(\d{1,9})\.",
+    }
     parity = DecoderParity()
 
     def resolve(self, config: Mapping[str, Any]) -> DecoderSpec:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -341,6 +341,9 @@ class GPT2Family(Family):
     name = "gpt2"
     description = "GPT-2 small/medium/large/xl (transformers GPT2LMHeadModel / GPT2Model, tied LM head)"
     mappings = ("gpt2",)
+    layer_keys: ClassVar[Mapping[str, str]] = {
+        "n_layer": r"^(?:transformer\.)?h\.(\d{1,9})\.",
+    }
     parity = GPT2Parity()
 
     def resolve(self, config: Mapping[str, Any]) -> GPT2Spec:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -357,6 +357,9 @@ class ResNetFamily(Family):
     name = "resnet"
     description = "ResNet-18/34/50/101/152 (transformers ResNetForImageClassification / ResNetModel)"
     mappings = ("resnet",)
+    layer_keys: ClassVar[Mapping[str, str]] = {
+        "depths": r"^(?:resnet\.)?encoder\.stages\.(\d{1,9})\.layers\.(\d{1,9})\.",
+    }
     parity = ResNetParity()
 
     def resolve(self, config: Mapping[str, Any]) -> ResNetSpec:

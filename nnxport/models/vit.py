@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -394,6 +394,9 @@ class ViTFamily(Family):
     name = "vit"
     description = "Vision Transformer (transformers ViTForImageClassification / ViTModel)"
     mappings = ("vit",)
+    layer_keys: ClassVar[Mapping[str, str]] = {
+        "num_hidden_layers": r"^(?:vit\.)?encoder\.layer\.(\d{1,9})\.",
+    }
     parity = ViTParity()
 
     def resolve(self, config: Mapping[str, Any]) -> ViTSpec:
