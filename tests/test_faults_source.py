@@ -564,7 +564,7 @@ def test_resnet_stage_counts_against_keys() -> None:
 
 
 def _gpt2_2000_layers(tmp: Path) -> Path:
-    from nnxport.replicas import build_replica, published_config
+    from nnxport.testing.replicas import build_replica, published_config
 
     cfg = published_config("openai-community/gpt2", n_layer=2, n_embd=32, n_head=2, vocab_size=64,
                            n_positions=32)

@@ -42,7 +42,7 @@ GROUPS = {"NNXPORT_WRITE_GROUP_MB": "16", "PYTHONPATH": str(ROOT)}
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Llama-shaped replica of ~240 MB (fp32): its streaming write takes ~15 groups of 16 MB."""
-    from nnxport.replicas import build_replica, published_config
+    from nnxport.testing.replicas import build_replica, published_config
 
     cfg = published_config("meta-llama/Llama-3.2-1B", num_hidden_layers=4, hidden_size=768,
                            intermediate_size=3072, num_attention_heads=12, num_key_value_heads=4, head_dim=64,
