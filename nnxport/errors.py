@@ -7,7 +7,7 @@ unless ``NNXPORT_DEBUG=1`` is set, in which case the traceback is shown too.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 
 def one_line(err: BaseException, limit: int | None = None) -> str:
@@ -45,15 +45,18 @@ class MappingError(NnxportError):
     def __init__(self, where: str, problems: Iterable[str]) -> None:
         self.where = where
         self.problems = list(problems)
+        super().__init__("\n".join(self.lines()))
+
+    def lines(self, escape: Callable[[str], str] = str) -> list[str]:
+        """The message's lines, each piece of text passed through ``escape`` (the CLI escapes control
+        characters, so that a problem quoting a key with a newline stays one line)."""
         if len(self.problems) == 1:
-            msg = f"{where}: {self.problems[0]}"
-        else:
-            lines = [f"{where}: {len(self.problems)} problems"]
-            lines += [f"  - {p}" for p in self.problems[:self.SHOWN]]
-            if len(self.problems) > self.SHOWN:
-                lines.append(f"  ... and {len(self.problems) - self.SHOWN} more")
-            msg = "\n".join(lines)
-        super().__init__(msg)
+            return [escape(f"{self.where}: {self.problems[0]}")]
+        lines = [escape(f"{self.where}: {len(self.problems)} problems")]
+        lines += [f"  - {escape(p)}" for p in self.problems[:self.SHOWN]]
+        if len(self.problems) > self.SHOWN:
+            lines.append(f"  ... and {len(self.problems) - self.SHOWN} more")
+        return lines
 
 
 class ValueCheckError(NnxportError):

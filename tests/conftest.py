@@ -42,7 +42,7 @@ def hub_cache() -> Path:
 @pytest.fixture(scope="session")
 def resnet50_hub(hub_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     """microsoft/resnet-50 (full size, random weights) in the offline hub cache."""
-    from nnxport.source import write_hub_cache
+    from nnxport.testing.hub import write_hub_cache
 
     folder = build_replica(published_config("microsoft/resnet-50"), tmp_path_factory.mktemp("r50"))
     write_hub_cache(hub_cache, "microsoft/resnet-50", folder)

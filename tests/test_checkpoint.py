@@ -10,8 +10,9 @@ import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp_v1
 import pytest
 
-from nnxport import checkpoint
 from nnxport.errors import OutputError
+from nnxport.pipeline import output as output_mod
+from nnxport.pipeline.output import StateWriter, restore_state, set_path
 
 
 def _arrays() -> dict[str, np.ndarray]:
@@ -28,7 +29,7 @@ def _arrays() -> dict[str, np.ndarray]:
 def test_groups_are_written_into_one_checkpoint_that_orbax_restores(tmp_path: Path) -> None:
     arrays = _arrays()
     path = tmp_path / "ckpt"
-    writer = checkpoint.StateWriter(path, group_bytes=1500)  # a few arrays per group
+    writer = StateWriter(path, group_bytes=1500)  # a few arrays per group
     for name, value in arrays.items():
         writer.add(name, jax.device_put(value))
     writer.finish()
@@ -36,7 +37,7 @@ def test_groups_are_written_into_one_checkpoint_that_orbax_restores(tmp_path: Pa
     cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target: dict = {}
     for name, value in arrays.items():
-        checkpoint.set_path(target, name, jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=cpu),
+        set_path(target, name, jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=cpu),
                             create=True)
     restored = ocp_v1.load(path, target)
     for name, value in arrays.items():
@@ -46,7 +47,7 @@ def test_groups_are_written_into_one_checkpoint_that_orbax_restores(tmp_path: Pa
         got = np.asarray(node)
         assert got.dtype == value.dtype and np.array_equal(got, value), name
     # nnxport's own restore reads dtypes from the checkpoint's metadata.
-    again = checkpoint.restore_state(path, target, cpu)
+    again = restore_state(path, target, cpu)
     assert np.array_equal(np.asarray(again["layers"][10]["norm"]["scale"]), arrays["layers.10.norm.scale"])
 
 
@@ -62,8 +63,8 @@ def test_a_failed_write_is_an_output_error(tmp_path: Path, monkeypatch: pytest.M
             raise OSError(28, "No space left on device")
         return Failed()  # the background write fails; seen when the writer waits for it
 
-    monkeypatch.setattr(checkpoint.ocp_v1.partial, "save_async", full)
-    writer = checkpoint.StateWriter(tmp_path / "ckpt", group_bytes=1)
+    monkeypatch.setattr(output_mod.ocp_v1.partial, "save_async", full)
+    writer = StateWriter(tmp_path / "ckpt", group_bytes=1)
     with pytest.raises(OutputError, match="No space left on device"):
         writer.add("w", jax.device_put(np.ones(4, np.float32)))
         writer.finish()
@@ -78,7 +79,7 @@ def test_convert_streams_in_groups_and_restores_exactly(tiny_resnet_dir: Path, t
 
     import nnxport
 
-    monkeypatch.setattr(checkpoint, "GROUP_BYTES", 4096)  # many groups for a small model
+    monkeypatch.setattr(output_mod, "GROUP_BYTES", 4096)  # many groups for a small model
     with caplog.at_level("INFO", logger="nnxport"):
         result = nnxport.convert(tiny_resnet_dir, tmp_path / "out")
     (groups,) = re.findall(r"in (\d+) group\(s\)", caplog.text)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from nnxport.sources.base import Source
 from tests.test_convert import RESNET_YAML
 
 CLS_BIAS_RULE = "  - from: '^classifier\\.1\\.bias$'\n    to: 'classifier.bias'\n"
@@ -61,12 +62,11 @@ def test_mapping_error_exits_1_naming_the_culprit(case: str, tiny_resnet_dir: Pa
     mapping = tmp_path / "m.yaml"
     mapping.write_text(text)
 
-    from nnxport import source
 
     def no_reads(*args: object, **kwargs: object) -> None:
         raise AssertionError("tensor data was read before the mapping was validated")
 
-    monkeypatch.setattr(source.Source, "read", no_reads)
+    monkeypatch.setattr(Source, "read", no_reads)
     out = tmp_path / "out"
     res = cli("convert", tiny_resnet_dir, "--mapping", mapping, "--out", out, "-q")
     assert res.exit_code == 1, res.stderr

@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 import nnxport
 from nnxport.models import get_family
+from nnxport.pipeline import output as output_mod
 from tests.conftest import run_subprocess
 
 RESNET_YAML = (Path(__file__).resolve().parents[1] / "mappings" / "resnet.yaml").read_text()
@@ -197,13 +198,12 @@ def test_existing_folder_refused_without_force(tiny_resnet_dir: Path, tmp_path: 
 
 def test_failure_mid_write_leaves_nothing(tiny_resnet_dir: Path, tmp_path: Path, cli,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from nnxport import checkpoint
 
     def boom(path: Path, state: dict) -> None:
         (path.parent / "partial").mkdir(parents=True)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.ocp_v1.partial, "save_async", boom)
+    monkeypatch.setattr(output_mod.ocp_v1.partial, "save_async", boom)
     out = tmp_path / "never"
     res = cli("convert", tiny_resnet_dir, "--out", out, "--no-parity")
     assert res.exit_code == 1

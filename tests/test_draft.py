@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from nnxport.draft import draft_mapping
-from nnxport.mapping import TensorSpec, analyze, load_mapping_text
+from nnxport.mapping.analysis import TensorSpec, analyze
+from nnxport.mapping.draft import draft_mapping
+from nnxport.mapping.schema import load_mapping_text
 from nnxport.testing.replicas import build_replica, edit_safetensors, published_config
 
 TINY_VIT = published_config("google/vit-base-patch16-224", hidden_size=64, num_hidden_layers=2,

@@ -38,7 +38,7 @@ def mlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def mlm_hub(mlm_dir: Path, hub_cache: Path) -> str:
-    from nnxport.source import write_hub_cache
+    from nnxport.testing.hub import write_hub_cache
 
     write_hub_cache(hub_cache, "nnxport-test/tiny-bert", mlm_dir)
     return "nnxport-test/tiny-bert"
@@ -245,7 +245,7 @@ def test_bfloat16_cast_of_float32_weights_passes(mlm_dir: Path, tmp_path: Path, 
 
 @pytest.mark.slow
 def test_full_size_bert_base_uncased_from_hub_cache(hub_cache: Path, tmp_path: Path, cli) -> None:
-    from nnxport.source import write_hub_cache
+    from nnxport.testing.hub import write_hub_cache
 
     folder = build_replica(published_config(REPO), tmp_path / "src", hub_config=True)
     write_hub_cache(hub_cache, REPO, folder)

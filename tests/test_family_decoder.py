@@ -18,8 +18,8 @@ import pytest
 import nnxport
 from nnxport.models import get_family
 from nnxport.models.decoder import DEFAULTS, Decoder, Rope, resolve
-from nnxport.parity import compare
-from nnxport.source import write_hub_cache
+from nnxport.parity.metrics import compare
+from nnxport.testing.hub import write_hub_cache
 from nnxport.testing.replicas import build_replica, edit_safetensors, published_config
 
 MAPPING = Path(__file__).resolve().parents[1] / "mappings" / "decoder.yaml"

@@ -34,7 +34,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_hub(tiny_dir: Path, hub_cache: Path) -> str:
-    from nnxport.source import write_hub_cache
+    from nnxport.testing.hub import write_hub_cache
 
     write_hub_cache(hub_cache, "nnxport-test/tiny-gpt2", tiny_dir)
     return "nnxport-test/tiny-gpt2"

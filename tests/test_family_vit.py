@@ -36,7 +36,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_hub(tiny_dir: Path, hub_cache: Path) -> str:
-    from nnxport.source import write_hub_cache
+    from nnxport.testing.hub import write_hub_cache
 
     write_hub_cache(hub_cache, "nnxport-test/tiny-vit", tiny_dir)
     return "nnxport-test/tiny-vit"
@@ -222,7 +222,7 @@ def test_bfloat16_replica_passes_at_bf16_tolerance(tmp_path: Path, cli) -> None:
 
 @pytest.mark.slow
 def test_full_size_vit_base_from_hub_cache(hub_cache: Path, tmp_path: Path, cli) -> None:
-    from nnxport.source import write_hub_cache
+    from nnxport.testing.hub import write_hub_cache
 
     folder = build_replica(published_config(REPO), tmp_path / "src", hub_config=True)
     write_hub_cache(hub_cache, REPO, folder)

@@ -25,8 +25,8 @@ import pytest
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from safetensors.numpy import load_file, save_file
 
-from nnxport import source as source_mod
-from nnxport.source import write_hub_cache
+from nnxport.sources.base import Source
+from nnxport.testing.hub import write_hub_cache
 from tests.conftest import run_subprocess
 from tests.test_convert import RESNET_YAML
 
@@ -369,7 +369,7 @@ def test_fault(row: str, tiny_resnet_dir: Path, tmp_path: Path, cli, monkeypatch
         def no_reads(*a: object, **k: object) -> None:
             raise AssertionError("tensor data was read before the mapping was validated")
 
-        monkeypatch.setattr(source_mod.Source, "read", no_reads)
+        monkeypatch.setattr(Source, "read", no_reads)
     args = [a for a in args if a not in checks]
     out = tmp_path / "out"
     if not any(str(a).startswith("--out") for a in args):
@@ -633,7 +633,7 @@ def test_verify_names_a_source_file_changed_since_conversion(tiny_resnet_dir: Pa
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64,
                                    ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2, np.int8, np.bool_])
 def test_count_nonfinite_equals_numpy_on_views(dtype: Any) -> None:
-    from nnxport.place import count_nonfinite
+    from nnxport.placement import count_nonfinite
 
     rng = np.random.default_rng(1)
     base = rng.standard_normal((37, 29, 5)).astype(np.float32) * 4
@@ -651,7 +651,7 @@ def test_count_nonfinite_equals_numpy_on_views(dtype: Any) -> None:
 def test_pickle_tensors_keep_their_dtype_and_values(tmp_path: Path) -> None:
     import torch
 
-    from nnxport.source import open_source
+    from nnxport.sources.folder import open_source
 
     state = {"a": torch.randn(3, 4, dtype=torch.bfloat16), "b": torch.randn(5, dtype=torch.float16),
              "c": torch.arange(6, dtype=torch.int64).reshape(2, 3).t(), "d": torch.tensor([True, False])}

@@ -32,10 +32,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nnxport
-from nnxport import api, checkpoint
-from nnxport import source as source_mod
+from nnxport import api
 from nnxport.errors import NnxportError
-from nnxport.source import write_hub_cache
+from nnxport.pipeline.output import StateWriter
+from nnxport.sources.base import Source
+from nnxport.testing.hub import write_hub_cache
 
 SECONDS = 60  # every in-process case ends well within this
 ROOT = Path(__file__).resolve().parents[1]
@@ -355,7 +356,7 @@ def _convert_fails(cli: Any, src: Path | str, out: Path | str, *args: str, says:
     def no_reads(*a: object, **k: object) -> None:
         raise AssertionError("tensor data was read before the output was checked")
 
-    monkeypatch.setattr(source_mod.Source, "read", no_reads)
+    monkeypatch.setattr(Source, "read", no_reads)
     before = _snapshot(*roots)
     t = time.monotonic()
     res = cli("convert", src, "--out", out, *args, "-q")
@@ -441,13 +442,13 @@ def test_out_is_a_symlink_elsewhere(src: Path, tmp_path: Path, cli, monkeypatch:
 
 def _during_write(monkeypatch: pytest.MonkeyPatch, act: Callable[[], None]) -> None:
     """Run ``act`` while the checkpoint is being written (after the start checks, before the commit)."""
-    real = checkpoint.StateWriter.finish
+    real = StateWriter.finish
 
-    def finish(self: checkpoint.StateWriter) -> None:
+    def finish(self: StateWriter) -> None:
         act()
         real(self)
 
-    monkeypatch.setattr(checkpoint.StateWriter, "finish", finish)
+    monkeypatch.setattr(StateWriter, "finish", finish)
 
 
 def _no_staging(parent: Path) -> None:

@@ -23,6 +23,7 @@ import nnxport
 from examples.convfc import ConvFc
 from examples.convfc_torch import save_checkpoint
 from nnxport.cli.common import safe_text
+from nnxport.sources.base import Source
 
 STEM = "resnet.embedder.embedder.convolution.weight"
 STEM_TARGET = "stem.conv.kernel"
@@ -113,12 +114,11 @@ def test_dtype_refused_before_anything_is_read(case: str, tiny_resnet_dir: Path,
     code, dtype, says = REFUSED[case]
     src = _copy(tiny_resnet_dir, tmp_path)
     _retype(src / "model.safetensors", STEM, code)
-    from nnxport import source as source_mod
 
     def no_reads(self: Any, key: str) -> Any:
         raise AssertionError("tensor data was read before the dtype was checked")
 
-    monkeypatch.setattr(source_mod.Source, "read", no_reads)
+    monkeypatch.setattr(Source, "read", no_reads)
     before = sorted(p.name for p in tmp_path.iterdir())
     t = time.monotonic()
     res = cli("convert", src, "--out", tmp_path / "out", "--dtype", dtype, "--no-parity", "-q")
@@ -161,6 +161,7 @@ class CountingConvFc(ConvFc):
         self.count = nnx.BatchStat(jnp.zeros((4,), jnp.int32))
 
 
+COUNTING = "tests.test_faults_runtime:CountingConvFc"
 COUNT_RULE = "  - from: '^count$'\n    to: 'count'\n"
 
 
@@ -170,7 +171,7 @@ def convfc(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_checkpoint(folder, seed=3)
     mapping = (Path(__file__).resolve().parents[1] / "examples" / "convfc.yaml").read_text()
     (folder / "m.yaml").write_text(mapping.replace("model: examples.convfc:ConvFc",
-                                                   "model: tests.test_faults_runtime:CountingConvFc")
+                                                   f"model: {COUNTING}")
                                    + COUNT_RULE)
     meta, tensors = _tensors(folder / "model.safetensors")
     tensors["count"] = ("I32", [4], np.zeros(4, np.int32).tobytes())
@@ -204,7 +205,7 @@ def test_integer_tensor_into_integer_parameter(case: str, convfc: Path, tmp_path
         _assert_refused(res, tmp_path, before, refusal, "model.safetensors", "'count'", "-> count")
         return
     assert res.exit_code == 0, res.stderr
-    count = np.asarray(nnxport.load(tmp_path / "out").count[...])
+    count = np.asarray(nnxport.load(tmp_path / "out", model=COUNTING).count[...])
     assert count.dtype == np.int32 and count.tolist() == values  # exact: no wrap-around
 
 

@@ -30,10 +30,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nnxport import source as source_mod
 from nnxport.errors import DeviceError, MappingError, NnxportError, SourceError
 from nnxport.models import get_family
-from nnxport.source import open_source, write_hub_cache
+from nnxport.sources import safetensors as safetensors_mod
+from nnxport.sources.folder import open_source
+from nnxport.testing.hub import write_hub_cache
 from tests.test_convert import RESNET_YAML
 from tests.test_faults import _shard
 
@@ -103,7 +104,7 @@ def opens(monkeypatch: pytest.MonkeyPatch) -> Opens:
     monkeypatch.setattr(os, "open", wrap(os.open))
     monkeypatch.setattr(builtins, "open", wrap(builtins.open))
     monkeypatch.setattr(io, "open", wrap(io.open))
-    monkeypatch.setattr(source_mod, "safe_open", wrap(source_mod.safe_open))
+    monkeypatch.setattr(safetensors_mod, "safe_open", wrap(safetensors_mod.safe_open))
     return seen
 
 
@@ -481,14 +482,14 @@ def test_files_inside_the_folder_are_followed(tiny_resnet_dir: Path, tmp_path: P
 
 
 def test_built_in_mappings_pass_the_backtracking_check() -> None:
-    from nnxport.api import builtin_mappings
-    from nnxport.mapping import _compile
+    from nnxport.mapping.schema import compile_regex
+    from nnxport.pipeline.plan import builtin_mappings
 
     for m in builtin_mappings():
         for r in m.rules:
-            assert not isinstance(_compile(r.source), str), r.source
+            assert not isinstance(compile_regex(r.source), str), r.source
     for ok in [r"^(?:bert\.)?x$", r"(weight|bias)+", r"(a++)+", r"(?>a+)+", r"^h\.(\d+)\.ln_(1|2)$"]:
-        assert not isinstance(_compile(ok), str), ok
+        assert not isinstance(compile_regex(ok), str), ok
 
 
 def test_json_output_keeps_every_problem(tmp_path: Path, tiny_resnet_dir: Path, cli: Any) -> None:
@@ -516,7 +517,7 @@ def test_json_output_keeps_every_problem(tmp_path: Path, tiny_resnet_dir: Path, 
 
 def test_api_refuses_bad_mesh_and_process_numbers(tiny_resnet_dir: Path, tmp_path: Path) -> None:
     from nnxport import api
-    from nnxport.place import init_distributed, parse_mesh
+    from nnxport.placement import init_distributed, parse_mesh
 
     for spec in ["", " ", ","]:
         with pytest.raises(DeviceError, match="--mesh"):
@@ -634,8 +635,8 @@ def test_random_index_never_escapes(weight_map: dict[str, Any], as_list: bool, t
         return opened
 
     builtins.open, io.open, os.open = track(real_open), track(real_io_open), track(real_os_open)
-    safe_open = source_mod.safe_open
-    source_mod.safe_open = track(safe_open)
+    safe_open = safetensors_mod.safe_open
+    safetensors_mod.safe_open = track(safe_open)
     try:
         try:
             with open_source(root) as src:
@@ -646,6 +647,6 @@ def test_random_index_never_escapes(weight_map: dict[str, Any], as_list: bool, t
             assert SECRET not in str(e)
     finally:
         builtins.open, io.open, os.open = real_open, real_io_open, real_os_open
-        source_mod.safe_open = safe_open
+        safetensors_mod.safe_open = safe_open
     assert seen.inside(outside) == [], seen.inside(outside)
     shutil.rmtree(base)

@@ -1,10 +1,9 @@
 """Fuzzing the safetensors header handling: nnxport's own errors only, and the same verdict as the library.
 
-nnxport validates headers itself (:func:`nnxport.source.parse_header`) to name what is wrong; these
-properties check that it accepts exactly what ``safetensors.safe_open`` accepts (so a file it passes never
-fails later inside the library) and that no malformed file makes anything but a SourceError escape from
-opening a source and reading every tensor.
-"""
+nnxport validates headers itself (:func:`nnxport.sources.safetensors.parse_header`) to name what is wrong;
+these properties check that it accepts exactly what ``safetensors.safe_open`` accepts (so a file it passes
+never fails later inside the library) and that no malformed file makes anything but a SourceError escape
+from opening a source and reading every tensor."""
 
 from __future__ import annotations
 
@@ -22,11 +21,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from nnxport.errors import SourceError
-from nnxport.source import _DTYPES, open_source, parse_header
+from nnxport.sources.folder import open_source
+from nnxport.sources.safetensors import SAFETENSORS_DTYPES, parse_header
 
 FUZZ = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 _DIR = Path(tempfile.mkdtemp(prefix="nnxport-header-fuzz-"))
-CODES = [*_DTYPES, "F33", "f32", ""]
+CODES = [*SAFETENSORS_DTYPES, "F33", "f32", ""]
 
 
 def _write(name: str, blob: bytes) -> Path:
@@ -44,7 +44,7 @@ def headers(draw: st.DrawFn) -> tuple[bytes, bytes]:
     for i in range(n):
         code = draw(st.sampled_from(["F32", "BF16", "I64", "U8", "BOOL", "F16"] * 4 + CODES))
         shape = draw(st.lists(st.integers(0, 4), max_size=3))
-        bits = _DTYPES.get(code, ("", 8))[1]
+        bits = SAFETENSORS_DTYPES.get(code, ("", 8))[1]
         nbytes = int(np.prod(shape)) * bits // 8
         begin = position + draw(st.sampled_from([0] * 12 + [1, -1]))
         end = begin + nbytes + draw(st.sampled_from([0] * 12 + [1, -2]))
@@ -84,12 +84,12 @@ def test_parse_header_agrees_with_safetensors(header_data: tuple[bytes, bytes], 
     except SourceError as e:
         event("refused")
         assert str(e).startswith(f"{path}: ") and "\n" not in str(e)
-        assert library is None or any(code not in _DTYPES for code, _ in library.values()), \
+        assert library is None or any(code not in SAFETENSORS_DTYPES for code, _ in library.values()), \
             f"nnxport refused a file safetensors reads: {e}"
         return
     event("accepted")
     assert library is not None, f"nnxport accepted a file safetensors refuses: {header!r}"
-    codes = {v[0]: k for k, v in _DTYPES.items()}
+    codes = {v[0]: k for k, v in SAFETENSORS_DTYPES.items()}
     assert {k: (codes[e[0]], e[1]) for k, e in entries.items()} == library
     assert start == 8 + size
 

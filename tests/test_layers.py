@@ -1,8 +1,8 @@
-"""Per-layer parity (nnxport.layerwise): the jump rule and the layout alignment on synthetic inputs, module
-pairing on synthetic assignments, and on every built-in family (small configs of the real architectures):
-a correct mapping gives a non-empty list of pairs that all agree, a mapping broken in one block or layer
-exits 3 and names exactly that block or layer as the first jump, with every layer before it within
-tolerance."""
+"""Per-layer parity (nnxport.parity.layerwise): the jump rule and the layout alignment on synthetic inputs,
+module pairing on synthetic assignments, and on every built-in family (small configs of the real
+architectures): a correct mapping gives a non-empty list of pairs that all agree, a mapping broken in one
+block or layer exits 3 and names exactly that block or layer as the first jump, with every layer before it
+within tolerance."""
 
 from __future__ import annotations
 
@@ -18,15 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from nnxport.layerwise import (
-    LayerDiff,
-    LayerGroup,
-    align,
-    compare_layers,
-    first_jump,
-    layer_groups,
-)
-from nnxport.parity import PARITY_PNG, ParityReport
+from nnxport.parity.layerwise import LayerDiff, LayerGroup, align, compare_layers, first_jump, layer_groups
+from nnxport.parity.report import PARITY_PNG, ParityReport
 from nnxport.testing.replicas import build_replica, published_config
 
 MAPPINGS = Path(__file__).resolve().parents[1] / "mappings"
@@ -455,7 +448,7 @@ def test_verify_rebuilds_the_pairs_from_the_recorded_mapping(replica: Callable[[
 def test_a_failing_forward_pass_leaves_the_model_as_it_was() -> None:
     from flax import nnx
 
-    from nnxport.layerwise import nnx_outputs
+    from nnxport.parity.layerwise import nnx_outputs
 
     model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
 

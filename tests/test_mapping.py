@@ -1,4 +1,5 @@
-"""nnxport.mapping: loading and validating mapping YAML, planning over fake sources/targets, selection."""
+"""nnxport.mapping (schema, analysis): loading and validating mapping YAML, planning over fake sources and
+targets, selection."""
 
 from __future__ import annotations
 
@@ -14,17 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nnxport.errors import MappingError
-from nnxport.mapping import (
-    Analysis,
-    Mapping,
-    TensorSpec,
-    analyze,
-    load_mapping_file,
-    load_mapping_text,
-    plan,
-    select_mapping,
-)
-from nnxport.ops import Reshape, Transpose, infer_ops
+from nnxport.mapping.analysis import Analysis, TensorSpec, analyze, plan
+from nnxport.mapping.ops import Reshape, Transpose, infer_ops
+from nnxport.mapping.schema import Mapping, load_mapping_file, load_mapping_text, select_mapping
 
 # Rule numbers and lines below are relied on by the tests.
 TINY = r"""version: 1

@@ -16,8 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nnxport.errors import MappingError
-from nnxport.mapping import Analysis, Assignment, TensorSpec, analyze, load_mapping_text, plan
-from nnxport.ops import Concat, Reshape, Split, Stack, Transpose, apply_ops, infer_ops
+from nnxport.mapping.analysis import Analysis, Assignment, TensorSpec, analyze, plan
+from nnxport.mapping.ops import Concat, Reshape, Split, Stack, Transpose, apply_ops, infer_ops
+from nnxport.mapping.schema import load_mapping_text
 
 
 def spec(*shape: int, dtype: str = "float32") -> TensorSpec:

@@ -15,9 +15,9 @@ from jax.sharding import PartitionSpec
 
 import nnxport
 from nnxport import api
-from nnxport import checkpoint as ckpt
 from nnxport.models import FAMILIES
 from nnxport.models.base import ParityHarness, annotated_shards
+from nnxport.pipeline.manifest import read_manifest
 from nnxport.testing.published import PUBLISHED
 from nnxport.testing.replicas import build_replica, published_config
 
@@ -68,7 +68,7 @@ def test_mapping_shard_overrides_the_annotation(tmp_path: Path) -> None:
     mapping = tmp_path / "decoder.yaml"
     mapping.write_text(text)
     nnxport.convert(src, tmp_path / "out", mapping=str(mapping), mesh="data=2,model=4", parity=False)
-    specs = ckpt.read_manifest(tmp_path / "out")["partition_specs"]
+    specs = read_manifest(tmp_path / "out")["partition_specs"]
     assert specs["embed.embedding"] == ["model", "data"]        # the model's annotation
     assert "layers.0.attn.q.kernel" not in specs                # overridden: replicated
     assert specs["layers.0.attn.o.kernel"] == ["model", "data"]  # the mapping's (same as the annotation)

@@ -1,4 +1,4 @@
-"""nnxport.ops: parsing, config expressions, shape inference vs numpy, dtype preservation, errors."""
+"""nnxport.mapping.ops: parsing, config expressions, shape inference vs numpy, dtype preservation, errors."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from nnxport.ops import (
+from nnxport.mapping.ops import (
     OPS,
     Concat,
     Expr,
@@ -403,7 +403,7 @@ def test_multi_ops_keep_bfloat16() -> None:
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from nnxport.ops import box_slices, pull_part  # noqa: E402
+from nnxport.mapping.ops import box_slices, pull_part  # noqa: E402
 
 
 def _chain(draw: st.DrawFn) -> tuple[list[object], tuple[int, ...]]:

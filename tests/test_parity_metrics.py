@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from nnxport.models.base import Tolerance, token_inputs, valid_positions
-from nnxport.parity import compare
+from nnxport.parity.metrics import compare
 
 TOL = Tolerance(atol=1e-4, rtol=1e-3)
 

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from nnxport import api
-from nnxport.mapping import select_mapping
+from nnxport.mapping.schema import select_mapping
 from nnxport.models import FAMILIES
 from nnxport.testing.published import PUBLISHED as CONFIGS
 

@@ -19,11 +19,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import nnxport
 from nnxport import api
-from nnxport import checkpoint as ckpt
 from nnxport.errors import MappingError
-from nnxport.mapping import load_mapping_text
-from nnxport.place import build_mesh, partition_spec
-from nnxport.source import Source
+from nnxport.mapping.schema import load_mapping_text
+from nnxport.pipeline.manifest import read_manifest
+from nnxport.pipeline.output import CHECKPOINT, set_path
+from nnxport.placement import build_mesh, partition_spec
+from nnxport.sources.base import Source
 from nnxport.testing.replicas import build_replica, edit_safetensors, published_config
 from tests.conftest import run_subprocess
 
@@ -57,7 +58,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def restore(folder: Path, shardings: dict[str, Any] | None = None) -> dict[str, jax.Array]:
     """The checkpoint's arrays by dotted target, restored with Orbax given the abstract state; onto the
     named shardings when given, else onto one device."""
-    manifest = ckpt.read_manifest(folder)
+    manifest = read_manifest(folder)
     family = nnxport.api.get_family(manifest["model"]["family"])
     _, abstract = api.abstract_state(family, manifest["model"]["config"], manifest["model"]["options"])
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -67,16 +68,16 @@ def restore(folder: Path, shardings: dict[str, Any] | None = None) -> dict[str, 
     target: dict[Any, Any] = {}
     for dotted, leaf in flat.items():
         sharding = (shardings or {}).get(dotted, one)
-        ckpt.set_path(target, dotted, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        set_path(target, dotted, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
                       create=True)
-    tree = ocp.load((folder / ckpt.CHECKPOINT).absolute(), target)
+    tree = ocp.load((folder / CHECKPOINT).absolute(), target)
     leaves = jax.tree_util.tree_leaves_with_path(tree)
     return {".".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in leaves}
 
 
 def requested(folder: Path) -> dict[str, NamedSharding]:
     """The shardings the manifest records, on a mesh like the conversion's."""
-    manifest = ckpt.read_manifest(folder)
+    manifest = read_manifest(folder)
     mesh = build_mesh(manifest["mesh"])
     specs = manifest["partition_specs"]
     return {t: NamedSharding(mesh, PartitionSpec(*(tuple(d) if isinstance(d, list) else d for d in spec)))
@@ -106,7 +107,7 @@ def test_sharded_conversion_equals_unsharded_bit_for_bit(name: str, sources: dic
 
 def test_requested_specs_follow_the_mapping(sources: dict[str, Path], tmp_path: Path) -> None:
     nnxport.convert(sources["llama"], tmp_path / "mesh", mesh=MESH, parity=False)
-    specs = ckpt.read_manifest(tmp_path / "mesh")["partition_specs"]
+    specs = read_manifest(tmp_path / "mesh")["partition_specs"]
     assert specs["layers.0.attn.q.kernel"] == ["data", "model"]
     assert specs["layers.1.mlp.down.kernel"] == ["model", "data"]
     assert specs["embed.embedding"] == ["model", "data"]
@@ -209,7 +210,7 @@ def test_two_processes_write_one_checkpoint_equal_to_one_process(sources: dict[s
     results = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, results, strict=True):
         assert p.returncode == 0, err[-3000:]
-    manifest = ckpt.read_manifest(out)
+    manifest = read_manifest(out)
     assert manifest["processes"] == 2 and "parity" not in manifest
     assert not list(tmp_path.glob(".*nnxport-partial*"))
     nnxport.convert(src, tmp_path / "single", mesh=MESH, parity=False)

@@ -1,4 +1,4 @@
-"""nnxport.source: hub id / folder / file resolution, index checks, header-only metadata, lazy reads."""
+"""nnxport.sources: hub id / folder / file resolution, index checks, header-only metadata, lazy reads."""
 
 from __future__ import annotations
 
@@ -26,9 +26,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from nnxport import source as source_mod
 from nnxport.errors import SourceError
-from nnxport.source import Source, TensorInfo, is_hub_id, open_source, write_hub_cache
+from nnxport.sources import hub as hub_mod
+from nnxport.sources import safetensors as safetensors_mod
+from nnxport.sources.base import Source, TensorInfo
+from nnxport.sources.folder import open_source
+from nnxport.sources.hub import is_hub_id, snapshot_download
+from nnxport.testing.hub import write_hub_cache
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REV = "0123456789abcdef0123456789abcdef01234567"
@@ -103,7 +107,7 @@ def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_folder_metadata_from_headers_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = _folder(tmp_path / "toy-model", MIXED, {"model_type": "toy", "hidden": 3})
-    real_open = source_mod.safe_open
+    real_open = safetensors_mod.safe_open
 
     class HeaderOnly:
         """safe_open whose slices only give shape and dtype: any data read fails the test."""
@@ -125,7 +129,7 @@ def test_folder_metadata_from_headers_only(tmp_path: Path, monkeypatch: pytest.M
             methods = {"get_shape": lambda _: sl.get_shape(), "get_dtype": lambda _: sl.get_dtype()}
             return type("View", (), methods)()
 
-    monkeypatch.setattr(source_mod, "safe_open", HeaderOnly)
+    monkeypatch.setattr(safetensors_mod, "safe_open", HeaderOnly)
     src = open_source(str(folder))
     assert (src.kind, src.repo_id, src.revision, src.name) == ("folder", None, None, "toy-model")
     assert src.root == folder and src.spec == str(folder)
@@ -467,7 +471,7 @@ def test_hub_errors_become_one_line(case: str, monkeypatch: pytest.MonkeyPatch) 
         assert (repo_id, revision) == ("org/x", "v9")
         raise error
 
-    monkeypatch.setattr(source_mod, "snapshot_download", fail)
+    monkeypatch.setattr(hub_mod, "snapshot_download", fail)
     with pytest.raises(SourceError) as err:
         open_source("org/x", revision="v9")
     text = str(err.value)
@@ -480,7 +484,7 @@ def test_hub_env_vars_in_fresh_interpreter(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     write_hub_cache(cache, "org/m", _folder(tmp_path / "m", {"a": np.arange(3, dtype=np.int64)}, {"k": 1}))
     code = (
-        "import json; from nnxport.source import open_source\n"
+        "import json; from nnxport.sources.folder import open_source\n"
         "s = open_source('org/m')\n"
         "print(json.dumps([s.kind, s.revision, s.name, s.config, s.read('a').tolist()]))\n"
         "try:\n    open_source('org/absent')\nexcept Exception as e:\n    print(e)\n"
@@ -548,12 +552,12 @@ def test_cached_commit_skips_the_hub(monkeypatch: pytest.MonkeyPatch) -> None:
         return f"/cache/{repo_id}/{revision}"
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
-    assert source_mod.snapshot_download("org/x", revision=REV) == f"/cache/org/x/{REV}"
+    assert snapshot_download("org/x", revision=REV) == f"/cache/org/x/{REV}"
     assert calls == [(REV, True)]
     calls.clear()
-    source_mod.snapshot_download("org/x", revision="f" * 40)
+    snapshot_download("org/x", revision="f" * 40)
     assert calls == [("f" * 40, True), ("f" * 40, False)]
     calls.clear()
-    source_mod.snapshot_download("org/x", revision="main")
-    source_mod.snapshot_download("org/x", revision=None)
+    snapshot_download("org/x", revision="main")
+    snapshot_download("org/x", revision=None)
     assert calls == [("main", False), (None, False)]

@@ -6,12 +6,12 @@ from typing import Annotated
 
 import typer
 
-from nnxport.cli.common import package_version
 from nnxport.cli.convert import convert
 from nnxport.cli.inspect_keys import inspect_keys
 from nnxport.cli.mapping import app as mapping_app
 from nnxport.cli.models import models
 from nnxport.cli.verify import verify
+from nnxport.version import version
 
 app = typer.Typer(
     name="nnxport",
@@ -26,7 +26,7 @@ app = typer.Typer(
 
 def _print_version(value: bool) -> None:
     if value:
-        typer.echo(f"nnxport {package_version()}")
+        typer.echo(f"nnxport {version()}")
         raise typer.Exit()
 
 

@@ -61,9 +61,8 @@ def literal(text: object, style: str = "") -> Text:
 def error_text(e: BaseException) -> str:
     """An error's message for the terminal: one escaped line; a :class:`MappingError`'s summary and one
     escaped line per problem."""
-    if isinstance(e, MappingError) and len(e.problems) > 1:
-        return "\n".join([safe_text(f"{e.where}: {len(e.problems)} problems"),
-                           *(f"  - {safe_text(p)}" for p in e.problems)])
+    if isinstance(e, MappingError):
+        return "\n".join(e.lines(safe_text))
     return safe_text(e)
 
 
@@ -78,16 +77,6 @@ class _EscapeControls(logging.Filter):
 class Format(StrEnum):
     human = "human"
     json = "json"
-
-
-def package_version() -> str:
-    """nnxport's installed version (without importing the API, which imports jax)."""
-    from importlib import metadata
-
-    try:
-        return metadata.version("nnxport")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 def debug() -> bool:

@@ -10,11 +10,11 @@ from rich.table import Table
 from nnxport.cli.common import literal, safe_text
 
 if TYPE_CHECKING:
-    from nnxport.parity import ParityReport
+    from nnxport.parity.report import ParityReport
 
 
 def parity_table(report: ParityReport) -> Table:
-    from nnxport.parity import tolerance_text  # already imported by the command that made the report
+    from nnxport.parity.report import tolerance_text  # already imported by the command that made the report
 
     verdict = "[bold green]PASSED[/]" if report.passed else "[bold red]FAILED[/]"
     table = Table(title=f"Parity vs {escape(safe_text(report.reference))}: {verdict}",

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     import sys
     import tempfile
 
-    from nnxport.source import write_hub_cache
+    from nnxport.testing.hub import write_hub_cache
 
     parser = argparse.ArgumentParser(prog="python -m nnxport.testing.replicas", description=main.__doc__)
     parser.add_argument("repo_id", choices=sorted(published()))

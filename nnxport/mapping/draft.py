@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from nnxport.errors import NnxportError
-from nnxport.mapping import Mapping, TensorSpec, analyze, load_mapping_text
+from nnxport.mapping.analysis import TensorSpec, analyze
+from nnxport.mapping.schema import Mapping, load_mapping_text
 
 __all__ = ["Draft", "draft_mapping"]
 
@@ -582,7 +583,7 @@ def _shape(spec: TensorSpec) -> str:
 
 @dataclass(frozen=True)
 class Draft:
-    """A drafted mapping: the YAML ``text`` (always loadable), the :class:`~nnxport.mapping.Mapping` it
+    """A drafted mapping: the YAML ``text`` (always loadable), the :class:`~nnxport.mapping.schema.Mapping` it
     loads to, the source keys it places or ignores, and what it could not place."""
 
     text: str

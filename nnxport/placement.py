@@ -16,18 +16,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from nnxport.errors import DeviceError, NnxportError, ValueCheckError
-from nnxport.ops import Box
+from nnxport.mapping.ops import Box
+from nnxport.sources.safetensors import numpy_dtype
 
 log = logging.getLogger("nnxport")
 DTYPES = ("keep", "float32", "bfloat16", "float16")
 _FLOAT_NAMES = {"float64", "float32", "bfloat16", "float16"}
-
-
-def numpy_dtype(name: str) -> np.dtype:
-    """numpy dtype for a numpy-style name, bfloat16 / float8 included (via ml_dtypes)."""
-    if hasattr(ml_dtypes, name):
-        return np.dtype(getattr(ml_dtypes, name))
-    return np.dtype(name)
 
 
 def check_dtype(requested: str) -> None:

@@ -8,7 +8,9 @@ family that is not built in is refused unless the caller names it (:func:`consen
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
+import logging
 import os
 import re
 import stat
@@ -16,7 +18,52 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import orbax.checkpoint as ocp
+
 from nnxport.errors import SourceError
+from nnxport.mapping.schema import Mapping as MappingFile
+from nnxport.models import FAMILIES, Family, get_family, resolve_family  # noqa: F401  (callers use api.get_family)
+from nnxport.pipeline.output import CHECKPOINT, MANIFEST
+from nnxport.sources.base import Source
+from nnxport.version import version
+
+log = logging.getLogger("nnxport")
+
+
+def build_manifest(src: Source, mapping: MappingFile, family: Family, cfg: dict[str, Any],
+                   options: dict[str, Any], dtype: str, placement: dict[str, Any], n: int,
+                   nbytes: int) -> dict[str, Any]:
+    return {
+        "nnxport_version": version(),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "source": {
+            "spec": src.spec,
+            "kind": src.kind,
+            "repo_id": src.repo_id,
+            "revision": src.revision,
+            "path": str(src.root.absolute()),
+            "files": [{"name": f.name, "size": f.size, "sha256": f.sha256()} for f in src.files],
+        },
+        "mapping": {"name": mapping.name, "path": str(mapping.path) if mapping.path else None,
+                    "sha256": mapping.sha256, "text": mapping.text},
+        "model": {"family": family.name, "config": cfg, "options": options},
+        "dtype": dtype,
+        **placement,
+        "tensors": n,
+        "bytes": nbytes,
+    }
+
+
+def manifest_family(folder: Path, manifest: dict[str, Any], model: str | None) -> Family:
+    """The family to rebuild ``folder`` with: see :func:`consented_family`."""
+    recorded = manifest["model"]["family"]
+    name = consented_family(recorded, model, folder / MANIFEST)
+    if name != recorded:
+        log.warning("model %s overrides the family recorded in %s (%s)", name, folder / MANIFEST,
+                    recorded)
+    return resolve_family(name)
+
+
 
 MAX_BYTES = 16 * 2**20
 """A manifest larger than this is refused before it is read (a real one is a few hundred KB at most; the
@@ -39,7 +86,7 @@ class _Bad(Exception):
 def read_json(path: Path) -> dict[str, Any]:
     """The JSON object in ``path``: a regular file of at most :data:`MAX_BYTES`, names unique in every
     object, nesting at most :data:`MAX_DEPTH` deep. SourceError in one line otherwise."""
-    from nnxport.source import _DuplicateKey, _unique_pairs
+    from nnxport.sources.files import DuplicateKey, unique_pairs
 
     if path.is_symlink():  # it could name any file: the manifest is the folder's own
         raise SourceError(f"{path}: is a symbolic link; a manifest is a regular file in its folder")
@@ -61,8 +108,8 @@ def read_json(path: Path) -> dict[str, Any]:
     finally:
         os.close(fd)
     try:
-        doc = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_pairs)
-    except _DuplicateKey as e:
+        doc = json.loads(data.decode("utf-8"), object_pairs_hook=unique_pairs)
+    except DuplicateKey as e:
         raise SourceError(f"{path}: names {e.key!r} twice in one object") from None
     except json.JSONDecodeError as e:
         raise SourceError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
@@ -137,7 +184,7 @@ def plain_name(name: Any) -> bool:
 
 
 def _check(doc: dict[str, Any]) -> None:
-    from nnxport.place import DTYPES
+    from nnxport.placement import DTYPES
 
     _get(doc, "", "nnxport_version", _is_str, "must be a string")
     src = _get(doc, "", "source", _is_obj, "must be an object")
@@ -206,7 +253,6 @@ def consented_family(recorded: str, model: str | None, where: Path) -> str:
     """The family name to build: ``model`` when the caller names one (it overrides the manifest), the
     recorded family when it is built in. A recorded ``package.module:Class`` is never imported on the
     manifest's word: SourceError saying how to consent."""
-    from nnxport.models import FAMILIES
     from nnxport.models.custom import is_import_path
 
     if model is not None:
@@ -218,3 +264,20 @@ def consented_family(recorded: str, model: str | None, where: Path) -> str:
                           f"when you name it: pass model={recorded!r} (nnxport verify --model {recorded})")
     raise SourceError(f"{where}: model.family {recorded!r} is not a built-in family (known: "
                       f"{', '.join(sorted(FAMILIES))})")
+
+
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of a finished output folder, validated (:func:`validate`); SourceError if the
+    folder is not one or the manifest is malformed."""
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise SourceError(f"{folder}: no such folder")
+    if not os.path.lexists(path):
+        raise SourceError(f"{folder}: not an nnxport output folder (no {MANIFEST})")
+    manifest = validate(read_json(path), path)  # untrusted data: every field load / verify use is checked
+    ckpt = folder / CHECKPOINT
+    if not ckpt.is_dir() or not ocp.utils.is_checkpoint_finalized(ckpt.absolute()):
+        raise SourceError(f"{ckpt}: missing or unfinished Orbax checkpoint")
+    return manifest

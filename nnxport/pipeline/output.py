@@ -22,12 +22,22 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 import orbax.checkpoint.experimental.v1 as ocp_v1
 
 from nnxport import interrupt
 from nnxport.errors import OutputError, SourceError, one_line
-from nnxport.manifest import read_json, validate
+from nnxport.models import FAMILIES, Family, get_family, resolve_family  # noqa: F401  (callers use api.get_family)
+from nnxport.parity.report import PARITY_PNG, ParityReport
+
+
+def write_reports(folder: Path, report: ParityReport, title: str) -> None:
+    write_json(folder / PARITY_JSON, report.to_json())
+    plot = PARITY_PNG if report.write_plot(folder / PARITY_PNG) else None  # with the optional `plot` extra
+    write_text(folder / PARITY_MD, report.to_markdown(title, plot=plot))
+
+
+
+log = logging.getLogger("nnxport")
 
 CHECKPOINT = "checkpoint"
 MANIFEST = "nnxport.json"
@@ -38,8 +48,6 @@ PARTIAL_TAG = ".nnxport-partial-"
 
 LOCK_TAG = ".nnxport-lock"
 OLD_TAG = ".nnxport-old-"
-
-log = logging.getLogger("nnxport")
 
 
 def unsafe_target(final: Path, protect: Iterable[Path | None] = ()) -> str | None:
@@ -438,21 +446,6 @@ def set_path(tree: dict[Any, Any], dotted: str, value: Any, *, create: bool = Fa
     for k in keys[:-1]:
         tree = tree.setdefault(k, {}) if create else tree[k]
     tree[keys[-1]] = value
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """The manifest of a finished output folder, validated (:mod:`nnxport.manifest`); SourceError if the
-    folder is not one or the manifest is malformed."""
-    path = folder / MANIFEST
-    if not folder.is_dir():
-        raise SourceError(f"{folder}: no such folder")
-    if not os.path.lexists(path):
-        raise SourceError(f"{folder}: not an nnxport output folder (no {MANIFEST})")
-    manifest = validate(read_json(path), path)  # untrusted data: every field load / verify use is checked
-    ckpt = folder / CHECKPOINT
-    if not ckpt.is_dir() or not ocp.utils.is_checkpoint_finalized(ckpt.absolute()):
-        raise SourceError(f"{ckpt}: missing or unfinished Orbax checkpoint")
-    return manifest
 
 
 def restore_state(path: Path, abstract: Mapping[str, Any], sharding: jax.sharding.Sharding) -> Any:

@@ -81,7 +81,7 @@ class LayerGroup:
 
 
 def layer_groups(assignments: Iterable[Any], names: Mapping[str, str] | None = None) -> list[LayerGroup]:
-    """The module pairs of a mapping's assignments (:class:`nnxport.mapping.Assignment`: ``sources``,
+    """The module pairs of a mapping's assignments (:class:`nnxport.mapping.analysis.Assignment`: ``sources``,
     ``targets``, ``tied_from``). ``names`` renames source keys to the reference's parameter names
     (:func:`reference_names`); keys it lacks pair nothing (without ``names`` keys are taken as they are).
     Tie fills carry no source and pair nothing."""

@@ -1,0 +1,133 @@
+"""Run the transformers reference and the NNX model on the same seeded inputs and compare."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from nnxport.errors import NnxportError
+from nnxport.mapping.analysis import Assignment
+from nnxport.models import Family, ParityInput
+from nnxport.parity import layerwise
+from nnxport.parity.metrics import compare
+from nnxport.parity.report import ParityReport, number_text
+from nnxport.sources.base import Source
+from nnxport.sources.folder import INDEX_NAME
+from nnxport.sources.pickled import PICKLE_INDEX_NAME
+
+log = logging.getLogger("nnxport")
+
+
+def load_reference(family: Family, source: Source, config: dict[str, Any],
+                   options: dict[str, Any]) -> tuple[Any, str]:
+    """The transformers model of ``family`` with the source's weights, in float32, in eval mode.
+
+    The source's files are linked into a scratch folder with its config, so that folders, hub snapshots
+    and single files all load through ``from_pretrained`` (which knows about prefixes and tied weights).
+    """
+    harness = family.parity
+    own = harness.load_reference(source, config, options)
+    if own is not None:  # a custom model's own torch reference
+        return own
+    import torch
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    cls_name = harness.reference_class(config, options)
+    cls = getattr(transformers, cls_name)
+    with tempfile.TemporaryDirectory(prefix="nnxport-ref-") as tmp:
+        folder = Path(tmp)
+        for f in source.files:
+            name = f.name
+            if source.kind == "file":  # the names from_pretrained looks for
+                name = "model.safetensors" if name.endswith(".safetensors") else "pytorch_model.bin"
+            dst = folder / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(f.path.absolute(), dst)
+        index = source.root / (INDEX_NAME if source.files[0].name.endswith(".safetensors")
+                               else PICKLE_INDEX_NAME)
+        if source.kind != "file" and index.is_file():
+            os.symlink(index.absolute(), folder / index.name)
+        (folder / "config.json").write_text(json.dumps(config))
+        model, info = cls.from_pretrained(folder, dtype=torch.float32, output_loading_info=True,
+                                          local_files_only=True, **harness.reference_kwargs(config, options))
+    missing = [k for k in info.get("missing_keys", []) if k]
+    if missing:
+        raise NnxportError(f"parity: the reference {cls_name} did not find {len(missing)} of its weights in "
+                           f"the source (first: {sorted(missing)[0]}); use --no-parity to skip parity")
+    return model.eval(), f"transformers.{cls_name}"
+
+
+def run_parity(
+    family: Family,
+    model: nnx.Module,
+    source: Source,
+    config: dict[str, Any],
+    dtype: str,
+    *,
+    options: dict[str, Any] | None = None,
+    seed: int = 0,
+    assignments: Sequence[Assignment] | None = None,
+) -> ParityReport:
+    """Compare ``model`` with the reference built from ``source``; ``passed`` is computed.
+
+    With the mapping's ``assignments`` the outputs of the modules they pair are captured on both sides in
+    the same forward passes and compared too (``layers``; see nnxport.parity.layerwise). They do not change
+    ``passed``, which is about the model's outputs.
+    """
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    reference, ref_name = load_reference(family, source, config, options or {})
+    timings["load_reference"] = time.perf_counter() - t
+    harness = family.parity
+    inputs: list[ParityInput] = harness.parity_inputs(config, seed)
+    names = layerwise.reference_names(reference, (k for a in assignments or () for k in a.sources))
+    groups = layerwise.layer_groups(assignments or (), names)
+    t = time.perf_counter()
+    with layerwise.torch_outputs(reference, (s for g in groups for s in g.sources)) as ref_layers:
+        expected = harness.run_reference(reference, inputs)
+    timings["run_reference"] = time.perf_counter() - t
+    del reference
+    t = time.perf_counter()
+    if groups:
+        got, nnx_layers = layerwise.nnx_outputs(harness.run_nnx, model, inputs)
+    else:
+        got, nnx_layers = harness.run_nnx(model, inputs), {}
+    timings["run_nnx"] = time.perf_counter() - t
+    tol = harness.tolerance(dtype)
+    outputs = [compare(name, got[name], expected[name], tol, distribution=name in harness.distributions)
+               for name in expected]
+    t = time.perf_counter()
+    mask = next((np.asarray(i.value).astype(bool) for i in inputs if i.name == "attention_mask"), None)
+    layers, skipped = layerwise.compare_layers(groups, ref_layers, nnx_layers, threshold=tol.rtol,
+                                               channels_first=harness.channels_first_reference, mask=mask)
+    del ref_layers, nnx_layers
+    jump = layerwise.first_jump([d.max_rel_diff for d in layers], tol.rtol)
+    if groups:
+        timings["compare_layers"] = time.perf_counter() - t
+    if jump is not None:
+        log.info("parity: first layer whose error jumps: %s (NNX %s), max rel diff %s", layers[jump].name,
+                 layers[jump].target, number_text(layers[jump].max_rel_diff))
+    return ParityReport(
+        passed=all(o.passed for o in outputs),
+        reference=ref_name,
+        inputs=[i.describe() for i in inputs],
+        tolerance=tol.describe(),
+        outputs=outputs,
+        dtype=dtype,
+        timings_s={k: round(v, 3) for k, v in timings.items()},
+        layers=layers,
+        layers_skipped=skipped,
+        layer_threshold=tol.rtol,
+        first_jump=jump,
+    )
