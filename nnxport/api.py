@@ -1,4 +1,9 @@
-"""The public API: convert, verify, load, inspect_keys, models. The CLI is a thin layer over this."""
+"""The public API: convert, verify, load, inspect_keys, draft, models. The CLI is a thin layer over this.
+
+Each function composes the pipeline's steps (:mod:`nnxport.pipeline`): resolve the source, make the plan,
+transfer the tensors into the staged output, run parity, commit. The steps are importable and tested on
+their own; this module only orders them.
+"""
 
 from __future__ import annotations
 
@@ -14,31 +19,33 @@ import jax
 from flax import nnx
 
 from nnxport import interrupt
-from nnxport.errors import ConfigError, MappingError, NnxportError, SourceError, one_line
-from nnxport.mapping.analysis import Analysis, analyze
+from nnxport.errors import NnxportError
+from nnxport.mapping.analysis import Analysis
 from nnxport.mapping.draft import Draft, draft_mapping
 from nnxport.mapping.schema import Mapping, select_mapping
-from nnxport.models import FAMILIES, Family, get_family, resolve_family  # noqa: F401  (callers use api.get_family)
+from nnxport.models import FAMILIES, resolve_family
 from nnxport.parity.report import ParityReport
 from nnxport.parity.run import run_parity
-from nnxport.pipeline.manifest import build_manifest, manifest_family, read_manifest
+from nnxport.pipeline.manifest import build_manifest, manifest_family, read_manifest, recorded_source
 from nnxport.pipeline.output import (
     CHECKPOINT,
     MANIFEST,
     OutputDir,
-    StateWriter,
     check_target,
+    restore_model,
     restore_state,
     write_json,
     write_reports,
 )
 from nnxport.pipeline.plan import (
     STATE_FILTER,
-    abstract_state,
+    Plan,
+    analyse,
+    build_abstract,
     builtin_mappings,
-    family_for,
+    make_plan,
+    plan_model,
     recorded_assignments,
-    resolve_mapping,
     source_specs,
     target_specs,
 )
@@ -49,27 +56,15 @@ from nnxport.pipeline.resolve import (
     require_config,
     resolve_source,
 )
-from nnxport.pipeline.transfer import (
-    describe_target,
-    make_chains,
-    materialize,
-    put_sharded,
-    start_streaming,
-    sync_processes,
-    target_shardings,
-)
-from nnxport.placement import (
-    build_mesh,
-    check_dtype,
-    default_sharding,
-    init_distributed,
-    parse_mesh,
-    resolve_device,
-)
-from nnxport.progress import NO_PROGRESS, Progress
+from nnxport.pipeline.transfer import Transferred, sync_processes, transfer
+from nnxport.placement import default_sharding, init_distributed, parse_mesh, resolve_device
+from nnxport.progress import LOAD, NO_PROGRESS, PARITY, PLAN, RESOLVE, WRITE, Progress
 from nnxport.sources.base import Source
 from nnxport.sources.folder import open_source
-from nnxport.sources.pickled import PICKLE_SUFFIXES
+from nnxport.version import version
+
+__all__ = ["ConvertResult", "Inspection", "convert", "draft", "inspect_keys", "load", "models", "verify",
+           "version"]
 
 log = logging.getLogger("nnxport")
 
@@ -158,115 +153,34 @@ def convert(
     """
     prog = NO_PROGRESS if progress is None else progress
     if mesh is not None:
-        parse_mesh(mesh)  # a malformed (or empty) --mesh fails before anything is read
+        parse_mesh(mesh)  # a malformed (or empty) mesh fails before anything is read
     processes = init_distributed(coordinator, num_processes, process_id)
     timings: dict[str, float] = {}
-    with _timed(timings, "resolve", progress):
+    with _timed(timings, RESOLVE, progress):
         src = resolve_source(source, revision, config, allow_pickle)
-    log.info("source %s: %d tensors in %d file(s)%s", src.spec, len(src.tensors), len(src.files),
-             f" at revision {src.revision}" if src.revision else "")
-    try:
-        # An unsafe target (the source, an ancestor of it, the current folder) is refused before any work.
-        check_target(Path(out) if out is not None else default_out(src), protected_paths(src))
-        with _timed(timings, "plan", progress):
-            cfg = require_config(src)
-            the_mapping = resolve_mapping(mapping, cfg)
-            family = family_for(the_mapping, model)
-            family.check_config(cfg)
-            family.check_layers(cfg, src.tensors.keys())  # before building: fast
-            options = family.options(cfg, src.tensors.keys())
-            graphdef, abstract = abstract_state(family, cfg, options)
-            analysis = analyze(the_mapping, source_specs(src), target_specs(abstract), cfg)
-            if analysis.problems:
-                raise MappingError(the_mapping.where, analysis.problems)
-            tied = {tie.to for tie in the_mapping.ties}
-            for rule in analysis.unused_rules:
-                # Optional rules and stored copies of tied weights are absent from many checkpoints.
-                expected = rule.optional or all(t in tied for t in rule.targets)
-                (log.debug if expected else log.warning)("mapping %s: %s matched no source key",
-                                                         the_mapping.name, rule.label())
-            assignments = analysis.assignments
-            for a in assignments:
-                if a.tied_from is not None:
-                    log.warning("mapping %s: no source key fills %s; filled from %s as its tie declares",
-                                the_mapping.name, ", ".join(a.targets), a.tied_from)
-            log.info("mapping %s -> family %s: %d tensors to place, %d ignored", the_mapping.name,
-                     family.name, len(assignments), sum(k.status == "ignored" for k in analysis.keys))
-            check_dtype(dtype)  # before anything is written
-            if processes > 1 and not mesh:
-                raise NnxportError(f"a multi-process conversion ({processes} processes) needs --mesh over "
-                                   f"all {len(jax.devices())} devices")
-            if mesh is not None:
-                axes = parse_mesh(mesh)
-                the_mesh = build_mesh(axes)
-                shardings = target_shardings(the_mapping.name, assignments, the_mesh, abstract)
-                placement: dict[str, Any] = {"mesh": axes, "partition_specs": {
-                    t: [list(d) if isinstance(d, tuple) else d for d in sh.spec]
-                    for t, sh in shardings.items() if sh.spec != jax.sharding.PartitionSpec()}}
-            else:
-                dev = resolve_device(device)
-                single = default_sharding(dev, None)
-                placement = {"device": f"{dev.platform}:{dev.id}"}
-            if parity and not family.parity.has_reference():
-                log.warning("model %s declares no reference (a 'reference = \"package.module:TorchClass\"' "
-                            "class attribute): parity is skipped", family.name)
-                parity = False
-            if processes > 1 and parity:
-                log.warning("parity is not run in a multi-process conversion; run `nnxport verify` on the "
-                            "output folder afterwards")
-                parity = False
+    with src:
         out_path = Path(out) if out is not None else default_out(src)
+        # An unsafe target (the source, an ancestor of it, the current folder) is refused before any work.
+        check_target(out_path, protected_paths(src))
+        with _timed(timings, PLAN, progress):
+            plan = make_plan(src, mapping=mapping, model=model, dtype=dtype, device=device, mesh=mesh,
+                             parity=parity, processes=processes)
         with interrupt.deferred():  # a signal while it is made would leave it behind: raised just below
             staging = OutputDir(out_path, force=force, process_index=jax.process_index(),
-                                     process_count=processes, protect=protected_paths(src, the_mapping.path))
-        writer: StateWriter | None = None
-        try:
+                                process_count=processes, protect=protected_paths(src, plan.mapping.path))
+        with staging:
             interrupt.check()
             sync_processes(processes, "nnxport-staged")
             with _timed(timings, "read_place_write"):
-                # Streaming: arrays are written group by group and dropped (StateWriter), so memory stays
-                # at about one group whatever the model's size.
-                chains = make_chains(assignments)
-                start_streaming(prog, src, assignments, chains, dtype)
-                writer = StateWriter(staging.staging / CHECKPOINT, shown_as=out_path,
-                                          on_written=lambda n: prog.advance("write", n))
-                stored: set[str] = set()
-                nbytes = 0
-                filled = 0
-                for a in assignments:
-                    if mesh:
-                        placed = [put_sharded(src, chains[t], dtype, shardings[t], spec,
-                                               describe_target(src, chains[t], t), allow_nonfinite, prog)
-                                  for t, spec in zip(a.targets, a.target_specs, strict=True)]
-                    else:
-                        placed = materialize(src, a, chains, dtype, single, allow_nonfinite, prog)
-                    for target, arr in zip(a.targets, placed, strict=True):
-                        stored.add(str(arr.dtype))
-                        nbytes += arr.nbytes
-                        filled += 1
-                        prog.advance("place", arr.nbytes)
-                        writer.add(target, arr)
-                    del placed
-                    interrupt.check()  # one lost in a library callback ends the run here (nnxport.interrupt)
-                prog.end("read")
-                prog.end("place")
-                writer.finish()
-                prog.end("write")
-            log.info("checkpoint: %d arrays, %.2f GB in %d group(s)", filled, nbytes / 1e9,
+                writer = staging.state_writer(on_written=lambda n: prog.advance(WRITE, n))
+                done = transfer(plan, writer, allow_nonfinite=allow_nonfinite, progress=prog)
+            log.info("checkpoint: %d arrays, %.2f GB in %d group(s)", done.arrays, done.nbytes / 1e9,
                      writer.groups_written)
-            manifest = build_manifest(src, the_mapping, family, cfg, options, dtype, placement, filled,
-                                      nbytes)
+            manifest = build_manifest(plan, done.arrays, done.nbytes)
             report = None
-            if parity:
-                with _timed(timings, "parity", progress):
-                    # The model is restored from the checkpoint just written: parity checks what is on disk.
-                    home = default_sharding(resolve_device("auto" if mesh else device), None)
-                    restored = restore_state(staging.staging / CHECKPOINT,
-                                                  nnx.to_pure_dict(abstract), home)
-                    nnx.replace_by_pure_dict(abstract, restored)
-                    nnx_model = nnx.merge(graphdef, abstract)
-                    report = run_parity(family, nnx_model, src, cfg, _weakest(stored), options=options,
-                                        assignments=assignments)
+            if plan.parity:
+                with _timed(timings, PARITY, progress):
+                    report = _parity_of_written(plan, staging.staging / CHECKPOINT, done, device)
                 write_reports(staging.staging, report, src.spec)
                 manifest["parity"] = {"passed": report.passed}
             manifest["timings_s"] = timings
@@ -276,16 +190,18 @@ def convert(
             interrupt.check()
             with interrupt.deferred():  # finished: a signal now no longer stops it (nor half-commits it)
                 staging.commit()
-        except BaseException:
-            with interrupt.deferred():
-                if writer is not None:
-                    writer.close()  # the background write stops writing into the staging folder first
-                staging.abort()
-            raise
-    finally:
-        src.close()
     log.info("wrote %s", out_path)
     return ConvertResult(out=out_path, manifest=manifest, parity=report, timings_s=timings)
+
+
+def _parity_of_written(plan: Plan, checkpoint: Path, done: Transferred, device: str) -> ParityReport:
+    """Parity on the model restored from the checkpoint just written: it checks what is on disk."""
+    home = default_sharding(resolve_device("auto" if plan.placement.shardings is not None else device), None)
+    restored = restore_state(checkpoint, nnx.to_pure_dict(plan.abstract), home)
+    nnx.replace_by_pure_dict(plan.abstract, restored)
+    model = nnx.merge(plan.graphdef, plan.abstract)
+    return run_parity(plan.family, model, plan.source, plan.config, _weakest(done.dtypes),
+                      options=plan.options, assignments=plan.assignments)
 
 
 def _weakest(dtypes: set[str]) -> str:
@@ -307,31 +223,7 @@ def load(folder: str | Path, *, device: str | None = None, model: str | None = N
     (with a warning)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    return _restore(folder, manifest, manifest_family(folder, manifest, model), device)
-
-
-def _restore(folder: Path, manifest: dict[str, Any], family: Family, device: str | None) -> nnx.Module:
-    """:func:`load` once the manifest is read and the family chosen. The recorded config is untrusted: a
-    config the family cannot build is a SourceError naming the manifest."""
-    cfg, options = manifest["model"]["config"], manifest["model"].get("options", {})
-    try:
-        family.check_config(cfg)
-        graphdef, abstract = abstract_state(family, cfg, options)
-    except ConfigError as e:  # its message names config.json: here the config is the manifest's
-        raise SourceError(f"{folder / MANIFEST}: model.config: {str(e).removeprefix('config.json: ')}"
-                          ) from None
-    except NnxportError:
-        raise
-    except Exception as e:
-        raise SourceError(f"{folder / MANIFEST}: model.config does not build model {family.name} "
-                          f"({one_line(e, 200)})") from None
-    if device is None:
-        recorded = str(manifest.get("device", "auto")).split(":")[0]
-        device = recorded if recorded in {d.platform for d in jax.devices()} else "auto"
-    sharding = default_sharding(resolve_device(device), None)
-    restored = restore_state(folder / CHECKPOINT, nnx.to_pure_dict(abstract), sharding)
-    nnx.replace_by_pure_dict(abstract, restored)
-    return nnx.merge(graphdef, abstract)
+    return restore_model(folder, manifest, manifest_family(folder, manifest, model), device)
 
 
 def verify(folder: str | Path, *, source: str | Path | None = None, model: str | None = None,
@@ -348,32 +240,23 @@ def verify(folder: str | Path, *, source: str | Path | None = None, model: str |
     if not family.parity.has_reference():
         raise NnxportError(f"{folder}: model {family.name} declares no reference (a 'reference' class "
                            "attribute): there is nothing to verify against")
-    cfg = manifest["model"]["config"]
-    recorded = manifest["source"]
-    if source is None:
-        spec = recorded["spec"] if recorded["kind"] == "hub" else recorded["path"]
-        if recorded["kind"] == "file":
-            spec = str(Path(recorded["path"]) / recorded["files"][0]["name"])
-        revision = recorded.get("revision")
-    else:
-        spec, revision = str(source), None
-    # Pickle weights were allowed at conversion (and are only ever loaded with weights_only=True).
-    pickled = any(Path(f["name"]).suffix in PICKLE_SUFFIXES for f in recorded["files"])
-    prog.start("resolve")
+    spec, revision, pickled = recorded_source(manifest, source)
+    prog.start(RESOLVE)
     with open_source(spec, revision=revision, allow_pickle=pickled) as src:
-        check_unchanged(src, recorded["files"])
-        prog.end("resolve")
-        prog.start("load", manifest.get("bytes"))
-        module = _restore(folder, manifest, family, None)
-        prog.advance("load", sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(module, STATE_FILTER))))
-        prog.end("load")
-        prog.start("parity")
-        stored = {str(leaf.dtype) for leaf in jax.tree.leaves(nnx.state(module, STATE_FILTER))}
-        report = run_parity(family, module, src, cfg, _weakest(stored),
+        check_unchanged(src, manifest["source"]["files"])
+        prog.end(RESOLVE)
+        prog.start(LOAD, manifest.get("bytes"))
+        module = restore_model(folder, manifest, family)
+        leaves = jax.tree.leaves(nnx.state(module, STATE_FILTER))
+        prog.advance(LOAD, sum(leaf.nbytes for leaf in leaves))
+        prog.end(LOAD)
+        prog.start(PARITY)
+        report = run_parity(family, module, src, manifest["model"]["config"],
+                            _weakest({str(leaf.dtype) for leaf in leaves}),
                             options=manifest["model"].get("options", {}),
                             assignments=recorded_assignments(manifest, src, module))
-        prog.end("parity")
-    write_reports(folder, report, str(recorded["spec"]))
+        prog.end(PARITY)
+    write_reports(folder, report, str(manifest["source"]["spec"]))
     manifest["parity"] = {"passed": report.passed}
     write_json(folder / MANIFEST, manifest)
     return report
@@ -383,6 +266,8 @@ def verify(folder: str | Path, *, source: str | Path | None = None, model: str |
 
 @dataclass
 class Inspection:
+    """What :func:`inspect_keys` found. ``source`` is closed (its tensors' metadata stays readable)."""
+
     source: Source
     mapping: Mapping | None
     analysis: Analysis | None
@@ -422,21 +307,16 @@ def inspect_keys(
 ) -> Inspection:
     """Every source key with shape and dtype and, with a mapping (given, or picked from config.json when
     ``auto_mapping``), where it goes. Mapping problems are reported in the result, not raised."""
-    src = resolve_source(source, revision, config, allow_pickle)
-    if mapping is None and (not auto_mapping or src.config is None):
-        return Inspection(src, None, None)
-    try:
-        the_mapping = resolve_mapping(mapping, src.config)
-    except NnxportError:
-        if mapping is not None:
-            raise
-        return Inspection(src, None, None)
-    family = family_for(the_mapping)
-    cfg = require_config(src)
-    family.check_config(cfg)
-    family.check_layers(cfg, src.tensors.keys())  # before building: fast
-    _, abstract = abstract_state(family, cfg, family.options(cfg, src.tensors.keys()))
-    return Inspection(src, the_mapping, analyze(the_mapping, source_specs(src), target_specs(abstract), cfg))
+    with resolve_source(source, revision, config, allow_pickle) as src:  # closed: the result owns no file
+        if mapping is None and (not auto_mapping or src.config is None):
+            return Inspection(src, None, None)
+        try:
+            plan = plan_model(src, mapping)
+        except NnxportError:
+            if mapping is not None:
+                raise
+            return Inspection(src, None, None)  # no built-in mapping recognises the source: keys only
+        return Inspection(src, plan.mapping, analyse(plan.mapping, src, plan.abstract, plan.config))
 
 
 def draft(
@@ -448,22 +328,16 @@ def draft(
 ) -> Draft:
     """A mapping suggestion for ``source`` and ``model`` (a family name or ``package.module:Class``;
     default: the family of the built-in mapping config.json picks). See :mod:`nnxport.mapping.draft`."""
-    src = resolve_source(source, revision, config)
-    try:
+    with resolve_source(source, revision, config) as src:
         if model is None:
             try:
                 model = select_mapping(src.config, builtin_mappings()).model
             except NnxportError as e:
                 raise NnxportError(f"{src.spec}: no model family recognises its config.json ({e}); pass "
                                    "--model NAME or --model package.module:Class") from None
-        family = resolve_family(model)
         cfg = require_config(src)
-        family.check_config(cfg)
-        family.check_layers(cfg, src.tensors.keys())  # before building: fast
-        _, abstract = abstract_state(family, cfg, family.options(cfg, src.tensors.keys()))
+        _, _, abstract = build_abstract(src, resolve_family(model), cfg)
         return draft_mapping(source_specs(src), target_specs(abstract), cfg, model, title=src.spec)
-    finally:
-        src.close()
 
 
 def models() -> list[dict[str, Any]]:

@@ -20,7 +20,17 @@ A phase that fails is left without :meth:`Progress.end`: the exception says what
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Final, Protocol
+
+RESOLVE: Final = "resolve"
+PLAN: Final = "plan"
+READ: Final = "read"
+PLACE: Final = "place"
+WRITE: Final = "write"
+LOAD: Final = "load"
+PARITY: Final = "parity"
+#: The phases convert and verify report, in the order they start (read / place / write run together).
+PHASES: Final = (RESOLVE, PLAN, READ, PLACE, WRITE, LOAD, PARITY)
 
 
 class Progress(Protocol):

@@ -482,7 +482,7 @@ def test_files_inside_the_folder_are_followed(tiny_resnet_dir: Path, tmp_path: P
 
 
 def test_built_in_mappings_pass_the_backtracking_check() -> None:
-    from nnxport.mapping.schema import compile_regex
+    from nnxport.mapping.loader import compile_regex
     from nnxport.pipeline.plan import builtin_mappings
 
     for m in builtin_mappings():

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nnxport.errors import MappingError
-from nnxport.mapping.analysis import Analysis, TensorSpec, analyze, plan
+from nnxport.mapping.analysis import Analysis, TensorSpec, analyze
 from nnxport.mapping.ops import Reshape, Transpose, infer_ops
 from nnxport.mapping.schema import Mapping, load_mapping_file, load_mapping_text, select_mapping
 
@@ -274,7 +274,7 @@ def test_valid_mapping_plans_every_key() -> None:
     assert (attn.status, attn.target, attn.ops, attn.target_shape, attn.problem, attn.rule) == (
         "mapped", "layers.1.attn.kernel", ("reshape(2,4,-1)",), (2, 4, 6), None, m.rules[0])
     assert by_key["head.weight"].ops == ("transpose(1,0)",) and by_key["head.weight"].target_shape == (6, 3)
-    assigned = plan(m, sources(), targets(), CONFIG)
+    assigned = analyze(m, sources(), targets(), CONFIG).checked(m.where)
     assert assigned == result.assignments
     assert [(a.targets, a.sources) for a in assigned] == [
         (("layers.0.attn.kernel",), ("enc.layers.0.attn.weight",)),
@@ -440,7 +440,7 @@ def test_plan_raises_with_every_problem_together() -> None:
                           .replace("    ops: [{transpose: [1, 0]}]\n", ""), name="tiny")
     srcs = {**sources(), "stray": spec(1)}
     with pytest.raises(MappingError) as err:
-        plan(m, srcs, targets(), CONFIG)
+        analyze(m, srcs, targets(), CONFIG).checked(m.where)
     assert err.value.where == "tiny"
     problems = err.value.problems
     assert len(problems) == 4
@@ -652,8 +652,9 @@ def test_analysis_invariants(rules: list[tuple[str, str, str]], srcs: dict[str, 
     for rule in result.unused_rules:
         assert not any(rule.pattern.search(k) for k in srcs)
     if result.ok:
-        assert set(assigned) == set(tgts) and plan(m, sources_, targets_, config) == result.assignments
+        assert set(assigned) == set(tgts)
+        assert analyze(m, sources_, targets_, config).checked(m.where) == result.assignments
     else:
         with pytest.raises(MappingError) as err:
-            plan(m, sources_, targets_, config)
+            analyze(m, sources_, targets_, config).checked(m.where)
         assert tuple(err.value.problems) == result.problems

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nnxport.errors import MappingError
-from nnxport.mapping.analysis import Analysis, Assignment, TensorSpec, analyze, plan
+from nnxport.mapping.analysis import Analysis, Assignment, TensorSpec, analyze
 from nnxport.mapping.ops import Concat, Reshape, Split, Stack, Transpose, apply_ops, infer_ops
 from nnxport.mapping.schema import load_mapping_text
 
@@ -370,7 +370,7 @@ def test_tie_fills_an_unfilled_leaf_from_its_source() -> None:
     wte = random((10, 4), 0)
     values = materialize(result, {"wte": wte})
     np.testing.assert_array_equal(values["lm_head.kernel"], wte.T)
-    assert plan(load_mapping_text("version: 1\nmodel: m\nrules:\n" + HEAD + TIE), {"wte": spec(10, 4)},
+    assert _checked(load_mapping_text("version: 1\nmodel: m\nrules:\n" + HEAD + TIE), {"wte": spec(10, 4)},
                 tgts, {}) == result.assignments
 
 
@@ -699,3 +699,8 @@ def test_split_targets_must_differ() -> None:
         r"rule 1 (line 4, from '^(\w)(\w)$'): key 'cc': 'to' expands to target 't.c' more than once "
         "('t.c', 't.c')",)
     assert rows(result)["cc"].status == "bad-target" and result.unfilled == ()
+
+
+def _checked(mapping: Any, *args: Any) -> Any:
+    """The assignments of ``mapping`` over sources / targets / config, or its MappingError."""
+    return analyze(mapping, *args).checked(mapping.where)

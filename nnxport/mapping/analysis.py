@@ -98,6 +98,12 @@ class Analysis:
         """No problems: every key mapped, ignored or tied, every target filled exactly once, shapes agree."""
         return not self.problems
 
+    def checked(self, where: str) -> tuple[Assignment, ...]:
+        """The assignments, or a MappingError (``where``: the mapping) listing every problem together."""
+        if self.problems:
+            raise MappingError(where, self.problems)
+        return self.assignments
+
 
 @dataclass
 class _Claim:
@@ -473,12 +479,3 @@ def analyze(mapping: Mapping, sources: MappingABC[str, TensorSpec], targets: Map
         unused_rules=tuple(r for r in mapping.rules if r.index not in used),
         problems=tuple(state.problems),
     )
-
-
-def plan(mapping: Mapping, sources: MappingABC[str, TensorSpec], targets: MappingABC[str, TensorSpec],
-         config: MappingABC[str, Any] | None) -> tuple[Assignment, ...]:
-    """The assignments of :func:`analyze`; MappingError (named after the mapping) listing every problem."""
-    analysis = analyze(mapping, sources, targets, config)
-    if analysis.problems:
-        raise MappingError(mapping.where, analysis.problems)
-    return analysis.assignments

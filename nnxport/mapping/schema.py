@@ -19,18 +19,23 @@ import difflib
 import hashlib
 import os
 import re
-import re._constants as _sre_c  # the parsed form of a regex, for the static backtracking check
-import re._parser as _sre
 import stat
-from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Mapping as MappingABC
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from nnxport.errors import MappingError
+from nnxport.mapping.loader import (
+    MAX_MAPPING_BYTES,
+    compile_regex,
+    escaped,
+    item_line,
+    key_line,
+    other_line,
+    parse_yaml,
+)
 from nnxport.mapping.ops import Op, OpError, Split, parse_op, show_value
 
 VERSION = 1
@@ -46,13 +51,8 @@ Status = Literal["mapped", "ignored", "tied", "unmatched", "ambiguous", "bad-tar
                  "shape-mismatch", "op-error"]
 
 
-def _text(s: str) -> str:
-    """``s`` with control characters escaped, so that every message stays on one line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
-
-
 def quoted(s: str) -> str:
-    return f"'{_text(s)}'"
+    return f"'{escaped(s)}'"
 
 
 def _at(line: int | None) -> str:
@@ -161,139 +161,6 @@ class Mapping:
         return True
 
 
-# ------------------------------------------------------------------------------------------------ YAML
-
-class _Dict(dict[Any, Any]):
-    """A YAML mapping that remembers the 1-based line of each key."""
-
-    key_lines: dict[Any, int]
-
-
-class _List(list[Any]):
-    """A YAML sequence that remembers the 1-based line of each item."""
-
-    item_lines: list[int]
-
-
-MAX_MAPPING_BYTES = 1_000_000
-"""The largest mapping file read (the built-in ones are under 10 kB)."""
-
-
-class NoAliasLoader(yaml.SafeLoader):
-    """SafeLoader refusing YAML aliases (``*name``, and so ``<<: *name`` merges): a few hundred bytes of
-    nested aliases expand into billions of nodes (an "alias bomb"), and nnxport's YAML files need none."""
-
-    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} refused: nnxport's YAML "
-                                              "files may not use aliases (write the value out)",
-                                              event.start_mark)
-        return super().compose_node(parent, index)
-
-
-class _Loader(NoAliasLoader):
-    """SafeLoader building :class:`_Dict` / :class:`_List`, noting duplicate keys, refusing aliases."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self.duplicates: list[str] = []
-
-
-def _construct_map(loader: _Loader, node: yaml.MappingNode) -> Iterator[_Dict]:
-    data = _Dict()
-    data.key_lines = {}
-    yield data
-    seen: set[tuple[str, str]] = set()
-    for key_node, _ in node.value:
-        if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-            if (key_node.tag, key_node.value) in seen:
-                loader.duplicates.append(f"line {key_node.start_mark.line + 1}: duplicate key "
-                                         f"{show_value(key_node.value)}")
-            seen.add((key_node.tag, key_node.value))
-    loader.flatten_mapping(node)
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node)
-        try:
-            hash(key)
-        except TypeError:
-            raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
-                                                    "found unhashable key", key_node.start_mark) from None
-        data[key] = loader.construct_object(value_node)
-        data.key_lines[key] = key_node.start_mark.line + 1
-
-
-def _construct_seq(loader: _Loader, node: yaml.SequenceNode) -> Iterator[_List]:
-    data = _List()
-    data.item_lines = [item.start_mark.line + 1 for item in node.value]
-    yield data
-    data.extend(loader.construct_sequence(node))
-
-
-def _strict(construct: Callable[[_Loader, yaml.Node], object]) -> Callable[[_Loader, yaml.Node], object]:
-    """A scalar constructor that reports bad values (``!!int 1.5``, ``2001-02-30``) as YAML errors.
-
-    PyYAML's own raise ValueError, KeyError, AttributeError, ... for them.
-    """
-
-    def construct_strictly(loader: _Loader, node: yaml.Node) -> object:
-        try:
-            return construct(loader, node)
-        except yaml.YAMLError:
-            raise
-        except Exception as e:
-            why = f" ({e})" if type(e) is ValueError else ""
-            problem = f"cannot read {show_value(node.value)} as {node.tag.rsplit(':', 1)[-1]}{why}"
-            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
-
-    return construct_strictly
-
-
-_Loader.add_constructor("tag:yaml.org,2002:map", _construct_map)
-_Loader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
-for _tag in [f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int", "float", "binary", "timestamp")]:
-    _Loader.add_constructor(_tag, _strict(yaml.SafeLoader.yaml_constructors[_tag]))
-
-
-def _yaml_error(text: str, e: Exception) -> str:
-    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
-        mark = e.problem_mark
-        what = f"{e.context}: {e.problem}" if e.context else e.problem
-        return _text(f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {what}")
-    if isinstance(e, yaml.reader.ReaderError):
-        line = text.count("\n", 0, e.position) + 1
-        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
-        return _text(f"invalid YAML at line {line}, column {column}: {e.reason} (character {e.character!r})")
-    if isinstance(e, RecursionError):
-        return "invalid YAML: nested too deeply"
-    return f"invalid YAML: {_text(str(e))}"
-
-
-def _parse_yaml(text: str, where: str) -> tuple[object, list[str]]:
-    """The YAML document (``None`` if empty) and its duplicate-key problems; MappingError if unparsable."""
-    try:
-        loader = _Loader(text)
-        try:
-            return loader.get_single_data(), loader.duplicates
-        finally:
-            loader.dispose()
-    except (yaml.YAMLError, RecursionError) as e:  # RecursionError: absurdly deep nesting
-        raise MappingError(where, [_yaml_error(text, e)]) from None
-
-
-def _key_line(d: object, key: object) -> int | None:
-    return d.key_lines.get(key) if isinstance(d, _Dict) else None
-
-
-def _item_line(seq: object, i: int) -> int | None:
-    return seq.item_lines[i] if isinstance(seq, _List) else None
-
-
-def _other_line(line: int | None, rule_line: int | None) -> int | None:
-    """``line`` unless it is the rule's own line (already in the rule's label)."""
-    return None if line == rule_line else line
-
-
 def _type(value: object) -> str:
     if isinstance(value, list) and not value:
         return "an empty list"
@@ -302,77 +169,6 @@ def _type(value: object) -> str:
         if isinstance(value, t):
             return name
     return f"{type(value).__name__} {show_value(value)}"
-
-
-# ---------------------------------------------------------------------------------------------- loading
-
-def compile_regex(regex: str) -> re.Pattern[str] | str:
-    """The compiled regex, or why it is not one (or why it could take exponential time)."""
-    try:
-        compiled = re.compile(regex)
-        backtracks = _backtracks(_sre.parse(regex).data, in_repeat=False)
-    except (re.error, OverflowError, RecursionError) as e:
-        return str(e)
-    if backtracks:
-        return (f"{backtracks} inside a repeat (like (a+)+ or (a|ab)*) can take exponential time to match "
-                "a long key; use a single repeat, or make the inner one possessive (a++) or atomic (?>...)")
-    return compiled
-
-
-_REPEATS = (_sre_c.MAX_REPEAT, _sre_c.MIN_REPEAT, _sre_c.POSSESSIVE_REPEAT)
-
-
-def _backtracks(items: Any, *, in_repeat: bool) -> str | None:
-    """Static check against catastrophic backtracking on a parsed regex: what, inside a repeat, could
-    match one string in many ways ("a repeat", "an alternation"), or None. ``re`` cannot be time-bound
-    (it holds the GIL while it matches), so such regexes are refused at load time."""
-    for op, av in items:
-        if op in _REPEATS:
-            _low, high, body = av
-            repeats = high > 1 or high == _sre_c.MAXREPEAT
-            if repeats and in_repeat and op is not _sre_c.POSSESSIVE_REPEAT:
-                return "a repeat"
-            found = _backtracks(body, in_repeat=in_repeat or (repeats and op is not _sre_c.POSSESSIVE_REPEAT))
-        elif op is _sre_c.ATOMIC_GROUP:
-            found = _backtracks(av, in_repeat=False)
-        elif op is _sre_c.SUBPATTERN:
-            found = _backtracks(av[-1], in_repeat=in_repeat)
-        elif op in (_sre_c.ASSERT, _sre_c.ASSERT_NOT):
-            found = _backtracks(av[1], in_repeat=in_repeat)
-        elif op is _sre_c.BRANCH:
-            if in_repeat and _overlapping(av[1]):
-                return "an alternation whose branches can start alike"
-            found = next((f for b in av[1] if (f := _backtracks(b, in_repeat=in_repeat))), None)
-        elif op is _sre_c.GROUPREF_EXISTS:
-            found = next((f for b in av[1:] if b is not None and (f := _backtracks(b, in_repeat=in_repeat))),
-                         None)
-        else:
-            continue
-        if found:
-            return found
-    return None
-
-
-def _overlapping(branches: Sequence[Any]) -> bool:
-    """Whether two alternatives of a branch may start with the same character (unknown counts as yes)."""
-    seen: set[int] = set()
-    for branch in branches:
-        items = list(branch)
-        while items and items[0][0] is _sre_c.SUBPATTERN:  # (?:...) / (...) around the first item
-            items = list(items[0][1][-1]) + items[1:]
-        if not items:
-            return True
-        op, av = items[0]
-        if op is _sre_c.LITERAL:
-            first = {av}
-        elif op is _sre_c.IN and all(o is _sre_c.LITERAL for o, _ in av):
-            first = {v for _, v in av}
-        else:
-            return True
-        if first & seen:
-            return True
-        seen |= first
-    return False
 
 
 def _check_template(pattern: re.Pattern[str], template: str) -> str | None:
@@ -453,7 +249,7 @@ def _load_shard(label: str, spec: dict[Any, Any], line: int | None, problems: li
     if "shard" not in spec:
         return None
     value = spec["shard"]
-    at = _at(_other_line(_key_line(spec, "shard"), line))
+    at = _at(other_line(key_line(spec, "shard"), line))
     example = "e.g. shard: [null, model]"
     if not isinstance(value, list):
         problems.append(f"{label}: {at}'shard' must be a list with one entry per target dimension "
@@ -489,7 +285,7 @@ def _load_rule(index: int, line: int | None, spec: object, problems: list[str]) 
     n = len(problems)
     for key in spec:
         if key not in RULE_KEYS:
-            at = _at(_other_line(_key_line(spec, key), line))
+            at = _at(other_line(key_line(spec, key), line))
             problems.append(f"{label}: {at}unknown key {show_value(key)}{_hint(key, RULE_KEYS)}; "
                             f"a rule has {', '.join(RULE_KEYS)}")
     pattern: re.Pattern[str] | None = None
@@ -503,7 +299,7 @@ def _load_rule(index: int, line: int | None, spec: object, problems: list[str]) 
     templates = _load_targets(label, target, pattern, problems)
     optional = spec.get("optional", False)
     if not isinstance(optional, bool):
-        at = _at(_other_line(_key_line(spec, "optional"), line))
+        at = _at(other_line(key_line(spec, "optional"), line))
         problems.append(f"{label}: {at}'optional' must be true or false, got {_type(optional)}")
     ops: list[Op] = []
     lines: list[int | None] = []
@@ -514,7 +310,7 @@ def _load_rule(index: int, line: int | None, spec: object, problems: list[str]) 
         ops_ok = False
     else:
         for j, op_spec in enumerate(op_specs):
-            at_line = _other_line(_item_line(op_specs, j), line)
+            at_line = other_line(item_line(op_specs, j), line)
             try:
                 ops.append(parse_op(op_spec))
                 lines.append(at_line)
@@ -538,13 +334,13 @@ def _tie_label(index: int, line: int | None, to: str | None) -> str:
 def _load_ties(doc: dict[Any, Any], problems: list[str]) -> list[Tie]:
     specs = doc.get("tie", [])
     if not isinstance(specs, list):
-        problems.append(f"{_at(_key_line(doc, 'tie'))}'tie' must be a list of {{to: TARGET, from: TARGET}} "
+        problems.append(f"{_at(key_line(doc, 'tie'))}'tie' must be a list of {{to: TARGET, from: TARGET}} "
                         f"entries, got {_type(specs)}")
         return []
     ties: list[Tie] = []
     seen: dict[str, str] = {}
     for i, spec in enumerate(specs):
-        line = _item_line(specs, i) or _key_line(doc, "tie")
+        line = item_line(specs, i) or key_line(doc, "tie")
         if not isinstance(spec, dict):
             problems.append(f"{_tie_label(i, line, None)}: a tie is a mapping with 'to' and 'from', "
                             f"got {_type(spec)}")
@@ -554,7 +350,7 @@ def _load_ties(doc: dict[Any, Any], problems: list[str]) -> list[Tie]:
         n = len(problems)
         for key in spec:
             if key not in TIE_KEYS:
-                at = _at(_other_line(_key_line(spec, key), line))
+                at = _at(other_line(key_line(spec, key), line))
                 problems.append(f"{label}: {at}unknown key {show_value(key)}{_hint(key, TIE_KEYS)}; "
                                 f"a tie has {', '.join(TIE_KEYS)}")
         for what, value in (("to", to), ("from", source)):
@@ -568,7 +364,7 @@ def _load_ties(doc: dict[Any, Any], problems: list[str]) -> list[Tie]:
                             f"got {_type(op_specs)}")
         else:
             for j, op_spec in enumerate(op_specs):
-                at = _at(_other_line(_item_line(op_specs, j), line))
+                at = _at(other_line(item_line(op_specs, j), line))
                 try:
                     op = parse_op(op_spec)
                 except OpError as e:
@@ -591,7 +387,7 @@ def _load_ties(doc: dict[Any, Any], problems: list[str]) -> list[Tie]:
 
 def _load_match(doc: dict[Any, Any], problems: list[str]) -> dict[str, Any]:
     match = doc.get("match", {})
-    line = _key_line(doc, "match")
+    line = key_line(doc, "match")
     if not isinstance(match, dict):
         problems.append(f"{_at(line)}'match' must be a mapping like {{model_type: resnet}}, "
                         f"got {_type(match)}")
@@ -599,7 +395,7 @@ def _load_match(doc: dict[Any, Any], problems: list[str]) -> dict[str, Any]:
     scalars = (str, int, float, bool, type(None))
     out: dict[str, Any] = {}
     for key, value in match.items():
-        at = _at(_key_line(match, key) or line)
+        at = _at(key_line(match, key) or line)
         if not isinstance(key, str):
             problems.append(f"{at}'match' keys are config.json keys (strings), got {show_value(key)}")
         elif isinstance(value, list) and all(isinstance(v, scalars) for v in value):
@@ -615,12 +411,12 @@ def _load_match(doc: dict[Any, Any], problems: list[str]) -> dict[str, Any]:
 def _load_ignore(doc: dict[Any, Any], problems: list[str]) -> list[re.Pattern[str]]:
     ignore = doc.get("ignore", [])
     if not isinstance(ignore, list):
-        problems.append(f"{_at(_key_line(doc, 'ignore'))}'ignore' must be a list of regexes, "
+        problems.append(f"{_at(key_line(doc, 'ignore'))}'ignore' must be a list of regexes, "
                         f"got {_type(ignore)}")
         return []
     out: list[re.Pattern[str]] = []
     for i, regex in enumerate(ignore):
-        at = _at(_item_line(ignore, i) or _key_line(doc, "ignore"))
+        at = _at(item_line(ignore, i) or key_line(doc, "ignore"))
         if not isinstance(regex, str):
             problems.append(f"{at}ignore pattern {i + 1} must be a regex string, got {_type(regex)}")
         elif isinstance(compiled := compile_regex(regex), str):
@@ -636,33 +432,33 @@ def load_mapping_text(text: str, name: str = "<stdin>", path: Path | None = None
     if len(text) > MAX_MAPPING_BYTES:
         raise MappingError(where, [f"{len(text)} characters: larger than {MAX_MAPPING_BYTES // 1_000_000} "
                                    "MB, too large for a mapping file"])
-    doc, problems = _parse_yaml(text, where)
+    doc, problems = parse_yaml(text, where)
     if not isinstance(doc, dict):
         raise MappingError(where, [*problems, f"a mapping file is a YAML mapping with keys "
                                                f"{', '.join(REQUIRED_KEYS)}; got {_type(doc)}"])
     for key in doc:
         if key not in TOP_KEYS:
-            problems.append(f"{_at(_key_line(doc, key))}unknown key {show_value(key)}{_hint(key, TOP_KEYS)}; "
+            problems.append(f"{_at(key_line(doc, key))}unknown key {show_value(key)}{_hint(key, TOP_KEYS)}; "
                             f"a mapping has {', '.join(TOP_KEYS)}")
     problems += [f"missing required key '{key}'" for key in REQUIRED_KEYS if key not in doc]
     version = doc.get("version", VERSION)
     if type(version) is not int or version != VERSION:
-        problems.append(f"{_at(_key_line(doc, 'version'))}unsupported version {show_value(version)} "
+        problems.append(f"{_at(key_line(doc, 'version'))}unsupported version {show_value(version)} "
                         f"(this nnxport reads version {VERSION})")
     model = doc.get("model", "?")
     if not isinstance(model, str) or not model.strip():
-        problems.append(f"{_at(_key_line(doc, 'model'))}'model' must be a family name or "
+        problems.append(f"{_at(key_line(doc, 'model'))}'model' must be a family name or "
                         f"'package.module:Class', got {_type(model)}")
     match = _load_match(doc, problems)
     ignore = _load_ignore(doc, problems)
     rules: list[Rule] = []
     specs = doc.get("rules")
     if "rules" in doc and (not isinstance(specs, list) or not specs):
-        problems.append(f"{_at(_key_line(doc, 'rules'))}'rules' must be a non-empty list of "
+        problems.append(f"{_at(key_line(doc, 'rules'))}'rules' must be a non-empty list of "
                         f"{{from: REGEX, to: TARGET}} rules, got {_type(specs)}")
     elif isinstance(specs, list):
         for i, spec in enumerate(specs):
-            rule = _load_rule(i, _item_line(specs, i), spec, problems)
+            rule = _load_rule(i, item_line(specs, i), spec, problems)
             if rule is not None:
                 rules.append(rule)
     ties = _load_ties(doc, problems)

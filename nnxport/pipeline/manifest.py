@@ -16,23 +16,27 @@ import re
 import stat
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orbax.checkpoint as ocp
 
 from nnxport.errors import SourceError
-from nnxport.mapping.schema import Mapping as MappingFile
-from nnxport.models import FAMILIES, Family, get_family, resolve_family  # noqa: F401  (callers use api.get_family)
+from nnxport.models import FAMILIES, Family, resolve_family
 from nnxport.pipeline.output import CHECKPOINT, MANIFEST
-from nnxport.sources.base import Source
+from nnxport.sources.pickled import PICKLE_SUFFIXES
+
+if TYPE_CHECKING:
+    from nnxport.pipeline.plan import Plan
 from nnxport.version import version
 
 log = logging.getLogger("nnxport")
 
 
-def build_manifest(src: Source, mapping: MappingFile, family: Family, cfg: dict[str, Any],
-                   options: dict[str, Any], dtype: str, placement: dict[str, Any], n: int,
-                   nbytes: int) -> dict[str, Any]:
+def build_manifest(plan: Plan, n: int, nbytes: int) -> dict[str, Any]:
+    """nnxport.json for a conversion of ``plan`` that wrote ``n`` arrays of ``nbytes``: what was converted
+    (each source file with its sha256), with which mapping (its full text), into which model (family,
+    config, options, so that :func:`nnxport.load` can rebuild it), how (dtype, device or mesh)."""
+    src, mapping = plan.source, plan.mapping
     return {
         "nnxport_version": version(),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -46,9 +50,9 @@ def build_manifest(src: Source, mapping: MappingFile, family: Family, cfg: dict[
         },
         "mapping": {"name": mapping.name, "path": str(mapping.path) if mapping.path else None,
                     "sha256": mapping.sha256, "text": mapping.text},
-        "model": {"family": family.name, "config": cfg, "options": options},
-        "dtype": dtype,
-        **placement,
+        "model": {"family": plan.family.name, "config": plan.config, "options": plan.options},
+        "dtype": plan.dtype,
+        **plan.placement.record,
         "tensors": n,
         "bytes": nbytes,
     }
@@ -281,3 +285,19 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if not ckpt.is_dir() or not ocp.utils.is_checkpoint_finalized(ckpt.absolute()):
         raise SourceError(f"{ckpt}: missing or unfinished Orbax checkpoint")
     return manifest
+
+
+def recorded_source(manifest: dict[str, Any], source: str | Path | None = None
+                    ) -> tuple[str, str | None, bool]:
+    """What to re-open to verify a conversion: (source spec, revision, whether pickle weights are allowed)
+    — the recorded source, or ``source`` instead. Pickle weights were allowed at conversion when the
+    recorded files are pickles (and are only ever loaded with ``weights_only=True``)."""
+    recorded = manifest["source"]
+    pickled = any(Path(f["name"]).suffix in PICKLE_SUFFIXES for f in recorded["files"])
+    if source is not None:
+        return str(source), None, pickled
+    if recorded["kind"] == "hub":
+        return recorded["spec"], recorded.get("revision"), pickled
+    if recorded["kind"] == "file":
+        return str(Path(recorded["path"]) / recorded["files"][0]["name"]), None, pickled
+    return recorded["path"], None, pickled

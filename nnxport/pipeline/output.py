@@ -19,15 +19,19 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import jax
 import orbax.checkpoint.experimental.v1 as ocp_v1
+from flax import nnx
 
 from nnxport import interrupt
-from nnxport.errors import OutputError, SourceError, one_line
-from nnxport.models import FAMILIES, Family, get_family, resolve_family  # noqa: F401  (callers use api.get_family)
+from nnxport.errors import ConfigError, NnxportError, OutputError, SourceError, one_line
+from nnxport.models.base import Family
 from nnxport.parity.report import PARITY_PNG, ParityReport
+from nnxport.pipeline.plan import abstract_state
+from nnxport.placement import default_sharding, resolve_device
 
 
 def write_reports(folder: Path, report: ParityReport, title: str) -> None:
@@ -104,7 +108,9 @@ class OutputDir:
     def __init__(self, final: Path, *, force: bool = False, process_index: int = 0,
                  process_count: int = 1, protect: Iterable[Path | None] = ()) -> None:
         check_target(final, protect)
+        self.shown = final  # how messages name it: as the caller wrote it
         self.final = final = Path(os.path.abspath(final))
+        self._writer: StateWriter | None = None
         self.force = force
         self.primary = process_index == 0
         self._lock_fd: int | None = None
@@ -249,6 +255,25 @@ class OutputDir:
         if self.primary:
             shutil.rmtree(self.staging, ignore_errors=True)
             self._unlock()
+
+    def state_writer(self, on_written: Callable[[int], None] | None = None) -> StateWriter:
+        """The writer of the staged folder's checkpoint; on the way out of a failed run it is closed (its
+        background write finished) before the folder is removed."""
+        self._writer = StateWriter(self.staging / CHECKPOINT, shown_as=self.shown, on_written=on_written)
+        return self._writer
+
+    def __enter__(self) -> OutputDir:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        """On any exception (an interrupt included): nothing staged is left behind."""
+        if exc_type is None:
+            return
+        with interrupt.deferred():
+            if self._writer is not None:
+                self._writer.close()  # the background write stops writing into the staging folder first
+            self.abort()
 
 
 def _alive(pid: int) -> bool:
@@ -470,3 +495,29 @@ def restore_state(path: Path, abstract: Mapping[str, Any], sharding: jax.shardin
     except KeyError as e:
         raise SourceError(f"{path}: the checkpoint lacks {e} that the model needs") from None
     return ocp_v1.load(path.absolute(), target_tree)
+
+
+def restore_model(folder: Path, manifest: dict[str, Any], family: Family, device: str | None = None
+                  ) -> nnx.Module:
+    """The model recorded in ``folder`` (its ``manifest`` read, ``family`` chosen), rebuilt and restored
+    onto ``device`` (default: the recorded one when jax has it). The recorded config is untrusted: a
+    config the family cannot build is a SourceError naming the manifest."""
+    cfg, options = manifest["model"]["config"], manifest["model"].get("options", {})
+    try:
+        family.check_config(cfg)
+        graphdef, abstract = abstract_state(family, cfg, options)
+    except ConfigError as e:  # its message names config.json: here the config is the manifest's
+        raise SourceError(f"{folder / MANIFEST}: model.config: {str(e).removeprefix('config.json: ')}"
+                          ) from None
+    except NnxportError:
+        raise
+    except Exception as e:
+        raise SourceError(f"{folder / MANIFEST}: model.config does not build model {family.name} "
+                          f"({one_line(e, 200)})") from None
+    if device is None:
+        recorded = str(manifest.get("device", "auto")).split(":")[0]
+        device = recorded if recorded in {d.platform for d in jax.devices()} else "auto"
+    sharding = default_sharding(resolve_device(device), None)
+    restored = restore_state(folder / CHECKPOINT, nnx.to_pure_dict(abstract), sharding)
+    nnx.replace_by_pure_dict(abstract, restored)
+    return nnx.merge(graphdef, abstract)

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from nnxport.errors import SourceError
-from nnxport.models import FAMILIES, Family, get_family, resolve_family  # noqa: F401  (callers use api.get_family)
 from nnxport.sources.base import Source
 from nnxport.sources.folder import open_source
 
@@ -23,7 +22,7 @@ def resolve_source(source: str | Path, revision: str | None, config: str | Path 
         return open_source(source, revision=revision, config=config, allow_pickle=allow_pickle)
     import yaml
 
-    from nnxport.mapping.schema import NoAliasLoader
+    from nnxport.mapping.loader import NoAliasLoader
     from nnxport.sources.files import open_regular
 
     path = Path(config).expanduser()

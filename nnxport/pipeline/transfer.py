@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
-from flax import nnx
 
+from nnxport import interrupt
 from nnxport.mapping.analysis import Assignment, TensorSpec
 from nnxport.mapping.ops import Box, Op, apply_ops, box_slices, pull_part
-from nnxport.models import FAMILIES, Family, get_family, resolve_family  # noqa: F401  (callers use api.get_family)
-from nnxport.models.base import annotated_shards
 from nnxport.placement import (
     numpy_dtype,
-    partition_spec,
     put,
     put_parts,
     target_dtype,
 )
-from nnxport.progress import NO_PROGRESS, Progress
+from nnxport.progress import NO_PROGRESS, PLACE, READ, WRITE, Progress
 from nnxport.sources.base import Source
+
+if TYPE_CHECKING:
+    from nnxport.pipeline.output import StateWriter
+    from nnxport.pipeline.plan import Plan
 
 log = logging.getLogger("nnxport")
 
@@ -71,9 +73,9 @@ def start_streaming(prog: Progress, src: Source, assignments: tuple[Assignment, 
                  * numpy_dtype(target_dtype(chains[t].dtype, dtype, spec.dtype,
                                             describe_target(src, chains[t], t))).itemsize
                  for a in assignments for t, spec in zip(a.targets, a.target_specs, strict=True))
-    prog.start("read", read)
-    prog.start("place", placed)
-    prog.start("write", placed)
+    prog.start(READ, read)
+    prog.start(PLACE, placed)
+    prog.start(WRITE, placed)
 
 
 def materialize(src: Source, a: Assignment, chains: dict[str, _Chain], dtype: str,
@@ -82,7 +84,7 @@ def materialize(src: Source, a: Assignment, chains: dict[str, _Chain], dtype: st
     """The placed arrays of ``a.targets`` on one device: the source keys read whole, through the ops."""
     chain = chains[a.targets[0]]
     read = [src.read(key) for key in chain.sources]
-    prog.advance("read", sum(r.nbytes for r in read))
+    prog.advance(READ, sum(r.nbytes for r in read))
     arrays = apply_ops(chain.ops, read)
     del read
     if a.tied_from is not None:
@@ -108,13 +110,13 @@ def put_sharded(src: Source, chain: _Chain, dtype: str, sharding: jax.sharding.S
         if pulled is None:
             if not whole:
                 read = [src.read(k) for k in chain.sources]
-                prog.advance("read", sum(r.nbytes for r in read))
+                prog.advance(READ, sum(r.nbytes for r in read))
                 whole.append(apply_ops(chain.ops, read)[chain.position])
                 del read
             return whole[0][box_slices(box)]
         part, steps = pulled
         arr = src.read_box(chain.sources[0], part)
-        prog.advance("read", arr.nbytes)
+        prog.advance(READ, arr.nbytes)
         for step in steps:
             arr = step(arr)
         return arr
@@ -125,32 +127,52 @@ def put_sharded(src: Source, chain: _Chain, dtype: str, sharding: jax.sharding.S
     return placed
 
 
-def target_shardings(mapping: str, assignments: tuple[Assignment, ...], mesh: jax.sharding.Mesh,
-               abstract: nnx.State) -> dict[str, jax.sharding.NamedSharding]:
-    """Every target's sharding on ``mesh``: its rule's ``shard`` where it has one (an override), else the
-    model's annotation of the leaf (``out_sharding`` metadata, read from the ``abstract`` state), else
-    replicated; each reason a named axis could not be used is logged once per rule."""
-    annotated = annotated_shards(abstract)
-    out: dict[str, jax.sharding.NamedSharding] = {}
-    dropped: dict[tuple[str, str], int] = {}
-    for a in assignments:
-        label = a.rule.label() if a.rule is not None else f"tie to {a.targets[0]!r}"
-        for target, spec in zip(a.targets, a.target_specs, strict=True):
-            shard = a.shard if a.shard is not None else annotated.get(target)
-            pspec, why = partition_spec(shard, spec.shape, mesh)
-            out[target] = jax.sharding.NamedSharding(mesh, pspec)
-            for reason in why:
-                dropped[(label, reason)] = dropped.get((label, reason), 0) + 1
-    for (label, reason), n in dropped.items():
-        level = log.info if "not in the mesh" in reason else log.warning
-        level("mapping %s: %s: %s (%d target%s): replicated along it", mapping, label, reason, n,
-              "" if n == 1 else "s")
-    return out
-
-
 def sync_processes(processes: int, name: str) -> None:
     """A barrier across the processes of a multi-process conversion."""
     if processes > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+@dataclass
+class Transferred:
+    """What :func:`transfer` wrote: arrays, bytes, and the dtypes stored (parity's tolerance needs the
+    least precise)."""
+
+    arrays: int = 0
+    nbytes: int = 0
+    dtypes: set[str] = field(default_factory=set)
+
+
+def transfer(plan: Plan, writer: StateWriter, *, allow_nonfinite: bool = False,
+             progress: Progress = NO_PROGRESS) -> Transferred:
+    """Stream every assignment of ``plan`` into ``writer``: the source keys read (each device's part alone
+    on a mesh), run through the rule's ops, cast, placed, and queued; the writer writes group by group and
+    drops them, so memory stays at about one group whatever the model's size. A signal that a library
+    callback swallowed ends the run after the tensor it arrived in (:func:`nnxport.interrupt.check`)."""
+    src, dtype, placement = plan.source, plan.dtype, plan.placement
+    chains = make_chains(plan.assignments)
+    start_streaming(progress, src, plan.assignments, chains, dtype)
+    done = Transferred()
+    for a in plan.assignments:
+        if placement.shardings is not None:
+            placed = [put_sharded(src, chains[t], dtype, placement.shardings[t], spec,
+                                  describe_target(src, chains[t], t), allow_nonfinite, progress)
+                      for t, spec in zip(a.targets, a.target_specs, strict=True)]
+        else:
+            assert placement.sharding is not None
+            placed = materialize(src, a, chains, dtype, placement.sharding, allow_nonfinite, progress)
+        for target, arr in zip(a.targets, placed, strict=True):
+            done.dtypes.add(str(arr.dtype))
+            done.nbytes += arr.nbytes
+            done.arrays += 1
+            progress.advance(PLACE, arr.nbytes)
+            writer.add(target, arr)
+        del placed
+        interrupt.check()
+    progress.end(READ)
+    progress.end(PLACE)
+    writer.finish()
+    progress.end(WRITE)
+    return done

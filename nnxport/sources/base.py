@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from nnxport.errors import SourceError
 from nnxport.mapping.ops import box_slices
 from nnxport.sources.files import check_regular, open_regular
-from nnxport.sources.safetensors import PACKED_DTYPES, RAW_DTYPES, _safe_open, numpy_dtype, parse_header
+from nnxport.sources.safetensors import PACKED_DTYPES, RAW_DTYPES, numpy_dtype, open_safetensors, parse_header
 
 if TYPE_CHECKING:
     from nnxport.sources.safetensors import HeaderEntry
@@ -202,7 +202,7 @@ class Source:
         with self._lock:
             handle = self._handles.get(path)
             if handle is None:
-                handle = self._handles[path] = _safe_open(path)
+                handle = self._handles[path] = open_safetensors(path)
             return handle
 
     def _fd(self, path: Path) -> int:

@@ -55,7 +55,7 @@ def numpy_dtype(name: str) -> np.dtype[Any]:
     return np.dtype(getattr(ml_dtypes, name, name))
 
 
-def _safe_open(path: Path) -> Any:
+def open_safetensors(path: Path) -> Any:
     """``safe_open(path)`` with errors as one-line :class:`SourceError`\\ s naming the file."""
     try:
         return safe_open(path, framework="numpy")
