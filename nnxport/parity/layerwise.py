@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from nnxport.parity.metrics import difference
+
 #: A layer's error "jumps" when its max_rel_diff exceeds both the tolerance and JUMP_FACTOR times the
 #: largest max_rel_diff of every layer before it (see :func:`first_jump`).
 JUMP_FACTOR = 10.0
@@ -319,20 +321,14 @@ def _compare(name: str, target: str, ref: np.ndarray, got: np.ndarray, layout: s
              mask: np.ndarray | None) -> LayerDiff:
     if mask is not None and got.ndim >= 2 and got.shape[:2] == mask.shape:
         ref, got = ref[mask], got[mask]  # padded positions carry no meaning (as for outputs)
-    a = np.asarray(got, dtype=np.float32 if got.dtype.itemsize <= 4 else np.float64)
-    b = np.asarray(ref, dtype=a.dtype)
-    finite = bool(np.isfinite(a).all() and np.isfinite(b).all())
-    diff = np.abs(a - b)
-    scale = float(np.abs(b).max(initial=0.0)) if np.isfinite(b).all() else math.inf
-    max_abs = float(diff.max(initial=0.0)) if finite else None
-    rel = None
-    if max_abs is not None:
-        rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    # float32 where the activations are no wider: layers are many and large, and their threshold is loose
+    d = difference(got, ref, np.float32 if got.dtype.itemsize <= 4 else np.float64)
+    rel = d.max_rel if d.finite else None
     return LayerDiff(
-        name=name, target=target, shape=list(a.shape), max_abs_diff=max_abs,
+        name=name, target=target, shape=list(d.a.shape), max_abs_diff=d.max_abs if d.finite else None,
         max_rel_diff=None if rel is None or math.isinf(rel) else rel,
-        mean_abs_diff=(float(diff.mean(dtype=np.float64)) if diff.size else 0.0) if finite else None,
-        max_abs_reference=scale if math.isfinite(scale) else None, layout=layout,
+        mean_abs_diff=d.mean_abs if d.finite else None,
+        max_abs_reference=d.scale if np.isfinite(d.b).all() else None, layout=layout,
         within_tolerance=rel is not None and rel <= threshold,
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +54,38 @@ def _distribution_metrics(a: np.ndarray, b: np.ndarray) -> tuple[float | None, f
     return top5, max(kl, 0.0)
 
 
+@dataclass(frozen=True)
+class Diff:
+    """Element-wise difference of ``got`` and ``ref`` and its summary, as both outputs and per-layer
+    activations are compared (:func:`difference`)."""
+
+    a: np.ndarray  # got, in the computing dtype
+    b: np.ndarray  # the reference, same dtype
+    abs: np.ndarray  # |a - b|
+    finite: bool  # both sides finite everywhere
+    scale: float  # max |reference| (0 for an empty one)
+    max_abs: float
+    mean_abs: float
+
+    @property
+    def max_rel(self) -> float:
+        """max |Δ| over max |reference| (0 when both are 0, inf when only the reference is 0)."""
+        if self.scale > 0:
+            return self.max_abs / self.scale
+        return 0.0 if self.max_abs == 0 else float("inf")
+
+
+def difference(got: np.ndarray, ref: np.ndarray, dtype: type[np.floating[Any]] = np.float64) -> Diff:
+    """The one comparison of two arrays of the same shape, computed in ``dtype``."""
+    a = np.asarray(got, dtype=dtype)
+    b = np.asarray(ref, dtype=dtype)
+    diff = np.abs(a - b)
+    return Diff(a, b, diff, finite=bool(np.isfinite(a).all() and np.isfinite(b).all()),
+                scale=float(np.abs(b).max()) if b.size else 0.0,
+                max_abs=float(diff.max()) if diff.size else 0.0,
+                mean_abs=float(diff.mean(dtype=np.float64)) if diff.size else 0.0)
+
+
 def compare(name: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance, *,
             distribution: bool = False) -> OutputDiff:
     """Metrics of ``got`` (NNX) against ``ref`` (reference), computed in float64. ``distribution``:
@@ -60,12 +93,8 @@ def compare(name: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance, *,
     if got.shape != ref.shape:
         raise NnxportError(f"parity: output '{name}' has shape {got.shape} in NNX but {ref.shape} in the "
                            "reference")
-    a = np.asarray(got, dtype=np.float64)
-    b = np.asarray(ref, dtype=np.float64)
-    diff = np.abs(a - b)
-    finite = bool(np.isfinite(a).all() and np.isfinite(b).all())
-    scale = float(np.abs(b).max()) if b.size else 0.0
-    max_abs = float(diff.max()) if diff.size else 0.0
+    d = difference(got, ref)
+    a, b, diff, finite, scale, max_abs = d.a, d.b, d.abs, d.finite, d.scale, d.max_abs
     denom = float(np.linalg.norm(a) * np.linalg.norm(b))
     cosine = float(np.dot(a.ravel(), b.ravel()) / denom) if denom > 0 else float(max_abs == 0.0)
     top1 = None
@@ -79,8 +108,8 @@ def compare(name: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance, *,
         name=name,
         shape=list(a.shape),
         max_abs_diff=max_abs,
-        max_rel_diff=max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf")),
-        mean_abs_diff=float(diff.mean()) if diff.size else 0.0,
+        max_rel_diff=d.max_rel,
+        mean_abs_diff=d.mean_abs,
         cosine=cosine,
         top1_agreement=top1,
         violations=violations,
