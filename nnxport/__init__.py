@@ -6,19 +6,31 @@ Public API (imported lazily, so ``import nnxport`` and ``nnxport --help`` stay f
     nnxport.verify(dir)                 -> ParityReport
     nnxport.load(dir)                   -> nnx.Module, ready to call
     nnxport.inspect_keys(source, mapping=None) -> Inspection
+    nnxport.draft(source, model=None)   -> Draft (a proposed mapping)
     nnxport.models()                    -> list of families and their mappings
+
+Every failure a user can cause is an :class:`NnxportError` (the subclasses below) whose ``str()`` is the
+one-line message.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from nnxport.errors import ConfigError, MappingError, NnxportError, OutputError, SourceError
+from nnxport.errors import (
+    ConfigError,
+    DeviceError,
+    MappingError,
+    NnxportError,
+    OutputError,
+    SourceError,
+    ValueCheckError,
+)
 
 if TYPE_CHECKING:
-    from nnxport.api import convert, inspect_keys, load, models, verify
+    from nnxport.api import convert, draft, inspect_keys, load, models, verify
 
-_API = ("convert", "verify", "load", "inspect_keys", "models")
+_API = ("convert", "verify", "load", "inspect_keys", "draft", "models")
 
 
 def __getattr__(name: str) -> Any:
@@ -31,11 +43,14 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ConfigError",
+    "DeviceError",
     "MappingError",
     "NnxportError",
     "OutputError",
     "SourceError",
+    "ValueCheckError",
     "convert",
+    "draft",
     "inspect_keys",
     "load",
     "models",
