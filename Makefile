@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO := .demo
 
-.PHONY: install demo test test-slow test-all lint bench clean
+.PHONY: install demo test test-unit test-slow test-all lint bench clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# tests/unit/ only: one module at a time, in-process, on synthetic data (~40 s); tests/e2e/ is the rest.
+test-unit: install
+	$(PY) -m pytest -q tests/unit
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

@@ -1,4 +1,5 @@
-"""Shared fixtures: random-weight replicas of real checkpoints, in folders and in an offline hub cache.
+"""Fixtures shared by tests/unit/ and tests/e2e/: random-weight replicas of real checkpoints, in folders and
+in an offline hub cache, and the in-process CLI. Plain builders and constants are in tests/helpers.py.
 
 The hub is unreachable here, so every test builds its checkpoints locally (see nnxport.testing). The
 hub environment is fixed before anything imports huggingface_hub (it reads it at import time): offline,
@@ -8,8 +9,6 @@ with a cache private to this test session.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,10 +27,7 @@ import pytest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from nnxport.testing.replicas import build_replica, published_config  # noqa: E402
-
-TINY_RESNET: dict[str, Any] = published_config(
-    "microsoft/resnet-50", depths=[1, 2], hidden_sizes=[32, 64], embedding_size=16, num_labels=10
-)
+from tests.helpers import TINY_RESNET  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -74,10 +70,3 @@ def cli() -> Callable[..., Any]:
 
     return run
 
-
-def run_subprocess(*args: str | os.PathLike[str], env: dict[str, str] | None = None,
-                   cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m nnxport ARGS`` in a fresh interpreter (as a user would)."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "nnxport", *map(str, args)], capture_output=True, text=True,
-                          env=full_env, cwd=cwd, timeout=600)

@@ -419,7 +419,7 @@ class BertParity(ParityHarness):
 class BertFamily(Family):
     """The ``bert`` family: config.json of ``model_type: bert`` -> :class:`BertSpec` -> :class:`Bert`.
 
-    Mapping: ``mappings/bert.yaml``; parity: :class:`BertParity`; tests: tests/test_family_bert.py.
+    Mapping: ``mappings/bert.yaml``; parity: :class:`BertParity`; tests: tests/e2e/test_family_bert.py.
     """
 
     name = "bert"

@@ -539,7 +539,8 @@ class DecoderFamily(Family):
     """The ``decoder`` family: config.json of a llama / qwen2 / qwen3 / mistral model -> :class:`DecoderSpec`
     -> :class:`Decoder`.
 
-    Mapping: ``mappings/decoder.yaml``; parity: :class:`DecoderParity`; tests: tests/test_family_decoder.py.
+    Mapping: ``mappings/decoder.yaml``; parity: :class:`DecoderParity`;
+    tests: tests/e2e/test_family_decoder.py.
     """
 
     name = "decoder"

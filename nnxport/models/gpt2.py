@@ -335,7 +335,7 @@ class GPT2Parity(ParityHarness):
 class GPT2Family(Family):
     """The ``gpt2`` family: config.json of ``model_type: gpt2`` -> :class:`GPT2Spec` -> :class:`GPT2`.
 
-    Mapping: ``mappings/gpt2.yaml``; parity: :class:`GPT2Parity`; tests: tests/test_family_gpt2.py.
+    Mapping: ``mappings/gpt2.yaml``; parity: :class:`GPT2Parity`; tests: tests/e2e/test_family_gpt2.py.
     """
 
     name = "gpt2"

@@ -351,7 +351,7 @@ class ResNetParity(ParityHarness):
 class ResNetFamily(Family):
     """The ``resnet`` family: config.json of ``model_type: resnet`` -> :class:`ResNetSpec` -> :class:`ResNet`.
 
-    Mapping: ``mappings/resnet.yaml``; parity: :class:`ResNetParity`; tests: tests/test_convert.py.
+    Mapping: ``mappings/resnet.yaml``; parity: :class:`ResNetParity`; tests: tests/e2e/test_convert.py.
     """
 
     name = "resnet"

@@ -388,7 +388,7 @@ class ViTParity(ParityHarness):
 class ViTFamily(Family):
     """The ``vit`` family: config.json of ``model_type: vit`` -> :class:`ViTSpec` -> :class:`ViT`.
 
-    Mapping: ``mappings/vit.yaml``; parity: :class:`ViTParity`; tests: tests/test_family_vit.py.
+    Mapping: ``mappings/vit.yaml``; parity: :class:`ViTParity`; tests: tests/e2e/test_family_vit.py.
     """
 
     name = "vit"

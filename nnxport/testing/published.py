@@ -3,7 +3,7 @@ config.json fields (architecture fields as the hub has them; :mod:`nnxport.testi
 random-weight checkpoints from them).
 
 Test fixtures, not part of a family: a family is config -> model (:mod:`nnxport.models`); which public
-checkpoints it is tested on is recorded here. ``tests/test_registry.py`` checks that every registered
+checkpoints it is tested on is recorded here. ``tests/unit/test_registry.py`` checks that every registered
 family has at least one, that it selects the family's mapping, and that the model built from it has as
 many parameters as its transformers reference.
 """

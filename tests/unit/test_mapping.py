@@ -18,6 +18,7 @@ from nnxport.errors import MappingError
 from nnxport.mapping.analysis import Analysis, TensorSpec, analyze
 from nnxport.mapping.ops import Reshape, Transpose, infer_ops
 from nnxport.mapping.schema import Mapping, load_mapping_file, load_mapping_text, select_mapping
+from tests.helpers import spec
 
 # Rule numbers and lines below are relied on by the tests.
 TINY = r"""version: 1
@@ -41,10 +42,6 @@ CONFIG = {"model_type": "tiny", "num_heads": 2, "hidden": 8}
 RULE1 = r"rule 1 (line 7, from '^enc\.layers\.(\d+)\.attn\.weight$')"
 RULE3 = r"rule 3 (line 12, from '^head\.weight$')"
 RULE4 = r"rule 4 (line 15, from '^head\.bias$')"
-
-
-def spec(*shape: int, dtype: str = "float32") -> TensorSpec:
-    return TensorSpec(tuple(shape), dtype)
 
 
 def sources() -> dict[str, TensorSpec]:

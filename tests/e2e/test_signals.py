@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,17 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import ROOT, convert_until_staging, free_port
+
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_mid_conversion_cleans_up(resnet50_hub: str, tmp_path: Path, sig: int, code: int) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "nnxport", "convert", resnet50_hub, "--out", "out"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    deadline = time.monotonic() + 120
-    while not any(p.name.startswith(".out.nnxport-partial-") for p in tmp_path.iterdir()):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the conversion never started writing"
-        time.sleep(0.05)
+    proc = convert_until_staging(resnet50_hub, tmp_path, {**os.environ, "PYTHONPATH": str(ROOT)})
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == code, stderr
@@ -34,7 +28,6 @@ def test_signal_mid_conversion_cleans_up(resnet50_hub: str, tmp_path: Path, sig:
 
 # ------------------------------------------------------------- issue 12: interrupts at every point of a run
 
-ROOT = Path(__file__).resolve().parents[1]
 #: small write groups: a save of the ~240 MB replica below is nearly always in flight
 GROUPS = {"NNXPORT_WRITE_GROUP_MB": "16", "PYTHONPATH": str(ROOT)}
 
@@ -119,7 +112,7 @@ def test_interrupt_at_every_point_of_a_streaming_conversion(point: str, sig: int
 def test_unreachable_coordinator_waits_visibly_and_obeys_signals(sig: int, tiny_resnet_dir: Path,
                                                                   tmp_path: Path) -> None:
     argv = ["convert", str(tiny_resnet_dir), "--out", "out", "--mesh", "data=1", "--coordinator",
-            f"127.0.0.1:{_free_port()}", "--num-processes", "2", "--process-id", "1"]
+            f"127.0.0.1:{free_port()}", "--num-processes", "2", "--process-id", "1"]
     waiting = "waiting for coordinator 127.0.0.1:"
     code, stderr, took = _interrupt(argv, tmp_path, sig, lambda _, lines: any(waiting in x for x in lines),
                                     {"PYTHONPATH": str(ROOT)})
@@ -128,7 +121,7 @@ def test_unreachable_coordinator_waits_visibly_and_obeys_signals(sig: int, tiny_
 
 def test_unreachable_coordinator_gives_up_after_its_timeout(tiny_resnet_dir: Path, tmp_path: Path) -> None:
     argv = ["convert", str(tiny_resnet_dir), "--out", "out", "--mesh", "data=1", "--coordinator",
-            f"127.0.0.1:{_free_port()}", "--num-processes", "2", "--process-id", "1", "-q"]
+            f"127.0.0.1:{free_port()}", "--num-processes", "2", "--process-id", "1", "-q"]
     t = time.monotonic()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NNXPORT_COORDINATOR_TIMEOUT": "2"}
     res = subprocess.run([sys.executable, "-m", "nnxport", *argv], cwd=tmp_path, capture_output=True,
@@ -137,12 +130,6 @@ def test_unreachable_coordinator_gives_up_after_its_timeout(tiny_resnet_dir: Pat
     assert res.stderr.startswith("error: --coordinator 127.0.0.1:") and "within 2 s" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr, res.stderr
     assert time.monotonic() - t < 30 and list(tmp_path.iterdir()) == []
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _SignalsItselfWhenCollected:

@@ -35,8 +35,7 @@ from nnxport.models import get_family
 from nnxport.sources import safetensors as safetensors_mod
 from nnxport.sources.folder import open_source
 from nnxport.testing.hub import write_hub_cache
-from tests.test_convert import RESNET_YAML
-from tests.test_faults import _shard
+from tests.helpers import RESNET_YAML, copy_source, shard
 
 SECRET = "SENTINEL-SECRET-7f3a"
 BOMB = ("version: 1\nmodel: resnet\nrules:\n"
@@ -134,15 +133,9 @@ def _tree(folder: Path) -> dict[str, tuple[int, int, int]]:
     return out
 
 
-def _copy(tiny: Path, tmp: Path) -> Path:
-    dst = tmp / "src"
-    shutil.copytree(tiny, dst)
-    return dst
-
-
 def _index(src: Path, edit: Callable[[dict[str, str]], None]) -> Path:
     """Shard the source and rewrite its index's weight_map with ``edit``."""
-    _shard(src)
+    shard(src)
     index = src / "model.safetensors.index.json"
     doc = json.loads(index.read_text())
     edit(doc["weight_map"])
@@ -230,7 +223,7 @@ def _hub_blob_of_another_repo(src: Path, tmp: Path) -> Case:
 
 
 def _hub_index_names_a_blob(src: Path, tmp: Path) -> Case:
-    _shard(src)
+    shard(src)
     snapshot = write_hub_cache(Path(os.environ["HF_HUB_CACHE"]), "faults/blob-by-name", src, blobs=True)
     index = snapshot / "model.safetensors.index.json"
     doc = json.loads(index.read_text())
@@ -247,7 +240,7 @@ def _hub_index_names_a_blob(src: Path, tmp: Path) -> Case:
 def _fifo(name: str) -> Callable[[Path, Path], Case]:
     def make(src: Path, tmp: Path) -> Case:
         if name == "model.safetensors.index.json":
-            _shard(src)
+            shard(src)
         path = src / name
         if path.exists():
             path.unlink()
@@ -397,7 +390,7 @@ CASES: dict[str, Callable[[Path, Path], Case]] = {
                                       says="--process-id 3 is not in 0..1"),
 }
 def _fifo_shard(src: Path, tmp: Path) -> Case:
-    _shard(src)
+    shard(src)
     path = src / "model-00001-of-00002.safetensors"
     path.unlink()
     os.mkfifo(path)
@@ -410,7 +403,7 @@ CASES["fifo-shard"] = _fifo_shard
 @pytest.mark.parametrize("row", list(CASES))
 def test_hostile_source(row: str, tiny_resnet_dir: Path, tmp_path: Path, outside: Path, opens: Opens,
                         alarm: None, cli: Any) -> None:
-    src = _copy(tiny_resnet_dir, tmp_path)
+    src = copy_source(tiny_resnet_dir, tmp_path)
     case = CASES[row](src, tmp_path)
     args = [str(a) for a in case.args]
     spec = args.pop(0)[1:] if args and args[0].startswith("@") else str(src)
@@ -453,7 +446,7 @@ def test_hub_cache_with_blob_symlinks_converts(tiny_resnet_dir: Path, tmp_path: 
 
 
 def test_sharded_hub_cache_with_blobs_opens(tiny_resnet_dir: Path, tmp_path: Path) -> None:
-    src = _shard(_copy(tiny_resnet_dir, tmp_path))
+    src = shard(copy_source(tiny_resnet_dir, tmp_path))
     write_hub_cache(Path(os.environ["HF_HUB_CACHE"]), "faults/blobs-sharded", src, blobs=True)
     with open_source("faults/blobs-sharded") as s:
         assert len(s.files) == 2 and s.config is not None
@@ -463,7 +456,7 @@ def test_sharded_hub_cache_with_blobs_opens(tiny_resnet_dir: Path, tmp_path: Pat
 def test_files_inside_the_folder_are_followed(tiny_resnet_dir: Path, tmp_path: Path) -> None:
     """A subfolder entry and a symlink that stays inside are fine; so is a source folder that is itself
     a symlink, and a --config the user names anywhere."""
-    src = _copy(tiny_resnet_dir, tmp_path)
+    src = copy_source(tiny_resnet_dir, tmp_path)
     (src / "sub").mkdir()
     shutil.move(src / "model.safetensors", src / "sub" / "weights.safetensors")
     (src / "model.safetensors").symlink_to("sub/weights.safetensors")
@@ -497,7 +490,7 @@ def test_json_output_keeps_every_problem(tmp_path: Path, tiny_resnet_dir: Path, 
     import numpy as np
     from safetensors.numpy import load_file, save_file
 
-    src = _copy(tiny_resnet_dir, tmp_path)
+    src = copy_source(tiny_resnet_dir, tmp_path)
     tensors = load_file(src / "model.safetensors")
     extra = {f"resnet.extra{i}.weight": np.ones(1, np.float32) for i in range(60)}
     save_file({**tensors, **extra}, str(src / "model.safetensors"))

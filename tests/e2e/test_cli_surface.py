@@ -28,10 +28,9 @@ import nnxport
 from nnxport.cli import app
 from nnxport.cli import progress as cli_progress
 from nnxport.testing.replicas import build_replica, published_config
+from tests.helpers import RESNET_YAML, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 DOCS = (ROOT / "docs" / "cli.md").read_text()
-RESNET_YAML = (ROOT / "mappings" / "resnet.yaml").read_text()
 TINY_GPT2 = published_config("openai-community/gpt2", n_embd=64, n_head=4, n_layer=2, vocab_size=512,
                              n_positions=64)
 PROGRESS_LINE = re.compile(r"^nnxport: progress: (\w+) (.*)$")

@@ -16,8 +16,9 @@ from flax import nnx
 import nnxport
 from examples.convfc import ConvFc
 from examples.convfc_torch import CONFIG, TorchConvFc, save_checkpoint
+from tests.helpers import ROOT
 
-EXAMPLE_MAPPING = Path(__file__).resolve().parents[1] / "examples" / "convfc.yaml"
+EXAMPLE_MAPPING = ROOT / "examples" / "convfc.yaml"
 MODEL = "examples.convfc:ConvFc"
 
 
@@ -117,12 +118,12 @@ def test_model_option_overrides_mapping_and_json_config(checkpoint: Path, tmp_pa
 def test_no_reference_skips_parity_with_a_warning(checkpoint: Path, tmp_path: Path, cli) -> None:
     out = tmp_path / "noref"
     res = _convert(cli, checkpoint, out, "--mapping", EXAMPLE_MAPPING, "--model",
-                   "tests.test_custom_model:NoReference")
+                   "tests.e2e.test_custom_model:NoReference")
     assert res.exit_code == 0, res.stderr
     assert "declares no reference" in res.stderr and "parity is skipped" in res.stderr
     assert not (out / "parity.json").exists() and json.loads(res.stdout)["parity"] is None
-    assert isinstance(nnxport.load(out, model="tests.test_custom_model:NoReference"), NoReference)
-    res = cli("verify", out, "--model", "tests.test_custom_model:NoReference")
+    assert isinstance(nnxport.load(out, model="tests.e2e.test_custom_model:NoReference"), NoReference)
+    res = cli("verify", out, "--model", "tests.e2e.test_custom_model:NoReference")
     assert res.exit_code == 1 and "nothing to verify against" in res.stderr
 
 
@@ -130,7 +131,7 @@ def test_no_reference_skips_parity_with_a_warning(checkpoint: Path, tmp_path: Pa
     ("nosuch_pkg.mod:Model", "cannot import module 'nosuch_pkg.mod'"),
     ("examples.convfc:Missing", "module 'examples.convfc' has no attribute 'Missing'"),
     ("examples.convfc:", "expected an import path package.module:Class"),
-    ("tests.test_custom_model:NotAModule", "is not an nnx.Module subclass"),
+    ("tests.e2e.test_custom_model:NotAModule", "is not an nnx.Module subclass"),
 ])
 def test_bad_model_import_path_is_one_line_exit_1(model: str, message: str, checkpoint: Path, tmp_path: Path,
                                                   cli) -> None:
@@ -146,14 +147,14 @@ def test_bad_model_import_path_is_one_line_exit_1(model: str, message: str, chec
 
 def test_broken_reference_fails_before_anything_is_written(checkpoint: Path, tmp_path: Path, cli) -> None:
     res = _convert(cli, checkpoint, tmp_path / "x", "--mapping", EXAMPLE_MAPPING, "--model",
-                   "tests.test_custom_model:BrokenReference", "-q")
+                   "tests.e2e.test_custom_model:BrokenReference", "-q")
     assert res.exit_code == 1 and "Traceback" not in res.stderr
-    assert "reference of model tests.test_custom_model:BrokenReference" in res.stderr
+    assert "reference of model tests.e2e.test_custom_model:BrokenReference" in res.stderr
     assert "cannot import module 'examples.nosuch_torch'" in res.stderr
     assert not (tmp_path / "x").exists()
     # --no-parity does not need the reference
     res = _convert(cli, checkpoint, tmp_path / "y", "--mapping", EXAMPLE_MAPPING, "--model",
-                   "tests.test_custom_model:BrokenReference", "--no-parity")
+                   "tests.e2e.test_custom_model:BrokenReference", "--no-parity")
     assert res.exit_code == 0, res.stderr
 
 
@@ -170,7 +171,7 @@ def test_config_errors(checkpoint: Path, tmp_path: Path, cli) -> None:
 
 def test_check_config_exceptions_are_config_errors(checkpoint: Path, tmp_path: Path, cli) -> None:
     res = _convert(cli, checkpoint, tmp_path / "x", "--mapping", EXAMPLE_MAPPING, "--model",
-                   "tests.test_custom_model:PickyCheck", "-q")
+                   "tests.e2e.test_custom_model:PickyCheck", "-q")
     assert res.exit_code == 1 and "Traceback" not in res.stderr
     assert "check_config refused the config: KeyError: 'depth'" in res.stderr
 

@@ -8,12 +8,7 @@ from pathlib import Path
 import pytest
 
 from nnxport.sources.base import Source
-from tests.test_convert import RESNET_YAML
-
-CLS_BIAS_RULE = "  - from: '^classifier\\.1\\.bias$'\n    to: 'classifier.bias'\n"
-CLS_WEIGHT_OPS = "    to: 'classifier.kernel'\n    ops: [{transpose: [1, 0]}]\n"
-STEM_VAR_RULE = ("  - from: '^(?:resnet\\.)?embedder\\.embedder\\.normalization\\.running_var$'\n"
-                 "    to: 'stem.bn.var'\n")
+from tests.helpers import CLS_BIAS_RULE, CLS_WEIGHT_OPS, RESNET_YAML, STEM_VAR_RULE
 
 CASES = {
     "unmatched-key": (

@@ -21,8 +21,9 @@ from nnxport.models.decoder import DEFAULTS, Decoder, Rope, resolve
 from nnxport.parity.metrics import compare
 from nnxport.testing.hub import write_hub_cache
 from nnxport.testing.replicas import build_replica, edit_safetensors, published_config
+from tests.helpers import MAPPINGS
 
-MAPPING = Path(__file__).resolve().parents[1] / "mappings" / "decoder.yaml"
+MAPPING = MAPPINGS / "decoder.yaml"
 FAMILY = get_family("decoder")
 
 TINY: dict[str, Any] = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,

@@ -13,14 +13,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from safetensors import safe_open
 
 import nnxport
 from nnxport.models.bert import Bert
 from nnxport.testing.replicas import build_replica, edit_safetensors, published_config
+from tests.helpers import MAPPINGS, convert_json, read_tensors
 
 REPO = "google-bert/bert-base-uncased"
-BERT_YAML = (Path(__file__).resolve().parents[1] / "mappings" / "bert.yaml").read_text()
+BERT_YAML = (MAPPINGS / "bert.yaml").read_text()
 # initializer_range 0.1 (published: 0.02) gives non-uniform attention, so that a mapping mistake (e.g. q
 # and k swapped) moves the outputs far outside the tolerance (at 0.02 it moves them by ~0.04%).
 TINY: dict[str, Any] = published_config(REPO, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -51,17 +51,6 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                          base_model=True)
 
 
-def _keys(folder: Path) -> dict[str, np.ndarray]:
-    with safe_open(folder / "model.safetensors", framework="numpy") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not a dict)
-
-
-def _convert(cli: Callable[..., Any], source: str | Path, out: Path, *args: str) -> dict[str, Any]:
-    res = cli("convert", source, "--out", out, "--format", "json", *args)
-    assert res.exit_code == 0, res.stderr
-    return json.loads(res.stdout)
-
-
 def _statuses(cli: Callable[..., Any], source: Path) -> dict[str, str]:
     res = cli("inspect-keys", source, "--format", "json")
     assert res.exit_code == 0, res.stderr
@@ -75,9 +64,10 @@ def _gamma_beta(key: str) -> str:
 def test_mlm_from_offline_hub_cache_with_automatic_mapping(mlm_hub: str, mlm_dir: Path, tmp_path: Path,
                                                            cli) -> None:
     out = tmp_path / "out"
-    result = _convert(cli, mlm_hub, out)
+    result = convert_json(cli, mlm_hub, out)
     assert result["mapping"] == "bert" and result["family"] == "bert"
-    assert result["tensors"] == len(_keys(mlm_dir))  # one target per key: nothing ignored, nothing tied
+    # One target per key: nothing ignored, nothing tied.
+    assert result["tensors"] == len(read_tensors(mlm_dir))
     report = json.loads((out / "parity.json").read_text())
     assert report["passed"] is True and report["reference"] == "transformers.BertForMaskedLM"
     assert [(i["name"], i["shape"], i["dtype"]) for i in report["inputs"]] == [
@@ -95,7 +85,7 @@ def test_mlm_from_offline_hub_cache_with_automatic_mapping(mlm_hub: str, mlm_dir
     # The decoder is the word embeddings (no leaf of its own); its bias is cls.predictions.bias.
     model = nnxport.load(out)
     assert isinstance(model, Bert)
-    src = _keys(mlm_dir)
+    src = read_tensors(mlm_dir)
     assert model.mlm is not None and model.mlm.decoder is None and model.pooler is None
     assert model.mlm.bias is not None
     np.testing.assert_array_equal(np.asarray(model.mlm.bias[...]), src["cls.predictions.bias"])
@@ -122,11 +112,11 @@ LAYOUTS: dict[str, dict[str, Any]] = {
 def test_bert_model_layouts(base_dir: Path, tmp_path: Path, cli, layout: str) -> None:
     src = shutil.copytree(base_dir, tmp_path / "src")
     edit_safetensors(src, **LAYOUTS[layout])
-    keys = _keys(src)
+    keys = read_tensors(src)
     pooler = layout != "without-pooler"
     assert any("pooler" in k for k in keys) == pooler
     out = tmp_path / "out"
-    result = _convert(cli, src, out)
+    result = convert_json(cli, src, out)
     assert result["tensors"] == len(keys) - (layout == "position-ids-buffer")
     report = result["parity"]
     assert report["passed"] is True and report["reference"] == "transformers.BertModel"
@@ -144,7 +134,7 @@ def test_mlm_checkpoint_in_the_hub_layout_of_bert_base_uncased(mlm_dir: Path, tm
     """The layout of the real bert-base-uncased checkpoint: LayerNorm gamma/beta, position_ids, the pooler and
     the next-sentence head (BertForPreTraining's), and the tied decoder stored (weight and bias)."""
     src = shutil.copytree(mlm_dir, tmp_path / "src")
-    keys = _keys(src)
+    keys = read_tensors(src)
     rng = np.random.default_rng(0)
     edit_safetensors(src, rename=_gamma_beta, add={
         "cls.predictions.decoder.weight": keys["bert.embeddings.word_embeddings.weight"],
@@ -163,7 +153,7 @@ def test_mlm_checkpoint_in_the_hub_layout_of_bert_base_uncased(mlm_dir: Path, tm
                 "bert.embeddings.position_ids": "ignored"}
     assert {k: statuses.pop(k) for k in expected} == expected
     assert set(statuses.values()) == {"mapped"}
-    report = _convert(cli, src, tmp_path / "out")["parity"]
+    report = convert_json(cli, src, tmp_path / "out")["parity"]
     assert report["passed"] is True and report["reference"] == "transformers.BertForMaskedLM"
     assert report["outputs"][0]["top1_agreement"] == 1.0
 
@@ -172,13 +162,13 @@ def test_untied_decoder(tmp_path: Path, cli) -> None:
     """tie_word_embeddings false: the decoder has its own weight and bias (transformers' forward then uses
     decoder.bias, not cls.predictions.bias, which is ignored)."""
     src = build_replica({**TINY, "tie_word_embeddings": False}, tmp_path / "src", seed=3, hub_config=True)
-    keys = _keys(src)
+    keys = read_tensors(src)
     assert not np.array_equal(keys["cls.predictions.decoder.bias"], keys["cls.predictions.bias"])
     statuses = _statuses(cli, src)
     assert statuses["cls.predictions.decoder.weight"] == statuses["cls.predictions.decoder.bias"] == "mapped"
     assert statuses["cls.predictions.bias"] == "ignored"
     out = tmp_path / "out"
-    assert _convert(cli, src, out)["parity"]["passed"] is True
+    assert convert_json(cli, src, out)["parity"]["passed"] is True
     model = nnxport.load(out)
     assert isinstance(model, Bert) and model.mlm is not None and model.mlm.decoder is not None
     np.testing.assert_array_equal(np.asarray(model.mlm.decoder.kernel[...]),
@@ -229,7 +219,7 @@ def test_config_drift_is_refused_naming_the_field(mlm_dir: Path, tmp_path: Path,
 
 def test_bfloat16_replica_passes_at_bf16_tolerance(tmp_path: Path, cli) -> None:
     src = build_replica(TINY, tmp_path / "src", seed=4, hub_config=True, dtype="bfloat16")
-    report = _convert(cli, src, tmp_path / "out")["parity"]
+    report = convert_json(cli, src, tmp_path / "out")["parity"]
     assert report["passed"] is True and report["dtype"] == "bfloat16"
     assert report["tolerance"] == {"atol": 5e-2, "rtol": 5e-2, "atol_relative_to": "max_abs_reference"}
     (logits,) = report["outputs"]
@@ -237,7 +227,7 @@ def test_bfloat16_replica_passes_at_bf16_tolerance(tmp_path: Path, cli) -> None:
 
 
 def test_bfloat16_cast_of_float32_weights_passes(mlm_dir: Path, tmp_path: Path, cli) -> None:
-    report = _convert(cli, mlm_dir, tmp_path / "out", "--dtype", "bfloat16")["parity"]
+    report = convert_json(cli, mlm_dir, tmp_path / "out", "--dtype", "bfloat16")["parity"]
     assert report["passed"] is True and report["dtype"] == "bfloat16"
     (logits,) = report["outputs"]
     assert logits["max_rel_diff"] < 5e-2 / 2 and logits["top1_agreement"] > 0.95
@@ -249,7 +239,7 @@ def test_full_size_bert_base_uncased_from_hub_cache(hub_cache: Path, tmp_path: P
 
     folder = build_replica(published_config(REPO), tmp_path / "src", hub_config=True)
     write_hub_cache(hub_cache, REPO, folder)
-    report = _convert(cli, REPO, tmp_path / "out")["parity"]
+    report = convert_json(cli, REPO, tmp_path / "out")["parity"]
     assert report["passed"] is True and report["reference"] == "transformers.BertForMaskedLM"
     (logits,) = report["outputs"]
     assert logits["shape"] == [N_VALID, 30522] and logits["top1_agreement"] == 1.0

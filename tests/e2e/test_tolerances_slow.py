@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_subprocess
-from tests.test_convert import RESNET_YAML
+from tests.helpers import RESNET_YAML, run_subprocess
 
 pytestmark = pytest.mark.slow
 

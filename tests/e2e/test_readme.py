@@ -17,7 +17,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+
 README = (ROOT / "README.md").read_text()
 MARK = "<!-- pipeline-test -->"
 FENCE = re.compile(r"\s*```(\w*)\n(.*?)^```\n", re.S | re.M)

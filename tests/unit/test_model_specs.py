@@ -20,6 +20,7 @@ from nnxport.models.base import ParityHarness, annotated_shards
 from nnxport.pipeline.manifest import read_manifest
 from nnxport.testing.published import PUBLISHED
 from nnxport.testing.replicas import build_replica, published_config
+from tests.helpers import MAPPINGS
 
 TINY_LLAMA = published_config("meta-llama/Llama-3.2-1B", hidden_size=64, num_attention_heads=4,
                               num_key_value_heads=2, head_dim=16, num_hidden_layers=1, intermediate_size=128,
@@ -59,7 +60,7 @@ def test_annotations_give_the_megatron_layout() -> None:
 def test_mapping_shard_overrides_the_annotation(tmp_path: Path) -> None:
     """A rule without ``shard`` takes the model's annotation; ``shard: [null, null]`` replicates."""
     src = build_replica(TINY_LLAMA, tmp_path / "llama", seed=2)
-    text = (Path(api.mappings_dir()) / "decoder.yaml").read_text()
+    text = (MAPPINGS / "decoder.yaml").read_text()
     embed = "    to: 'embed.embedding'\n    shard: [model, data]\n"
     qkv = "    to: 'layers.\\1.attn.\\2.kernel'\n    shard: [data, model]\n"
     assert embed in text and qkv in text

@@ -33,8 +33,8 @@ from nnxport.sources.base import Source, TensorInfo
 from nnxport.sources.folder import open_source
 from nnxport.sources.hub import is_hub_id, snapshot_download
 from nnxport.testing.hub import write_hub_cache
+from tests.helpers import ROOT, copy_source, hub_response
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 REV = "0123456789abcdef0123456789abcdef01234567"
 RNG = np.random.default_rng(0)
 
@@ -62,13 +62,6 @@ def _folder(path: Path, tensors: dict[str, np.ndarray], config: dict[str, Any] |
     if config is not None:
         (path / "config.json").write_text(json.dumps(config))
     return path
-
-
-def _copy(src: Path, dst: Path) -> Path:
-    dst.mkdir(parents=True)
-    for f in src.iterdir():
-        (dst / f.name).write_bytes(f.read_bytes())
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -239,14 +232,14 @@ def test_transformers_single_and_sharded_agree(resnet: dict[str, Any]) -> None:
 
 
 def test_sharded_missing_shard_is_named(resnet: dict[str, Any], tmp_path: Path) -> None:
-    folder = _copy(resnet["sharded"], tmp_path / "ckpt")
+    folder = copy_source(resnet["sharded"], tmp_path, "ckpt")
     (folder / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(SourceError, match=r"00002-of-00002\.safetensors named by the index .* incomplete"):
         open_source(folder)
 
 
 def test_index_naming_the_wrong_shard(resnet: dict[str, Any], tmp_path: Path) -> None:
-    folder = _copy(resnet["sharded"], tmp_path / "ckpt")
+    folder = copy_source(resnet["sharded"], tmp_path, "ckpt")
     index_path = folder / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     key = next(k for k, v in index["weight_map"].items() if v == "model-00001-of-00002.safetensors")
@@ -258,7 +251,7 @@ def test_index_naming_the_wrong_shard(resnet: dict[str, Any], tmp_path: Path) ->
 
 
 def test_shard_tensor_missing_from_index(resnet: dict[str, Any], tmp_path: Path) -> None:
-    folder = _copy(resnet["sharded"], tmp_path / "ckpt")
+    folder = copy_source(resnet["sharded"], tmp_path, "ckpt")
     index_path = folder / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     del index["weight_map"]["classifier.1.bias"]
@@ -268,7 +261,7 @@ def test_shard_tensor_missing_from_index(resnet: dict[str, Any], tmp_path: Path)
 
 
 def test_index_files_only_and_extra_safetensors_ignored(resnet: dict[str, Any], tmp_path: Path) -> None:
-    folder = _copy(resnet["sharded"], tmp_path / "ckpt")
+    folder = copy_source(resnet["sharded"], tmp_path, "ckpt")
     save_file({"stale": np.zeros(1, np.float32)}, str(folder / "old.safetensors"))
     src = open_source(folder)
     assert "old.safetensors" not in [f.name for f in src.files] and "stale" not in src.tensors
@@ -445,17 +438,14 @@ def test_hub_pickle_only_snapshot(tmp_path: Path, hub_cache: Path) -> None:
         open_source("org/old")
 
 
-def _response(status: int) -> httpx2.Response:
-    return httpx2.Response(status, request=httpx2.Request("GET", "https://huggingface.co/api/models/org/x"))
-
-
 HUB_ERRORS: dict[str, tuple[Exception, str]] = {
-    "gated": (GatedRepoError("403 gated", response=_response(403)), "org/x is a gated repository"),
-    "not-found": (RepositoryNotFoundError("401", response=_response(401)),
+    "gated": (GatedRepoError("403 gated", response=hub_response(403, "org/x")),
+              "org/x is a gated repository"),
+    "not-found": (RepositoryNotFoundError("401", response=hub_response(401, "org/x")),
                   "org/x: no such repository on the hub"),
-    "revision": (RevisionNotFoundError("404", response=_response(404)),
+    "revision": (RevisionNotFoundError("404", response=hub_response(404, "org/x")),
                  "org/x: revision 'v9' not found on the hub"),
-    "http-500": (HfHubHTTPError("500 Server Error\nmore", response=_response(500)),
+    "http-500": (HfHubHTTPError("500 Server Error\nmore", response=hub_response(500, "org/x")),
                  "org/x@v9: the hub answered with an error: HfHubHTTPError: 500 Server Error"),
     "proxy": (httpx2.ProxyError("proxy refused"),
               "org/x@v9: cannot reach the hub (ProxyError: proxy refused)"),
@@ -489,7 +479,7 @@ def test_hub_env_vars_in_fresh_interpreter(tmp_path: Path) -> None:
         "print(json.dumps([s.kind, s.revision, s.name, s.config, s.read('a').tolist()]))\n"
         "try:\n    open_source('org/absent')\nexcept Exception as e:\n    print(e)\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
     first, second = res.stdout.splitlines()

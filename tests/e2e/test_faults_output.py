@@ -37,9 +37,9 @@ from nnxport.errors import NnxportError
 from nnxport.pipeline.output import StateWriter
 from nnxport.sources.base import Source
 from nnxport.testing.hub import write_hub_cache
+from tests.helpers import ROOT, convert_until_staging
 
 SECONDS = 60  # every in-process case ends well within this
-ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # subprocesses run from elsewhere import this checkout
 
 
@@ -604,13 +604,7 @@ def test_fsync_failure_is_one_line_and_leaves_nothing(src: Path, tmp_path: Path,
 # ------------------------------------------------------------------------ stale staging (class 4, kill -9)
 
 def test_staging_of_a_killed_run_is_removed_by_the_next(resnet50_hub: str, tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "nnxport", "convert", resnet50_hub, "--out", "out"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.monotonic() + 120
-    while not any(p.name.startswith(".out.nnxport-partial-") for p in tmp_path.iterdir()):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the conversion never started writing"
-        time.sleep(0.05)
+    proc = convert_until_staging(resnet50_hub, tmp_path, ENV)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     stale = [p for p in tmp_path.iterdir() if p.name.startswith(".out.nnxport-partial-")]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping as MappingABC
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,10 +18,7 @@ from nnxport.errors import MappingError
 from nnxport.mapping.analysis import Analysis, Assignment, TensorSpec, analyze
 from nnxport.mapping.ops import Concat, Reshape, Split, Stack, Transpose, apply_ops, infer_ops
 from nnxport.mapping.schema import load_mapping_text
-
-
-def spec(*shape: int, dtype: str = "float32") -> TensorSpec:
-    return TensorSpec(tuple(shape), dtype)
+from tests.helpers import ROOT, spec
 
 
 def load_problems(text: str) -> list[str]:
@@ -574,7 +570,7 @@ def test_single_rule_problem(rule: str, fragment: str) -> None:
 
 # -------------------------------------------------------------------------------------------------- docs
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "mappings.md"
+DOCS = ROOT / "docs" / "mappings.md"
 
 
 def doc_blocks() -> list[str]:
@@ -594,7 +590,7 @@ def test_docs_yaml_examples_load() -> None:
 
 
 def test_readme_yaml_example_loads() -> None:
-    readme = DOCS.parents[1] / "README.md"
+    readme = ROOT / "README.md"
     (block,) = re.findall(r"^```yaml\n(.*?)^```", readme.read_text(encoding="utf-8"), flags=re.S | re.M)
     mapping = load_mapping_text(block, name="README.md")
     assert mapping.model == "gpt2" and len(mapping.rules) == 2 and len(mapping.ties) == 1

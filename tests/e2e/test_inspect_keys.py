@@ -7,6 +7,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from tests.helpers import RESNET_YAML
+
 
 def _source_keys(resnet50_hub: str, hub_cache: Path) -> list[str]:
     (snap,) = (hub_cache / "models--microsoft--resnet-50" / "snapshots").iterdir()
@@ -47,7 +49,7 @@ def test_tsv_one_key_per_line_key_first(resnet50_hub: str, hub_cache: Path, cli)
 def test_table_and_broken_mapping_statuses(tiny_resnet_dir: Path, tmp_path: Path, cli) -> None:
     res = cli("inspect-keys", tiny_resnet_dir)
     assert res.exit_code == 0 and "stem.conv.kernel" in res.stdout
-    bad = (Path(__file__).resolve().parents[1] / "mappings" / "resnet.yaml").read_text().replace(
+    bad = RESNET_YAML.replace(
         "to: 'stem.bn.var'", "to: 'stem.bn.nope'")
     (tmp_path / "bad.yaml").write_text(bad)
     res = cli("inspect-keys", tiny_resnet_dir, "--mapping", tmp_path / "bad.yaml", "--format", "json")

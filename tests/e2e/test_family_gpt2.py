@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from safetensors import safe_open
 
 import nnxport
 from nnxport.models.gpt2 import GPT2
 from nnxport.testing.replicas import build_replica, edit_safetensors, published_config
+from tests.helpers import MAPPINGS, convert_json, read_tensors
 
 REPO = "openai-community/gpt2"
-GPT2_YAML = (Path(__file__).resolve().parents[1] / "mappings" / "gpt2.yaml").read_text()
+GPT2_YAML = (MAPPINGS / "gpt2.yaml").read_text()
 # initializer_range 0.1 (published: 0.02) gives logits of a few units and non-uniform attention, so that
 # a mapping mistake (e.g. q and k swapped) moves the logits far outside the tolerance.
 TINY: dict[str, Any] = published_config(REPO, n_embd=64, n_head=4, n_layer=2, vocab_size=512, n_positions=64,
@@ -40,17 +39,6 @@ def tiny_hub(tiny_dir: Path, hub_cache: Path) -> str:
     return "nnxport-test/tiny-gpt2"
 
 
-def _keys(folder: Path) -> dict[str, np.ndarray]:
-    with safe_open(folder / "model.safetensors", framework="numpy") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not a dict)
-
-
-def _convert(cli: Callable[..., Any], source: str | Path, out: Path, *args: str) -> dict[str, Any]:
-    res = cli("convert", source, "--out", out, "--format", "json", *args)
-    assert res.exit_code == 0, res.stderr
-    return json.loads(res.stdout)
-
-
 def _logits(report: dict[str, Any]) -> dict[str, Any]:
     (logits,) = report["outputs"]
     assert logits["name"] == "logits" and logits["shape"] == [N_VALID, TINY["vocab_size"]]
@@ -60,7 +48,7 @@ def _logits(report: dict[str, Any]) -> dict[str, Any]:
 def test_from_offline_hub_cache_with_automatic_mapping(tiny_hub: str, tiny_dir: Path, tmp_path: Path,
                                                        cli) -> None:
     out = tmp_path / "out"
-    result = _convert(cli, tiny_hub, out)
+    result = convert_json(cli, tiny_hub, out)
     assert result["mapping"] == "gpt2" and result["family"] == "gpt2"
     report = json.loads((out / "parity.json").read_text())
     assert report["passed"] is True and report["reference"] == "transformers.GPT2LMHeadModel"
@@ -76,7 +64,7 @@ def test_from_offline_hub_cache_with_automatic_mapping(tiny_hub: str, tiny_dir: 
     # The fused c_attn was split column-wise into q | k | v; Conv1D weights kept their [in, out] layout.
     model = nnxport.load(out)
     assert isinstance(model, GPT2)
-    src = _keys(tiny_dir)
+    src = read_tensors(tiny_dir)
     d = TINY["n_embd"]
     c_attn, c_bias = src["transformer.h.1.attn.c_attn.weight"], src["transformer.h.1.attn.c_attn.bias"]
     attn = model.layers[1].attn
@@ -96,7 +84,7 @@ def test_hub_layout_without_prefix_with_buffers_and_stored_head(tiny_dir: Path, 
     buffers in every block, and (in older saves) the tied lm_head.weight stored."""
     folder = tmp_path / "hub-layout"
     shutil.copytree(tiny_dir, folder)
-    wte = _keys(tiny_dir)["transformer.wte.weight"]
+    wte = read_tensors(tiny_dir)["transformer.wte.weight"]
     n = TINY["n_positions"]
     buffers: dict[str, np.ndarray] = {}
     for i in range(TINY["n_layer"]):
@@ -104,7 +92,7 @@ def test_hub_layout_without_prefix_with_buffers_and_stored_head(tiny_dir: Path, 
         buffers[f"h.{i}.attn.masked_bias"] = np.array(-1e4, np.float32)
     edit_safetensors(folder, rename=lambda k: k.removeprefix("transformer."),
                      add={**buffers, "lm_head.weight": wte.copy()})
-    keys = _keys(folder)
+    keys = read_tensors(folder)
     assert "wte.weight" in keys and not any(k.startswith("transformer.") for k in keys)
 
     res = cli("inspect-keys", folder, "--format", "json")
@@ -116,7 +104,7 @@ def test_hub_layout_without_prefix_with_buffers_and_stored_head(tiny_dir: Path, 
     assert {k for k, s in status.items() if s == "tied"} == {"lm_head.weight"}
     assert status["h.0.attn.c_attn.weight"] == "mapped" and status["wte.weight"] == "mapped"
 
-    report = _convert(cli, folder, tmp_path / "out")["parity"]
+    report = convert_json(cli, folder, tmp_path / "out")["parity"]
     assert report["passed"] is True
     assert _logits(report)["top1_agreement"] == 1.0
 
@@ -188,13 +176,13 @@ def test_config_drift_is_refused_naming_the_field(tiny_dir: Path, tmp_path: Path
 def test_config_variants_convert_and_pass(tmp_path: Path, cli, overrides: dict[str, Any]) -> None:
     src = build_replica({**TINY, **overrides}, tmp_path / "src", seed=2, hub_config=True)
     out = tmp_path / "out"
-    report = _convert(cli, src, out)["parity"]
+    report = convert_json(cli, src, out)["parity"]
     assert report["passed"] is True and _logits(report)["top1_agreement"] == 1.0
     model = nnxport.load(out)
     assert isinstance(model, GPT2)
     if overrides.get("tie_word_embeddings") is False:
-        head = _keys(src)["lm_head.weight"]
-        assert not np.array_equal(head, _keys(src)["transformer.wte.weight"])
+        head = read_tensors(src)["lm_head.weight"]
+        assert not np.array_equal(head, read_tensors(src)["transformer.wte.weight"])
         assert model.lm_head is not None
         np.testing.assert_array_equal(np.asarray(model.lm_head.kernel[...]), head.T)
     else:
@@ -204,13 +192,13 @@ def test_config_variants_convert_and_pass(tmp_path: Path, cli, overrides: dict[s
 def test_bfloat16_within_bf16_tolerance(tiny_dir: Path, tmp_path: Path, cli) -> None:
     # A checkpoint stored in bfloat16: the reference reads the same bf16 weights.
     src = build_replica(TINY, tmp_path / "bf16-src", seed=3, dtype="bfloat16", hub_config=True)
-    report = _convert(cli, src, tmp_path / "bf16")["parity"]
+    report = convert_json(cli, src, tmp_path / "bf16")["parity"]
     assert report["passed"] is True and report["dtype"] == "bfloat16"
     assert report["tolerance"]["atol_relative_to"] == "max_abs_reference"
     assert report["tolerance"]["atol"] > 1e-3  # the bf16 tolerance, not the fp32 one
     print("gpt2 tiny bf16 checkpoint:", _logits(report)["max_rel_diff"])
     # A float32 checkpoint cast to bfloat16 on conversion: the reference keeps float32 weights.
-    report = _convert(cli, tiny_dir, tmp_path / "cast", "--dtype", "bfloat16")["parity"]
+    report = convert_json(cli, tiny_dir, tmp_path / "cast", "--dtype", "bfloat16")["parity"]
     logits = _logits(report)
     assert report["passed"] is True and report["dtype"] == "bfloat16"
     assert 1e-4 < logits["max_rel_diff"] < report["tolerance"]["atol"]  # the cast did happen
@@ -222,7 +210,7 @@ def test_bfloat16_within_bf16_tolerance(tiny_dir: Path, tmp_path: Path, cli) -> 
 def test_published_gpt2_full_size(tmp_path: Path, cli) -> None:
     """openai-community/gpt2 at full size (124M parameters, random weights)."""
     src = build_replica(published_config(REPO), tmp_path / "gpt2", hub_config=True)
-    report = _convert(cli, src, tmp_path / "out")["parity"]
+    report = convert_json(cli, src, tmp_path / "out")["parity"]
     (logits,) = report["outputs"]
     print("gpt2 full size fp32:", {k: logits[k] for k in ("shape", "max_abs_diff", "max_rel_diff", "cosine",
                                                           "top1_agreement", "top5_agreement",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 import subprocess
 from collections.abc import Callable
@@ -18,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx2
 import ml_dtypes
 import numpy as np
 import pytest
@@ -27,14 +25,17 @@ from safetensors.numpy import load_file, save_file
 
 from nnxport.sources.base import Source
 from nnxport.testing.hub import write_hub_cache
-from tests.conftest import run_subprocess
-from tests.test_convert import RESNET_YAML
+from tests.helpers import (
+    CLS_WEIGHT_OPS,
+    RESNET_YAML,
+    STEM_VAR_RULE,
+    copy_source,
+    hub_response,
+    run_subprocess,
+    shard,
+)
 
 STEM_KEY = "resnet.embedder.embedder.convolution.weight"
-CLS_BIAS_RULE = "  - from: '^classifier\\.1\\.bias$'\n    to: 'classifier.bias'\n"
-CLS_WEIGHT_OPS = "    to: 'classifier.kernel'\n    ops: [{transpose: [1, 0]}]\n"
-STEM_VAR_RULE = ("  - from: '^(?:resnet\\.)?embedder\\.embedder\\.normalization\\.running_var$'\n"
-                 "    to: 'stem.bn.var'\n")
 
 
 @dataclass
@@ -48,12 +49,6 @@ class Case:
     problems: int = 1
 
 
-def _copy(tiny: Path, tmp: Path) -> Path:
-    dst = tmp / "src"
-    shutil.copytree(tiny, dst)
-    return dst
-
-
 def _rewrite(path: Path, edit: Callable[[dict[str, Any], bytes], tuple[bytes, bytes]]) -> None:
     """Rewrite a safetensors file's header (and data) with ``edit(header, data) -> (header, data)``."""
     blob = path.read_bytes()
@@ -65,20 +60,6 @@ def _rewrite(path: Path, edit: Callable[[dict[str, Any], bytes], tuple[bytes, by
 def _first_two(header: dict[str, Any]) -> tuple[str, str]:
     keys = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
     return keys[0], keys[1]
-
-
-def _shard(src: Path) -> Path:
-    """Split src/model.safetensors into two shards with an index."""
-    tensors = load_file(src / "model.safetensors")
-    keys = sorted(tensors)
-    half = len(keys) // 2
-    parts = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
-    for name, ks in parts.items():
-        save_file({k: tensors[k] for k in ks}, str(src / name))
-    (src / "model.safetensors").unlink()
-    weight_map = {k: name for name, ks in parts.items() for k in ks}
-    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return src
 
 
 def _set_value(src: Path, key: str, value: float, index: int = 0) -> None:
@@ -153,13 +134,13 @@ def _offsets_out_of_range(src: Path, tmp: Path) -> Case:
 
 
 def _missing_shard(src: Path, tmp: Path) -> Case:
-    (_shard(src) / "model-00002-of-00002.safetensors").unlink()
+    (shard(src) / "model-00002-of-00002.safetensors").unlink()
     return Case([], ["model.safetensors.index.json", "model-00002-of-00002.safetensors",
                      "the checkpoint is incomplete"])
 
 
 def _index_names_twice(src: Path, tmp: Path) -> Case:
-    _shard(src)
+    shard(src)
     index = src / "model.safetensors.index.json"
     text = index.read_text()
     key = json.dumps(STEM_KEY)
@@ -169,7 +150,7 @@ def _index_names_twice(src: Path, tmp: Path) -> Case:
 
 
 def _incomplete_snapshot(src: Path, tmp: Path) -> Case:
-    snapshot = write_hub_cache(Path(os.environ["HF_HUB_CACHE"]), "faults/partial", _shard(src))
+    snapshot = write_hub_cache(Path(os.environ["HF_HUB_CACHE"]), "faults/partial", shard(src))
     (snapshot / "model-00001-of-00002.safetensors").unlink()
     return Case(["@faults/partial"], ["model-00001-of-00002.safetensors", "the snapshot is incomplete"])
 
@@ -187,17 +168,13 @@ def _hub_raises(error: Exception) -> Callable[..., str]:
     return fail
 
 
-def _response(status: int) -> httpx2.Response:
-    return httpx2.Response(status, request=httpx2.Request("GET", "https://huggingface.co/api/models/o/m"))
-
-
 def _repo_not_found(src: Path, tmp: Path) -> Case:
-    return Case(["@faults/absent", "!hub", RepositoryNotFoundError("404", response=_response(404))],
+    return Case(["@faults/absent", "!hub", RepositoryNotFoundError("404", response=hub_response(404, "o/m"))],
                 ["faults/absent: no such repository on the hub"])
 
 
 def _gated_repo(src: Path, tmp: Path) -> Case:
-    return Case(["@faults/gated", "!hub", GatedRepoError("403", response=_response(403))],
+    return Case(["@faults/gated", "!hub", GatedRepoError("403", response=hub_response(403, "o/m"))],
                 ["faults/gated is a gated repository", "HF_TOKEN"])
 
 
@@ -352,7 +329,7 @@ MATRIX = {**SOURCES, **MAPPINGS, **VALUES, **OUTPUTS}
 
 @pytest.mark.parametrize("row", list(MATRIX))
 def test_fault(row: str, tiny_resnet_dir: Path, tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
-    src = _copy(tiny_resnet_dir, tmp_path)
+    src = copy_source(tiny_resnet_dir, tmp_path)
     case = MATRIX[row](src, tmp_path)
     args: list[Any] = list(case.args)
     spec: str = str(src)
@@ -413,7 +390,7 @@ def test_rule_matching_nothing_is_a_warning(tiny_resnet_dir: Path, tmp_path: Pat
 
 
 def test_allow_nonfinite_converts_nan_as_it_is(tiny_resnet_dir: Path, tmp_path: Path, cli) -> None:
-    src = _copy(tiny_resnet_dir, tmp_path)
+    src = copy_source(tiny_resnet_dir, tmp_path)
     _set_value(src, STEM_KEY, np.nan, 3)
     res = cli("convert", src, "--out", tmp_path / "o", "--allow-nonfinite", "--no-parity", "-q")
     assert res.exit_code == 0, res.stderr
@@ -434,7 +411,7 @@ def test_fp16_in_range_still_converts(tiny_resnet_dir: Path, tmp_path: Path, cli
 
 
 def test_nonfinite_check_in_sharded_placement(tiny_resnet_dir: Path, tmp_path: Path, cli) -> None:
-    src = _copy(tiny_resnet_dir, tmp_path)
+    src = copy_source(tiny_resnet_dir, tmp_path)
     _set_value(src, STEM_KEY, np.inf, 7)
     res = cli("convert", src, "--out", tmp_path / "o", "--mesh", "data=2", "--no-parity", "-q")
     assert res.exit_code == 1 and "0 NaN and 1 Inf" in res.stderr and repr(STEM_KEY) in res.stderr
@@ -501,7 +478,7 @@ def test_allow_pickle_converts_with_weights_only(tiny_resnet_dir: Path, tmp_path
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    src = _copy(tiny_resnet_dir, tmp_path)
+    src = copy_source(tiny_resnet_dir, tmp_path)
     tensors = _to_pickle(src)
     spec: Path | str = src
     if where == "hub":
@@ -534,7 +511,7 @@ def test_pickle_is_never_loaded_without_the_flag(tiny_resnet_dir: Path, tmp_path
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    src = _copy(tiny_resnet_dir, tmp_path)
+    src = copy_source(tiny_resnet_dir, tmp_path)
     _to_pickle(src)
 
     def forbidden(*args: Any, **kwargs: Any) -> Any:
@@ -556,7 +533,7 @@ def test_malicious_pickle_is_refused_even_when_allowed(tiny_resnet_dir: Path, tm
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     import pickle
 
-    src = _copy(tiny_resnet_dir, tmp_path)
+    src = copy_source(tiny_resnet_dir, tmp_path)
     _to_pickle(src)
     marker = tmp_path / "pwned"
     monkeypatch.setenv("NNXPORT_PWNED", str(marker))
@@ -598,7 +575,7 @@ def test_hf_token_never_written_or_logged(tiny_resnet_dir: Path, tmp_path: Path)
 
 
 def test_output_paths_never_come_from_tensor_names(tiny_resnet_dir: Path, tmp_path: Path, cli) -> None:
-    src = _copy(tiny_resnet_dir, tmp_path)
+    src = copy_source(tiny_resnet_dir, tmp_path)
     tensors = load_file(src / "model.safetensors")
     tensors["../../../escaped/evil"] = np.ones(3, np.float32)
     tensors["/abs/evil"] = np.ones(2, ml_dtypes.bfloat16)
@@ -617,7 +594,7 @@ def test_output_paths_never_come_from_tensor_names(tiny_resnet_dir: Path, tmp_pa
 
 def test_verify_names_a_source_file_changed_since_conversion(tiny_resnet_dir: Path, tmp_path: Path,
                                                              cli) -> None:
-    src = _copy(tiny_resnet_dir, tmp_path)
+    src = copy_source(tiny_resnet_dir, tmp_path)
     assert cli("convert", src, "--out", tmp_path / "o", "-q").exit_code == 0
     assert cli("verify", tmp_path / "o", "-q").exit_code == 0
     _set_value(src, "classifier.1.bias", 0.5)  # same keys, shapes and size: only the hash tells

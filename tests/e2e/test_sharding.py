@@ -5,7 +5,6 @@ processes. The test session has 8 simulated CPU devices (conftest sets XLA_FLAGS
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ from nnxport.pipeline.output import CHECKPOINT, set_path
 from nnxport.placement import build_mesh, partition_spec
 from nnxport.sources.base import Source
 from nnxport.testing.replicas import build_replica, edit_safetensors, published_config
-from tests.conftest import run_subprocess
+from tests.helpers import MAPPINGS, free_port, run_subprocess
 
 TINY_LLAMA = published_config("meta-llama/Llama-3.2-1B", hidden_size=64, num_attention_heads=4,
                               num_key_value_heads=2, head_dim=16, num_hidden_layers=2, intermediate_size=128,
@@ -174,7 +173,7 @@ def test_bad_shard_entries_are_mapping_errors(shard: str, message: str) -> None:
 
 def test_shard_rank_mismatch_is_reported_before_reading(sources: dict[str, Path], tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    text = (Path(api.mappings_dir()) / "decoder.yaml").read_text()
+    text = (MAPPINGS / "decoder.yaml").read_text()
     broken = text.replace("shard: [data, model]\n    ops: [{transpose: [1, 0]}]\n  - from: '^model\\.layers"
                           "\\.(\\d+)\\.self_attn\\.o_proj", "shard: [data]\n    ops: [{transpose: [1, 0]}]\n"
                           "  - from: '^model\\.layers\\.(\\d+)\\.self_attn\\.o_proj", 1)
@@ -189,17 +188,11 @@ def test_shard_rank_mismatch_is_reported_before_reading(sources: dict[str, Path]
     assert not (tmp_path / "out").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_two_processes_write_one_checkpoint_equal_to_one_process(sources: dict[str, Path],
                                                                  tmp_path: Path) -> None:
     """Two local CPU processes of 4 devices each under jax.distributed: one checkpoint, the same bits."""
     src = sources["llama"]
-    coordinator = f"127.0.0.1:{_free_port()}"
+    coordinator = f"127.0.0.1:{free_port()}"
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "NNXPORT_DEBUG": "1"}
     out = tmp_path / "multi"
     argv = ["convert", src, "--out", out, "--mesh", MESH, "--coordinator", coordinator,

@@ -1,4 +1,6 @@
-"""Streaming checkpoint writes: group by group into one Orbax checkpoint that plain Orbax restores."""
+"""Streaming checkpoint writes (nnxport.pipeline.output.StateWriter): group by group into one Orbax checkpoint
+that plain Orbax restores, and a failed write is an OutputError. Whole conversions streamed in groups are
+in tests/e2e/test_convert.py."""
 
 from __future__ import annotations
 
@@ -68,53 +70,3 @@ def test_a_failed_write_is_an_output_error(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(OutputError, match="No space left on device"):
         writer.add("w", jax.device_put(np.ones(4, np.float32)))
         writer.finish()
-
-
-def test_convert_streams_in_groups_and_restores_exactly(tiny_resnet_dir: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
-    import re
-
-    from safetensors import safe_open
-
-    import nnxport
-
-    monkeypatch.setattr(output_mod, "GROUP_BYTES", 4096)  # many groups for a small model
-    with caplog.at_level("INFO", logger="nnxport"):
-        result = nnxport.convert(tiny_resnet_dir, tmp_path / "out")
-    (groups,) = re.findall(r"in (\d+) group\(s\)", caplog.text)
-    assert int(groups) > 5
-    assert result.passed  # parity runs on the model restored from the streamed checkpoint
-    model = nnxport.load(tmp_path / "out")
-    with safe_open(tiny_resnet_dir / "model.safetensors", framework="numpy") as st:
-        fc = st.get_tensor("classifier.1.weight")
-    np.testing.assert_array_equal(np.asarray(model.classifier.kernel[...]), fc.T)
-
-
-def test_conversion_path_uses_no_torch_and_keeps_bf16(tmp_path: Path) -> None:
-    """Memory discipline: without parity, no torch is imported, and bf16 weights are stored as bf16 with
-    exactly the source's bytes (no float32 upcast on the way)."""
-    import json
-    import subprocess
-    import sys
-
-    from nnxport.testing.replicas import build_replica
-    from tests.conftest import TINY_RESNET
-
-    src = build_replica(TINY_RESNET, tmp_path / "bf16", dtype="bfloat16", seed=2)
-    out = tmp_path / "out"
-    code = ("import sys, nnxport; nnxport.convert(sys.argv[1], sys.argv[2], parity=False); "
-            "print('torch' in sys.modules, 'transformers' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code, str(src), str(out)], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["False", "False"]
-    manifest = json.loads((out / "nnxport.json").read_text())
-    from safetensors import safe_open
-
-    with safe_open(src / "model.safetensors", framework="numpy") as st:
-        keys = [k for k in st.keys() if "num_batches_tracked" not in k]  # noqa: SIM118 (not a dict)
-        source_bytes = sum(st.get_tensor(k).nbytes for k in keys)
-    assert manifest["bytes"] == source_bytes
-    meta = ocp_v1.metadata((out / "checkpoint").absolute()).metadata
-    assert str(meta["stem"]["conv"]["kernel"].dtype) == "bfloat16"

@@ -5,21 +5,19 @@ against transformers' ViTForImageClassification / ViTModel, the checkpoint layou
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from safetensors import safe_open
 
 import nnxport
 from nnxport.models.vit import ViT
 from nnxport.testing.replicas import build_replica, edit_safetensors, published_config
+from tests.helpers import MAPPINGS, convert_json, copy_source, read_tensors
 
 REPO = "google/vit-base-patch16-224"
-VIT_YAML = (Path(__file__).resolve().parents[1] / "mappings" / "vit.yaml").read_text()
+VIT_YAML = (MAPPINGS / "vit.yaml").read_text()
 # initializer_range 0.1 (published: 0.02) gives non-uniform attention, so that a mapping mistake (e.g. q
 # and k exchanged) moves the outputs far outside the tolerance (at 0.02 it moves them by ~0.2%).
 TINY: dict[str, Any] = published_config(REPO, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -49,29 +47,13 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                          base_model=True)
 
 
-def _keys(folder: Path) -> dict[str, np.ndarray]:
-    with safe_open(folder / "model.safetensors", framework="numpy") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not a dict)
-
-
-def _convert(cli: Callable[..., Any], source: str | Path, out: Path, *args: str) -> dict[str, Any]:
-    res = cli("convert", source, "--out", out, "--format", "json", *args)
-    assert res.exit_code == 0, res.stderr
-    return json.loads(res.stdout)
-
-
-def _copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
 def test_from_offline_hub_cache_with_automatic_mapping(tiny_hub: str, tiny_dir: Path, tmp_path: Path,
                                                        cli) -> None:
     out = tmp_path / "out"
-    result = _convert(cli, tiny_hub, out)
+    result = convert_json(cli, tiny_hub, out)
     assert result["mapping"] == "vit" and result["family"] == "vit"
     # Per layer, the 6 q/k/v weights and biases fill 2 fused targets.
-    assert result["tensors"] == len(_keys(tiny_dir)) - TINY["num_hidden_layers"] * (6 - 2)
+    assert result["tensors"] == len(read_tensors(tiny_dir)) - TINY["num_hidden_layers"] * (6 - 2)
     report = json.loads((out / "parity.json").read_text())
     assert report["passed"] is True and report["reference"] == "transformers.ViTForImageClassification"
     assert report["inputs"] == [
@@ -88,7 +70,7 @@ def test_from_offline_hub_cache_with_automatic_mapping(tiny_hub: str, tiny_dir: 
     # The fused qkv kernel is [q | k | v] of the transposed torch weights; [CLS] and positions reshaped.
     model = nnxport.load(out)
     assert isinstance(model, ViT)
-    src = _keys(tiny_dir)
+    src = read_tensors(tiny_dir)
     attn = "vit.encoder.layer.1.attention.attention."
     want = np.concatenate([src[f"{attn}{n}.weight"].T for n in ("query", "key", "value")], axis=1)
     np.testing.assert_array_equal(np.asarray(model.layers[1].attn.qkv.kernel[...]), want)
@@ -106,12 +88,12 @@ def test_from_offline_hub_cache_with_automatic_mapping(tiny_hub: str, tiny_dir: 
 
 @pytest.mark.parametrize("pooler", [True, False], ids=["with-pooler", "without-pooler"])
 def test_vit_model_with_and_without_pooler(base_dir: Path, tmp_path: Path, cli, pooler: bool) -> None:
-    src = base_dir if pooler else _copy(base_dir, tmp_path / "src")
+    src = base_dir if pooler else copy_source(base_dir, tmp_path)
     if not pooler:
         edit_safetensors(src, drop=["pooler.dense.weight", "pooler.dense.bias"])
-    assert not any(k.startswith("vit.") for k in _keys(src))
+    assert not any(k.startswith("vit.") for k in read_tensors(src))
     out = tmp_path / "out"
-    report = _convert(cli, src, out)["parity"]
+    report = convert_json(cli, src, out)["parity"]
     assert report["passed"] is True and report["reference"] == "transformers.ViTModel"
     shapes = {o["name"]: o["shape"] for o in report["outputs"]}
     expected = {"last_hidden_state": [2, TOKENS, 64]} | ({"pooler_output": [2, 64]} if pooler else {})
@@ -126,7 +108,7 @@ def test_vit_model_with_and_without_pooler(base_dir: Path, tmp_path: Path, cli, 
 def test_classifier_checkpoint_with_a_stored_pooler_ignores_it(tiny_dir: Path, tmp_path: Path, cli) -> None:
     """Some checkpoints of the classifier carry ViTModel's pooler: the classifier has none, so the keys are
     ignored (reported), not an error."""
-    src = _copy(tiny_dir, tmp_path / "src")
+    src = copy_source(tiny_dir, tmp_path)
     rng = np.random.default_rng(0)
     edit_safetensors(src, add={"vit.pooler.dense.weight": rng.standard_normal((64, 64), dtype=np.float32),
                                "vit.pooler.dense.bias": rng.standard_normal(64, dtype=np.float32)})
@@ -135,7 +117,7 @@ def test_classifier_checkpoint_with_a_stored_pooler_ignores_it(tiny_dir: Path, t
     rows = {r["key"]: r for r in json.loads(res.stdout)["keys"]}
     assert rows["vit.pooler.dense.weight"]["status"] == "ignored"
     assert rows["vit.pooler.dense.bias"]["status"] == "ignored"
-    assert _convert(cli, src, tmp_path / "out")["parity"]["passed"] is True
+    assert convert_json(cli, src, tmp_path / "out")["parity"]["passed"] is True
 
 
 def test_variants_qkv_without_bias_rectangular_patches_head_dim_and_pooler_settings(tmp_path: Path,
@@ -145,8 +127,8 @@ def test_variants_qkv_without_bias_rectangular_patches_head_dim_and_pooler_setti
     config = {**TINY, "qkv_bias": False, "image_size": [32, 24], "patch_size": [8, 4], "head_dim": 8,
               "pooler_output_size": 48, "pooler_act": "relu", "hidden_act": "gelu_new"}
     src = build_replica(config, tmp_path / "src", seed=3, hub_config=True, base_model=True)
-    assert not any(k.endswith("query.bias") for k in _keys(src))
-    report = _convert(cli, src, tmp_path / "out")["parity"]
+    assert not any(k.endswith("query.bias") for k in read_tensors(src))
+    report = convert_json(cli, src, tmp_path / "out")["parity"]
     assert report["passed"] is True
     assert report["inputs"][0]["shape"] == [2, 32, 24, 3]
     tokens = (32 // 8) * (24 // 4) + 1
@@ -157,8 +139,8 @@ def test_variants_qkv_without_bias_rectangular_patches_head_dim_and_pooler_setti
 def test_classifier_with_zero_labels_outputs_the_cls_state(tmp_path: Path, cli) -> None:
     """num_labels 0: transformers' classifier is the identity, its logits the final [CLS] state."""
     src = build_replica({**TINY, "num_labels": 0}, tmp_path / "src", seed=5, hub_config=True)
-    assert not any(k.startswith("classifier") for k in _keys(src))
-    report = _convert(cli, src, tmp_path / "out")["parity"]
+    assert not any(k.startswith("classifier") for k in read_tensors(src))
+    report = convert_json(cli, src, tmp_path / "out")["parity"]
     assert report["passed"] is True and report["reference"] == "transformers.ViTForImageClassification"
     assert [(o["name"], o["shape"]) for o in report["outputs"]] == [("logits", [2, 64])]
 
@@ -190,7 +172,7 @@ def test_wrong_qkv_concat_order_fails_parity(tiny_dir: Path, tmp_path: Path, cli
 )
 def test_config_drift_is_refused_naming_the_field(tiny_dir: Path, tmp_path: Path, cli, field: str,
                                                   value: Any) -> None:
-    src = _copy(tiny_dir, tmp_path / "src")
+    src = copy_source(tiny_dir, tmp_path)
     config = json.loads((src / "config.json").read_text())
     config[field] = value
     (src / "config.json").write_text(json.dumps(config))
@@ -204,16 +186,16 @@ def test_config_drift_is_refused_naming_the_field(tiny_dir: Path, tmp_path: Path
 
 def test_harmless_extra_fields_are_accepted(tiny_dir: Path, tmp_path: Path, cli) -> None:
     """encoder_stride only shapes the masked-image-modeling decoder, id2label only names classes."""
-    src = _copy(tiny_dir, tmp_path / "src")
+    src = copy_source(tiny_dir, tmp_path)
     config = json.loads((src / "config.json").read_text())
     config |= {"encoder_stride": 8, "id2label": {str(i): f"c{i}" for i in range(10)}}
     (src / "config.json").write_text(json.dumps(config))
-    assert _convert(cli, src, tmp_path / "out")["parity"]["passed"] is True
+    assert convert_json(cli, src, tmp_path / "out")["parity"]["passed"] is True
 
 
 def test_bfloat16_replica_passes_at_bf16_tolerance(tmp_path: Path, cli) -> None:
     src = build_replica(TINY, tmp_path / "src", seed=4, hub_config=True, dtype="bfloat16")
-    report = _convert(cli, src, tmp_path / "out")["parity"]
+    report = convert_json(cli, src, tmp_path / "out")["parity"]
     assert report["passed"] is True and report["dtype"] == "bfloat16"
     assert report["tolerance"] == {"atol": 2e-2, "rtol": 2e-2, "atol_relative_to": "max_abs_reference"}
     (logits,) = report["outputs"]
@@ -226,7 +208,7 @@ def test_full_size_vit_base_from_hub_cache(hub_cache: Path, tmp_path: Path, cli)
 
     folder = build_replica(published_config(REPO), tmp_path / "src", hub_config=True)
     write_hub_cache(hub_cache, REPO, folder)
-    report = _convert(cli, REPO, tmp_path / "out")["parity"]
+    report = convert_json(cli, REPO, tmp_path / "out")["parity"]
     assert report["passed"] is True and report["reference"] == "transformers.ViTForImageClassification"
     (logits,) = report["outputs"]
     assert logits["shape"] == [2, 1000] and logits["top1_agreement"] == 1.0

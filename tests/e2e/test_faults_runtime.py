@@ -1,7 +1,7 @@
 """Issue 12, classes 6 and 7: text from a checkpoint reaching the terminal, and tensors whose dtype would
 silently change their values. Each case asserts the whole contract (exit code, one ``error:`` line naming
 the culprit, no traceback, nothing on stdout, no output or staging folder left, bounded time). The
-interrupt cases (class 4) are in tests/test_signals.py."""
+interrupt cases (class 4) are in tests/e2e/test_signals.py."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from examples.convfc import ConvFc
 from examples.convfc_torch import save_checkpoint
 from nnxport.cli.common import safe_text
 from nnxport.sources.base import Source
+from tests.helpers import ROOT, copy_source
 
 STEM = "resnet.embedder.embedder.convolution.weight"
 STEM_TARGET = "stem.conv.kernel"
@@ -76,10 +77,6 @@ def _add(path: Path, names: list[str]) -> None:
     _write(path, meta, tensors)
 
 
-def _copy(tiny: Path, tmp: Path, name: str = "src") -> Path:
-    return Path(shutil.copytree(tiny, tmp / name))
-
-
 def _assert_refused(res: Any, tmp: Path, before: list[str], *says: str) -> None:
     """Exit 1, one escaped ``error:`` line saying ``says``, nothing on stdout, nothing left in ``tmp``."""
     assert res.exit_code == 1, (res.stdout, res.stderr)
@@ -112,7 +109,7 @@ REFUSED = {
 def test_dtype_refused_before_anything_is_read(case: str, tiny_resnet_dir: Path, tmp_path: Path, cli,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     code, dtype, says = REFUSED[case]
-    src = _copy(tiny_resnet_dir, tmp_path)
+    src = copy_source(tiny_resnet_dir, tmp_path)
     _retype(src / "model.safetensors", STEM, code)
 
     def no_reads(self: Any, key: str) -> Any:
@@ -141,7 +138,7 @@ CONVERTED = {  # source dtype, --dtype, dtype stored, values expected from the s
 @pytest.mark.parametrize("case", sorted(CONVERTED))
 def test_dtype_converted_bit_for_bit(case: str, tiny_resnet_dir: Path, tmp_path: Path, cli) -> None:
     code, dtype, stored = CONVERTED[case]
-    src = _copy(tiny_resnet_dir, tmp_path)
+    src = copy_source(tiny_resnet_dir, tmp_path)
     source = _retype(src / "model.safetensors", STEM, code)
     res = cli("convert", src, "--out", tmp_path / "out", "--dtype", dtype, "--no-parity", "-q")
     assert res.exit_code == 0, res.stderr
@@ -161,7 +158,7 @@ class CountingConvFc(ConvFc):
         self.count = nnx.BatchStat(jnp.zeros((4,), jnp.int32))
 
 
-COUNTING = "tests.test_faults_runtime:CountingConvFc"
+COUNTING = "tests.e2e.test_faults_runtime:CountingConvFc"
 COUNT_RULE = "  - from: '^count$'\n    to: 'count'\n"
 
 
@@ -169,7 +166,7 @@ COUNT_RULE = "  - from: '^count$'\n    to: 'count'\n"
 def convfc(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("convfc-count")
     save_checkpoint(folder, seed=3)
-    mapping = (Path(__file__).resolve().parents[1] / "examples" / "convfc.yaml").read_text()
+    mapping = (ROOT / "examples" / "convfc.yaml").read_text()
     (folder / "m.yaml").write_text(mapping.replace("model: examples.convfc:ConvFc",
                                                    f"model: {COUNTING}")
                                    + COUNT_RULE)
@@ -233,7 +230,7 @@ def test_safe_text_escapes_every_control() -> None:
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_key_in_a_convert_error(name: str, tiny_resnet_dir: Path, tmp_path: Path, cli) -> None:
     key = HOSTILE[name]
-    src = _copy(tiny_resnet_dir, tmp_path)
+    src = copy_source(tiny_resnet_dir, tmp_path)
     _add(src / "model.safetensors", [key])
     before = sorted(p.name for p in tmp_path.iterdir())
     res = cli("convert", src, "--out", tmp_path / "out", "--no-parity", "-q")
@@ -244,7 +241,7 @@ def test_hostile_key_in_a_convert_error(name: str, tiny_resnet_dir: Path, tmp_pa
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_key_in_inspect_keys(name: str, tiny_resnet_dir: Path, tmp_path: Path, cli) -> None:
     key = HOSTILE[name]
-    src = _copy(tiny_resnet_dir, tmp_path)
+    src = copy_source(tiny_resnet_dir, tmp_path)
     _add(src / "model.safetensors", [key])
     table = cli("inspect-keys", src)
     assert table.exit_code == 0, table.stderr
@@ -263,7 +260,7 @@ def test_hostile_key_in_inspect_keys(name: str, tiny_resnet_dir: Path, tmp_path:
 
 
 def test_hostile_folder_name_in_logs_and_result(tiny_resnet_dir: Path, tmp_path: Path, cli) -> None:
-    src = _copy(tiny_resnet_dir, tmp_path, "evil\x1b]0;pwned\x07[/]\nerror: x")
+    src = copy_source(tiny_resnet_dir, tmp_path, "evil\x1b]0;pwned\x07[/]\nerror: x")
     res = cli("convert", src, "--out", tmp_path / "out", "--no-parity")
     assert res.exit_code == 0, res.stderr
     assert not CONTROL.search(res.stdout + res.stderr), repr(res.stderr)
@@ -292,7 +289,7 @@ def test_mapping_path_with_markup_is_printed_literally(name: str, tiny_resnet_di
 
 def test_mapping_error_with_many_hostile_keys_keeps_one_line_each(tiny_resnet_dir: Path, tmp_path: Path,
                                                                    cli) -> None:
-    src = _copy(tiny_resnet_dir, tmp_path)
+    src = copy_source(tiny_resnet_dir, tmp_path)
     _add(src / "model.safetensors", list(HOSTILE.values()))
     res = cli("convert", src, "--out", tmp_path / "out", "--no-parity", "-q")
     assert res.exit_code == 1 and "Traceback" not in res.stderr
