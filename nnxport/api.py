@@ -19,7 +19,7 @@ import jax
 from flax import nnx
 
 from nnxport import interrupt
-from nnxport.errors import NnxportError
+from nnxport.errors import NnxportError, option
 from nnxport.mapping.analysis import Analysis
 from nnxport.mapping.draft import Draft, draft_mapping
 from nnxport.mapping.schema import Mapping, select_mapping
@@ -333,8 +333,9 @@ def draft(
             try:
                 model = select_mapping(src.config, builtin_mappings()).model
             except NnxportError as e:
-                raise NnxportError(f"{src.spec}: no model family recognises its config.json ({e}); pass "
-                                   "--model NAME or --model package.module:Class") from None
+                raise NnxportError(f"{src.spec}: no model family recognises its config.json ({e.text}); "
+                                   f"pass {option('model')} NAME or {option('model')} package.module:Class") \
+                    from None
         cfg = require_config(src)
         _, _, abstract = build_abstract(src, resolve_family(model), cfg)
         return draft_mapping(source_specs(src), target_specs(abstract), cfg, model, title=src.spec)

@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
-from nnxport.errors import DeviceError, NnxportError, ValueCheckError
+from nnxport.errors import DeviceError, NnxportError, Option, ValueCheckError, option
 from nnxport.mapping.ops import Box
 from nnxport.sources.safetensors import numpy_dtype
 
@@ -27,7 +27,7 @@ _FLOAT_NAMES = {"float64", "float32", "bfloat16", "float16"}
 def check_dtype(requested: str) -> None:
     """NnxportError unless ``requested`` is one of :data:`DTYPES`."""
     if requested not in DTYPES:
-        raise NnxportError(f"unknown --dtype {requested!r} (choose from {', '.join(DTYPES)})")
+        raise NnxportError(f"unknown {option('dtype')} {requested!r} (choose from {', '.join(DTYPES)})")
 
 
 def dtype_kind(name: str) -> str:
@@ -62,12 +62,13 @@ def target_dtype(source_dtype: str, requested: str, leaf: str | None = None, wha
     if kind != "float" or requested != "keep":
         return requested if kind == "float" else source_dtype
     if source_dtype == "float64" and not jax.config.read("jax_enable_x64"):
-        raise ValueCheckError(f"{what}: float64, which jax would store as float32 under --dtype keep; pass "
-                              "--dtype float32 to convert it to float32")
+        raise ValueCheckError(f"{what}: float64, which jax would store as float32 under "
+                              f"{option('dtype', 'keep')}; pass {option('dtype', 'float32')} to convert it "
+                              "to float32")
     if source_dtype not in _FLOAT_NAMES:
         raise ValueCheckError(f"{what}: {source_dtype} (a quantized checkpoint?): it needs a dequantize op "
-                              "with its scales, or --dtype float32 / bfloat16 / float16 to convert the "
-                              "stored values as they are")
+                              f"with its scales, or {option('dtype')} float32 / bfloat16 / float16 to "
+                              "convert the stored values as they are")
     return source_dtype
 
 
@@ -76,13 +77,13 @@ def resolve_device(name: str) -> jax.Device:
     if name == "auto":
         return jax.devices()[0]
     if name not in ("cpu", "gpu", "tpu"):
-        raise DeviceError(f"unknown --device {name!r} (choose from auto, cpu, gpu, tpu)")
+        raise DeviceError(f"unknown {option('device')} {name!r} (choose from auto, cpu, gpu, tpu)")
     try:
         return jax.devices(name)[0]
     except RuntimeError:
         have = sorted({d.platform for d in jax.devices()})
-        raise DeviceError(f"--device {name}: no {name} device is available (jax sees: {', '.join(have)})") \
-            from None
+        raise DeviceError(f"{option('device', name)}: no {name} device is available "
+                          f"(jax sees: {', '.join(have)})") from None
 
 
 def init_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> int:
@@ -90,26 +91,27 @@ def init_distributed(coordinator: str | None, num_processes: int | None, process
     JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES / JAX_PROCESS_ID for the other two); the number of
     processes. Must run before anything asks jax for its devices."""
     if num_processes is not None and num_processes < 1:
-        raise DeviceError(f"--num-processes {num_processes}: must be at least 1")
+        raise DeviceError(f"{option('num_processes', num_processes)}: must be at least 1")
     if process_id is not None and process_id < 0:
-        raise DeviceError(f"--process-id {process_id}: must be at least 0")
+        raise DeviceError(f"{option('process_id', process_id)}: must be at least 0")
     if num_processes is not None and process_id is not None and process_id >= num_processes:
-        raise DeviceError(f"--process-id {process_id}: must be in 0..{num_processes - 1} for "
+        raise DeviceError(f"{option('process_id', process_id)}: must be in 0..{num_processes - 1} for "
                           f"{num_processes} processes")
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
     if coordinator is None:
         if (num_processes or 1) > 1 or (process_id or 0) > 0:
-            raise DeviceError("--num-processes / --process-id need --coordinator HOST:PORT "
-                              "(or JAX_COORDINATOR_ADDRESS)")
+            raise DeviceError(f"{option('num_processes')} / {option('process_id')} need "
+                              f"{option('coordinator')} HOST:PORT (or JAX_COORDINATOR_ADDRESS)")
         return jax.process_count()
     if not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", coordinator):
-        raise DeviceError(f"--coordinator {coordinator!r}: expected HOST:PORT, e.g. 10.0.0.1:1234")
-    count = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES", "--num-processes")
-    index = process_id if process_id is not None else _env_int("JAX_PROCESS_ID", "--process-id")
+        raise DeviceError(f"{option('coordinator')} {coordinator!r}: expected HOST:PORT, e.g. 10.0.0.1:1234")
+    count = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES",
+                                                                    option("num_processes"))
+    index = process_id if process_id is not None else _env_int("JAX_PROCESS_ID", option("process_id"))
     if count is not None and count < 1:
-        raise DeviceError(f"--num-processes {count}: must be at least 1")
+        raise DeviceError(f"{option('num_processes', count)}: must be at least 1")
     if count is not None and index is not None and not 0 <= index < count:
-        raise DeviceError(f"--process-id {index}: must be in 0..{count - 1} for {count} processes")
+        raise DeviceError(f"{option('process_id', index)}: must be in 0..{count - 1} for {count} processes")
     if not jax.distributed.is_initialized():
         _join(coordinator, count, index)
     return jax.process_count()
@@ -141,15 +143,16 @@ def _join(coordinator: str, count: int | None, index: int | None) -> None:
     while thread.is_alive() and time.monotonic() < deadline:
         thread.join(0.2)  # a signal ends this wait (KeyboardInterrupt / Terminated)
     if thread.is_alive():
-        raise DeviceError(f"--coordinator {coordinator}: no multi-process run joined within {timeout} s "
-                          "(is process 0 running and reachable? NNXPORT_COORDINATOR_TIMEOUT sets the wait)")
+        raise DeviceError(f"{option('coordinator', coordinator)}: no multi-process run joined within "
+                          f"{timeout} s (is process 0 running and reachable? NNXPORT_COORDINATOR_TIMEOUT "
+                          "sets the wait)")
     if failed:
         e = failed[0]
-        raise DeviceError(f"--coordinator {coordinator}: cannot join the multi-process run "
+        raise DeviceError(f"{option('coordinator', coordinator)}: cannot join the multi-process run "
                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
-def _env_int(name: str, flag: str) -> int | None:
+def _env_int(name: str, flag: Option) -> int | None:
     value = os.environ.get(name)
     if value in (None, ""):
         return None
@@ -161,14 +164,16 @@ def _env_int(name: str, flag: str) -> int | None:
 def parse_mesh(spec: str) -> dict[str, int]:
     """``"data=2,model=4"`` -> ``{"data": 2, "model": 4}``; an empty spec is an error, not "no mesh"."""
     if not spec.strip():
-        raise DeviceError(f"--mesh {spec!r}: empty; expected AXIS=N[,AXIS=N...] with N >= 1, e.g. data=2")
+        raise DeviceError(f"{option('mesh')} {spec!r}: empty; expected AXIS=N[,AXIS=N...] with N >= 1, "
+                          "e.g. data=2")
     axes: dict[str, int] = {}
     for part in spec.split(","):
         m = re.fullmatch(r"\s*([A-Za-z_]\w*)\s*=\s*(\d+)\s*", part)
         if not m or int(m.group(2)) < 1:
-            raise DeviceError(f"--mesh {spec!r}: expected AXIS=N[,AXIS=N...] with N >= 1, got {part!r}")
+            raise DeviceError(f"{option('mesh')} {spec!r}: expected AXIS=N[,AXIS=N...] with N >= 1, "
+                              f"got {part!r}")
         if m.group(1) in axes:
-            raise DeviceError(f"--mesh {spec!r}: axis {m.group(1)!r} given twice")
+            raise DeviceError(f"{option('mesh')} {spec!r}: axis {m.group(1)!r} given twice")
         axes[m.group(1)] = int(m.group(2))
     return axes
 
@@ -178,8 +183,8 @@ def build_mesh(axes: dict[str, int], devices: Sequence[jax.Device] | None = None
     devs = list(devices if devices is not None else jax.devices())
     need = int(np.prod(list(axes.values())))
     if need > len(devs):
-        raise DeviceError(f"--mesh {','.join(f'{k}={v}' for k, v in axes.items())} needs {need} devices, "
-                          f"jax sees {len(devs)}")
+        given = ",".join(f"{k}={v}" for k, v in axes.items())
+        raise DeviceError(f"{option('mesh', given)} needs {need} devices, jax sees {len(devs)}")
     grid = np.array(devs[:need], dtype=object).reshape(tuple(axes.values()))
     return Mesh(grid, tuple(axes))
 
@@ -278,7 +283,7 @@ def cast_checked(array: np.ndarray, want: np.dtype, what: str, allow_nonfinite: 
     if bad and not allow_nonfinite:
         nan = int(np.count_nonzero(np.isnan(array.astype(np.float32) if array.dtype.itemsize < 4 else array)))
         raise ValueCheckError(f"{what}: {nan} NaN and {bad - nan} Inf value(s) of {array.size} (pass "
-                              "--allow-nonfinite to convert them as they are)")
+                              f"{option('allow_nonfinite', True)} to convert them as they are)")
     if array.dtype == want:
         return array
     if want.kind in "iu" and array.dtype.kind in "iu" and array.size:
@@ -293,5 +298,5 @@ def cast_checked(array: np.ndarray, want: np.dtype, what: str, allow_nonfinite: 
         biggest = float(np.max(np.abs(finite.astype(np.float64))))
         limit = float(ml_dtypes.finfo(want).max)
         raise ValueCheckError(f"{what}: values up to {biggest:.6g} overflow {want.name} (largest "
-                              f"{limit:.6g}); keep a wider --dtype (keep, float32 or bfloat16)")
+                              f"{limit:.6g}); keep a wider {option('dtype')} (keep, float32 or bfloat16)")
     return cast

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-from typing import Annotated
-
 import typer
+from rich.text import Text
 
-from nnxport.cli.common import EXIT_ERROR, err, errors_handled, literal, setup_logging
+from nnxport.cli._errors import EXIT_ERROR, errors_handled
+from nnxport.cli._options import ConfigOpt, ModelOpt, QuietOpt, RevisionOpt, SourceArg
+from nnxport.cli._output import Mode, literal, out
+from nnxport.cli.report import draft_left, draft_summary
 
 app = typer.Typer(name="mapping", help="Work with mapping files.\n\nExample: nnxport mapping draft "
                                        "microsoft/resnet-50 > resnet.yaml", no_args_is_help=True,
@@ -16,16 +16,8 @@ app = typer.Typer(name="mapping", help="Work with mapping files.\n\nExample: nnx
 
 
 @app.command()
-def draft(
-    source: Annotated[str, typer.Argument(help="Hub id (org/name), local folder, or .safetensors file.")],
-    model: Annotated[str | None, typer.Option(
-        "--model", help="Model family name, or package.module:Class for your own NNX model "
-                        "\\[default: the family config.json's model_type picks].")] = None,
-    config: Annotated[Path | None, typer.Option(help="Config file, JSON or YAML (for a bare .safetensors "
-                                                     "file or a custom model).")] = None,
-    revision: Annotated[str | None, typer.Option(help="Hub revision: branch, tag or commit.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on stderr but errors.")] = False,
-) -> None:
+def draft(source: SourceArg, model: ModelOpt = None, config: ConfigOpt = None, revision: RevisionOpt = None,
+          quiet: QuietOpt = False) -> None:
     """Print a mapping suggestion (YAML) for SOURCE and a model on stdout.
 
     Source keys are matched to the model's leaves by normalised names, layer indices and shapes, with the
@@ -34,27 +26,21 @@ def draft(
 
     Example: nnxport mapping draft microsoft/resnet-50 > resnet.yaml
     """
-    setup_logging(quiet, True)
+    out.setup(Mode.yaml, quiet)
     with errors_handled():
         from nnxport import api
 
         result = api.draft(source, model, config=config, revision=revision)
-        sys.stdout.write(result.text)
-        sys.stdout.flush()
-        summary = (f"draft: {result.placed} source keys placed, {len(result.ignored)} ignored, "
-                   f"{len(result.unplaced)} not placed; {len(result.unfilled)} model leaves not filled")
+        out.document(result.text)
         for note in result.notes:
-            err.print(literal(f"note: {note}"), soft_wrap=True, highlight=False)
+            out.say(f"note: {note}")
         for problem in result.problems:
-            err.print(literal("problem: ", "red") + literal(problem), soft_wrap=True, highlight=False)
-        left = [f"not placed: {k}" for k in result.unplaced] + [f"not filled: {t}" for t in result.unfilled]
-        for line in left[:20]:
-            err.print(literal(line), soft_wrap=True, highlight=False)
-        if len(left) > 20:
-            err.print(f"... and {len(left) - 20} more (listed in the YAML)", highlight=False)
+            out.say(literal("problem: ", "red"), problem)
+        for line in draft_left(result):
+            out.say(line)
         if not result.complete:
-            err.print(f"[bold red]incomplete[/] {summary} (marked NOT PLACED / NOT FILLED in the YAML)",
-                      soft_wrap=True, highlight=False)
+            out.say(Text("incomplete", "bold red"),
+                    f" {draft_summary(result)} (marked NOT PLACED / NOT FILLED in the YAML)")
             raise typer.Exit(EXIT_ERROR)
         if not quiet:
-            err.print(summary, soft_wrap=True, highlight=False)
+            out.say(draft_summary(result))

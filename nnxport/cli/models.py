@@ -2,39 +2,22 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
-from typing import Annotated
-
-import typer
-from rich.table import Table
-
-from nnxport.cli.common import errors_handled, out, print_json, setup_logging
+from nnxport.cli._errors import errors_handled
+from nnxport.cli._options import TableFormat, TableFormatOpt
+from nnxport.cli._output import Mode, out
+from nnxport.cli.report import models_table
 
 
-class ModelsFormat(StrEnum):
-    table = "table"
-    json = "json"
-
-
-def models(
-    fmt: Annotated[ModelsFormat, typer.Option("--format", help="table or json.")] = ModelsFormat.table,
-) -> None:
+def models(fmt: TableFormatOpt = TableFormat.table) -> None:
     """List the built-in model families and the mappings that target them.
 
     Example: nnxport models --format json
     """
-    setup_logging(False, fmt is ModelsFormat.json)
+    out.setup(fmt)
     with errors_handled():
         from nnxport import api
 
         rows = api.models()
-        if fmt is ModelsFormat.json:
-            print_json(rows)
-            return
-        table = Table(title="nnxport model families")
-        for col in ("family", "description", "mappings (picked when config.json matches)"):
-            table.add_column(col)
-        for r in rows:
-            maps = "\n".join(f"{m['name']}  {m['match']}" for m in r["mappings"])
-            table.add_row(r["family"], r["description"], maps)
-        out.print(table)
+        if out.mode is Mode.json:
+            out.json(rows)
+        out.result(models_table(rows))

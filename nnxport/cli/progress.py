@@ -29,7 +29,7 @@ from rich.progress import (
 from rich.progress import Progress as RichDisplay
 from rich.text import Text
 
-from nnxport.cli.common import err
+from nnxport.cli._output import err
 from nnxport.progress import Progress
 
 

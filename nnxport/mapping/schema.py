@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from nnxport.errors import MappingError
+from nnxport.errors import MappingError, option
 from nnxport.mapping.loader import (
     MAX_MAPPING_BYTES,
     compile_regex,
@@ -506,6 +506,7 @@ def select_mapping(config: MappingABC[str, Any] | None, candidates: Sequence[Map
         available = ", ".join(f"{m.name} {show_value(m.match)}" for m in candidates) or "none"
         reason = what if config is None else f"no mapping matches {what}"
         raise MappingError(_SELECT, [f"{reason} (available: {available}); "
-                                     "pass --mapping NAME|PATH to choose one"])
+                                     f"pass {option('mapping')} NAME|PATH to choose one"])
     names = ", ".join(m.name for m in found)
-    raise MappingError(_SELECT, [f"several mappings match {what}: {names}; pass --mapping to choose one"])
+    raise MappingError(_SELECT, [f"several mappings match {what}: {names}; "
+                                 f"pass {option('mapping')} to choose one"])

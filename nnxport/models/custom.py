@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from nnxport.errors import ConfigError, NnxportError
+from nnxport.errors import ConfigError, NnxportError, option
 from nnxport.models.base import Family, ParityHarness, ParityInput, Tolerance
 
 DEFAULT_TOLERANCE = {"atol": 1e-4, "rtol": 1e-3}
@@ -139,7 +139,7 @@ class CustomParity(ParityHarness):
                 what.append(f"{len(result.unexpected_keys)} source key(s) it does not have (first: "
                             f"{sorted(result.unexpected_keys)[0]})")
             raise NnxportError(f"parity: the reference {self.reference_spec} does not load the source: "
-                               f"{'; '.join(what)}; use --no-parity to skip parity")
+                               f"{'; '.join(what)}; use {option('parity', False)} to skip parity")
         return module.float().eval(), self.reference_spec
 
     def parity_inputs(self, config: Mapping[str, Any], seed: int) -> list[ParityInput]:

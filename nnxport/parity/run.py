@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from nnxport.errors import NnxportError
+from nnxport.errors import NnxportError, option
 from nnxport.mapping.analysis import Assignment
 from nnxport.models import Family, ParityInput
 from nnxport.parity import layerwise
@@ -64,7 +64,8 @@ def load_reference(family: Family, source: Source, config: dict[str, Any],
     missing = [k for k in info.get("missing_keys", []) if k]
     if missing:
         raise NnxportError(f"parity: the reference {cls_name} did not find {len(missing)} of its weights in "
-                           f"the source (first: {sorted(missing)[0]}); use --no-parity to skip parity")
+                           f"the source (first: {sorted(missing)[0]}); "
+                           f"use {option('parity', False)} to skip parity")
     return model.eval(), f"transformers.{cls_name}"
 
 

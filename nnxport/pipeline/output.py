@@ -27,7 +27,7 @@ import orbax.checkpoint.experimental.v1 as ocp_v1
 from flax import nnx
 
 from nnxport import interrupt
-from nnxport.errors import ConfigError, NnxportError, OutputError, SourceError, one_line
+from nnxport.errors import ConfigError, NnxportError, OutputError, SourceError, one_line, option
 from nnxport.models.base import Family
 from nnxport.parity.report import PARITY_PNG, ParityReport
 from nnxport.pipeline.plan import abstract_state
@@ -153,7 +153,8 @@ class OutputDir:
             return None
         entries = sorted(os.listdir(final))
         if entries and not self.force:
-            raise OutputError(f"{final}: folder exists and is not empty (use --force to replace it)")
+            raise OutputError(f"{final}: folder exists and is not empty "
+                              f"(use {option('force', True)} to replace it)")
         st = final.lstat()
         return st.st_dev, st.st_ino, st.st_mtime_ns, entries
 

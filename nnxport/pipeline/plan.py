@@ -11,7 +11,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from nnxport.errors import NnxportError
+from nnxport.errors import NnxportError, option
 from nnxport.mapping.analysis import Analysis, Assignment, TensorSpec, analyze
 from nnxport.mapping.schema import Mapping, load_mapping_file, load_mapping_text, select_mapping
 from nnxport.models import Family, resolve_family
@@ -61,7 +61,7 @@ def resolve_mapping(spec: str | Mapping | None, config: dict[str, Any] | None) -
     if builtin.is_file():
         return load_mapping_file(builtin)
     names = ", ".join(p.stem for p in sorted(mappings_dir().glob("*.yaml")))
-    raise NnxportError(f"--mapping {spec!r}: no such file and no built-in mapping of that name "
+    raise NnxportError(f"{option('mapping')} {spec!r}: no such file and no built-in mapping of that name "
                        f"(built-in: {names})")
 
 
@@ -71,7 +71,8 @@ def family_for(mapping: Mapping, model: str | None = None) -> Family:
     """The family the mapping's ``model`` names (a registered family or ``package.module:Class``), or
     ``model`` (``--model``) when given, which overrides it."""
     if model is not None and model != mapping.model:
-        log.warning("--model %s overrides the model of mapping %s (%s)", model, mapping.name, mapping.model)
+        log.warning("%s %s overrides the model of mapping %s (%s)", option("model"), model, mapping.name,
+                    mapping.model)
     return resolve_family(model or mapping.model)
 
 
@@ -187,7 +188,7 @@ def make_plan(src: Source, *, mapping: str | Mapping | None = None, model: str |
     _log_analysis(base, analysis)
     check_dtype(dtype)  # before anything is written
     if processes > 1 and not mesh:
-        raise NnxportError(f"a multi-process conversion ({processes} processes) needs --mesh over "
+        raise NnxportError(f"a multi-process conversion ({processes} processes) needs {option('mesh')} over "
                            f"all {len(jax.devices())} devices")
     placement = _placement(base, analysis, device, mesh)
     if parity and not base.family.parity.has_reference():

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from nnxport.errors import SourceError
+from nnxport.errors import SourceError, option
 from nnxport.sources.base import Source
 from nnxport.sources.folder import open_source
 
@@ -52,7 +52,7 @@ def resolve_source(source: str | Path, revision: str | None, config: str | Path 
 
 def require_config(source: Source) -> dict[str, Any]:
     if source.config is None:
-        raise SourceError(f"{source.spec}: no config.json found; pass --config PATH")
+        raise SourceError(f"{source.spec}: no config.json found; pass {option('config')} PATH")
     return source.config
 
 
@@ -76,7 +76,7 @@ def check_unchanged(src: Source, recorded: list[dict[str, Any]]) -> None:
         digest = f.sha256()
         if digest != entry["sha256"]:
             raise SourceError(f"{f.path}: changed since the conversion (sha256 {digest[:16]}…, recorded "
-                              f"{entry['sha256'][:16]}…); convert again, or pass --source with the "
+                              f"{entry['sha256'][:16]}…); convert again, or pass {option('source')} with the "
                               "original files")
     if now:
         raise SourceError(f"{src.root}: {', '.join(sorted(now))} not in the source at conversion; convert "

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from nnxport.errors import SourceError
+from nnxport.errors import SourceError, option
 from nnxport.mapping.ops import show_value
 from nnxport.sources.base import Source, SourceFile, TensorInfo
 from nnxport.sources.files import check_inside, check_regular, few, read_json_object, source_homes
@@ -44,7 +44,7 @@ def open_source(
         if not path.is_dir():
             check_regular(path)
         if revision is not None:
-            raise SourceError(f"{text}: --revision only applies to hub ids")
+            raise SourceError(f"{text}: {option('revision')} only applies to hub ids")
         path = Path(os.path.abspath(path))
         if path.is_dir():
             kind: Literal["hub", "folder", "file"] = "folder"
@@ -56,7 +56,7 @@ def open_source(
             tensors = _scan_files(files)
         elif path.suffix in PICKLE_SUFFIXES:
             raise SourceError(f"{text}: pickle weights, which can run code when loaded; convert them to "
-                              "safetensors, or pass --allow-pickle to load them with "
+                              f"safetensors, or pass {option('allow_pickle', True)} to load them with "
                               "torch.load(weights_only=True)")
         else:
             raise SourceError(f"{text}: not a folder or a .safetensors file")
@@ -127,7 +127,7 @@ def _no_safetensors_message(root: Path, what: str) -> str:
     others = [n for n in found if n.endswith(_OTHER_WEIGHT_SUFFIXES)]
     if pickles:
         return (f"{what}: only pickle weights ({', '.join(pickles)}), which can run code when loaded; "
-                "convert them to safetensors, or pass --allow-pickle to load them with "
+                f"convert them to safetensors, or pass {option('allow_pickle', True)} to load them with "
                 "torch.load(weights_only=True)")
     if others:
         return f"{what}: only other weight formats ({', '.join(others)}); nnxport reads safetensors"

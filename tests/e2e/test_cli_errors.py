@@ -103,3 +103,30 @@ def test_unknown_device_is_refused(tiny_resnet_dir: Path, tmp_path: Path, cli) -
     res = cli("convert", tiny_resnet_dir, "--device", "tpu", "--out", tmp_path / "o", "--no-parity")
     assert res.exit_code == 1
     assert re.search(r"--device tpu: no tpu device", res.stderr)
+
+
+def test_core_messages_name_parameters_each_front_end_spells() -> None:
+    """Core errors name a parameter with ``nnxport.errors.option``: ``str(err)`` spells it as the API does,
+    the CLI as its flag; every parameter the core names has a flag of the command line."""
+    import typer.main
+
+    import nnxport
+    from nnxport.cli import app
+    from nnxport.cli._options import FLAGS, NEGATED, flag
+    from nnxport.errors import NnxportError, option
+
+    package = Path(nnxport.__file__).parent
+    used = {m for p in package.rglob("*.py") for m in re.findall(r"option\([\"'](\w+)[\"']", p.read_text())}
+    assert used and used <= FLAGS.keys() | NEGATED.keys()
+    command = typer.main.get_command(app)
+    declared: set[str] = set()
+    stack = [command]
+    while stack:
+        c = stack.pop()
+        declared.update(o for p in c.params for o in p.opts)
+        stack.extend(getattr(c, "commands", {}).values())
+    assert set(FLAGS.values()) | set(NEGATED.values()) <= declared
+    e = NnxportError(f"pass {option('allow_pickle', True)}, {option('parity', False)}, "
+                     f"{option('dtype', 'float32')} or {option('mesh')} 'x'")
+    assert str(e) == "pass allow_pickle=True, parity=False, dtype='float32' or mesh 'x'"
+    assert e.message(flag) == "pass --allow-pickle, --no-parity, --dtype float32 or --mesh 'x'"

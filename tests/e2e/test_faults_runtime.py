@@ -22,7 +22,7 @@ from flax import nnx
 import nnxport
 from examples.convfc import ConvFc
 from examples.convfc_torch import save_checkpoint
-from nnxport.cli.common import safe_text
+from nnxport.cli._output import safe_text
 from nnxport.sources.base import Source
 from tests.helpers import ROOT, copy_source
 

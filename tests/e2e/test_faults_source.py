@@ -513,13 +513,13 @@ def test_api_refuses_bad_mesh_and_process_numbers(tiny_resnet_dir: Path, tmp_pat
     from nnxport.placement import init_distributed, parse_mesh
 
     for spec in ["", " ", ","]:
-        with pytest.raises(DeviceError, match="--mesh"):
+        with pytest.raises(DeviceError, match=r"^mesh "):
             parse_mesh(spec)
-    with pytest.raises(DeviceError, match="--num-processes -1"):
+    with pytest.raises(DeviceError, match="num_processes=-1"):
         init_distributed(None, -1, None)
-    with pytest.raises(DeviceError, match="--process-id -1"):
+    with pytest.raises(DeviceError, match="process_id=-1"):
         init_distributed(None, None, -1)
-    with pytest.raises(DeviceError, match=r"--process-id 2: must be in 0\.\.1"):
+    with pytest.raises(DeviceError, match=r"process_id=2: must be in 0\.\.1"):
         init_distributed(None, 2, 2)
     with pytest.raises(DeviceError, match="empty"):
         api.convert(tiny_resnet_dir, tmp_path / "o", mesh="")

@@ -480,7 +480,7 @@ def test_select_mapping_none_matches() -> None:
     with pytest.raises(MappingError) as err:
         select_mapping(config, CANDIDATES)
     (problem,) = err.value.problems
-    assert "model_type 'vit'" in problem and "ViTModel" in problem and "--mapping" in problem
+    assert "model_type 'vit'" in problem and "ViTModel" in problem and "pass mapping NAME" in problem
     assert all(name in problem for name in ("resnet", "bert-mlm", "bert-any", "custom"))
     with pytest.raises(MappingError, match=r"no config\.json"):
         select_mapping(None, CANDIDATES)

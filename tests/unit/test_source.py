@@ -336,7 +336,7 @@ def test_nonexistent_and_unsupported_paths(tmp_path: Path) -> None:
 
 def test_revision_refused_for_local_sources(tmp_path: Path) -> None:
     folder = _folder(tmp_path / "m", {"a": np.zeros(1, np.float32)})
-    with pytest.raises(SourceError, match="--revision only applies to hub ids"):
+    with pytest.raises(SourceError, match="revision only applies to hub ids"):
         open_source(folder, revision="main")
 
 
