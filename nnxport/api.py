@@ -1,9 +1,7 @@
-"""The public API: convert, verify, load, inspect_keys, draft, models. The CLI is a thin layer over this.
+"""The public API: convert, verify, load, inspect_keys, draft, models (the CLI is a thin layer over it).
 
-Each function composes the pipeline's steps (:mod:`nnxport.pipeline`): resolve the source, make the plan,
-transfer the tensors into the staged output, run parity, commit. The steps are importable and tested on
-their own; this module only orders them.
-"""
+Each function composes the pipeline's steps (:mod:`nnxport.pipeline`): resolve, plan, transfer into the
+staged output, parity, commit. The steps are importable and tested on their own; this only orders them."""
 
 from __future__ import annotations
 
@@ -25,7 +23,7 @@ from nnxport.mapping.draft import Draft, draft_mapping
 from nnxport.mapping.schema import Mapping, select_mapping
 from nnxport.models import FAMILIES, resolve_family
 from nnxport.parity.report import ParityReport
-from nnxport.parity.run import run_parity
+from nnxport.parity.run import run_parity, weakest_dtype
 from nnxport.pipeline.manifest import build_manifest, manifest_family, read_manifest, recorded_source
 from nnxport.pipeline.output import (
     CHECKPOINT,
@@ -158,6 +156,8 @@ def convert(
     timings: dict[str, float] = {}
     with _timed(timings, RESOLVE, progress):
         src = resolve_source(source, revision, config, allow_pickle)
+    log.info("source %s: %d tensors in %d file(s)%s", src.spec, len(src.tensors), len(src.files),
+             f" at revision {src.revision}" if src.revision else "")
     with src:
         out_path = Path(out) if out is not None else default_out(src)
         # An unsafe target (the source, an ancestor of it, the current folder) is refused before any work.
@@ -200,16 +200,8 @@ def _parity_of_written(plan: Plan, checkpoint: Path, done: Transferred, device: 
     restored = restore_state(checkpoint, nnx.to_pure_dict(plan.abstract), home)
     nnx.replace_by_pure_dict(plan.abstract, restored)
     model = nnx.merge(plan.graphdef, plan.abstract)
-    return run_parity(plan.family, model, plan.source, plan.config, _weakest(done.dtypes),
+    return run_parity(plan.family, model, plan.source, plan.config, weakest_dtype(done.dtypes),
                       options=plan.options, assignments=plan.assignments)
-
-
-def _weakest(dtypes: set[str]) -> str:
-    """The least precise float dtype among stored tensors (what parity tolerances depend on)."""
-    for name in ("float16", "bfloat16", "float32", "float64"):
-        if name in dtypes:
-            return name
-    return "float32"
 
 
 # ------------------------------------------------------------------------------------------- load, verify
@@ -252,7 +244,7 @@ def verify(folder: str | Path, *, source: str | Path | None = None, model: str |
         prog.end(LOAD)
         prog.start(PARITY)
         report = run_parity(family, module, src, manifest["model"]["config"],
-                            _weakest({str(leaf.dtype) for leaf in leaves}),
+                            weakest_dtype({str(leaf.dtype) for leaf in leaves}),
                             options=manifest["model"].get("options", {}),
                             assignments=recorded_assignments(manifest, src, module))
         prog.end(PARITY)

@@ -24,6 +24,7 @@ from rich.logging import RichHandler
 from rich.text import Text
 
 from nnxport.cli._options import Format, cli_text, flag
+from nnxport.cli.progress import reporter
 from nnxport.errors import Option
 from nnxport.progress import Progress
 
@@ -124,9 +125,7 @@ class Output:
 
     def progress(self) -> AbstractContextManager[Progress | None]:
         """The progress display on stderr: none with ``-q`` or a machine-readable mode."""
-        from nnxport.cli.progress import reporter
-
-        return reporter(self.quiet, self.mode is not Mode.human)
+        return reporter(self.quiet, self.mode is not Mode.human, err)
 
     def result(self, *items: RenderableType) -> None:
         """Human results on stdout (nothing with ``-q``); a str is printed literally, escaped."""

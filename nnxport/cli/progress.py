@@ -29,7 +29,6 @@ from rich.progress import (
 from rich.progress import Progress as RichDisplay
 from rich.text import Text
 
-from nnxport.cli._output import err
 from nnxport.progress import Progress
 
 
@@ -147,13 +146,13 @@ class RichProgress:
 
 
 @contextlib.contextmanager
-def reporter(quiet: bool, machine: bool) -> Iterator[Progress | None]:
-    """The progress reporter a command uses: none with ``-q`` / ``--format json``, rich on a terminal,
-    plain lines otherwise."""
+def reporter(quiet: bool, machine: bool, console: Console) -> Iterator[Progress | None]:
+    """The progress reporter a command uses: none with ``-q`` / ``--format json``, rich on a terminal
+    (``console``: stderr's), plain lines otherwise."""
     if quiet or machine:
         yield None
-    elif err.is_terminal:
-        with RichProgress(err) as display:
+    elif console.is_terminal:
+        with RichProgress(console) as display:
             yield display
     else:
         yield PlainProgress(sys.stderr)

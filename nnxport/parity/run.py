@@ -132,3 +132,11 @@ def run_parity(
         layer_threshold=tol.rtol,
         first_jump=jump,
     )
+
+
+def weakest_dtype(dtypes: set[str]) -> str:
+    """The least precise float dtype among stored tensors (what parity tolerances depend on)."""
+    for name in ("float16", "bfloat16", "float32", "float64"):
+        if name in dtypes:
+            return name
+    return "float32"

@@ -17,13 +17,15 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import nnxport
-from nnxport import api
 from nnxport.errors import MappingError
 from nnxport.mapping.schema import load_mapping_text
+from nnxport.models import get_family
 from nnxport.pipeline.manifest import read_manifest
 from nnxport.pipeline.output import CHECKPOINT, set_path
+from nnxport.pipeline.plan import abstract_state
 from nnxport.placement import build_mesh, partition_spec
 from nnxport.sources.base import Source
+from nnxport.sources.folder import open_source
 from nnxport.testing.replicas import build_replica, edit_safetensors, published_config
 from tests.helpers import MAPPINGS, free_port, run_subprocess
 
@@ -58,8 +60,8 @@ def restore(folder: Path, shardings: dict[str, Any] | None = None) -> dict[str, 
     """The checkpoint's arrays by dotted target, restored with Orbax given the abstract state; onto the
     named shardings when given, else onto one device."""
     manifest = read_manifest(folder)
-    family = nnxport.api.get_family(manifest["model"]["family"])
-    _, abstract = api.abstract_state(family, manifest["model"]["config"], manifest["model"]["options"])
+    family = get_family(manifest["model"]["family"])
+    _, abstract = abstract_state(family, manifest["model"]["config"], manifest["model"]["options"])
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     flat = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(abstract)}
     import orbax.checkpoint.experimental.v1 as ocp
@@ -131,7 +133,7 @@ def test_each_device_part_is_read_alone(sources: dict[str, Path], tmp_path: Path
     monkeypatch.setattr(Source, "read_box", read_box)
     monkeypatch.setattr(Source, "read", read)
     nnxport.convert(sources["llama"], tmp_path / "mesh", mesh=MESH, parity=False)
-    with api.open_source(sources["llama"]) as src:
+    with open_source(sources["llama"]) as src:
         shapes = {k: t.shape for k, t in src.tensors.items()}
     q = [box for key, box in reads if key == "model.layers.0.self_attn.q_proj.weight"]
     # q_proj.weight [64 out, 64 in] -> kernel [in, out] split [data=2, model=4]: 8 parts of 16 x 32.
