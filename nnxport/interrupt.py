@@ -12,6 +12,7 @@ cut short: waiting for a background write, removing the staging folder) a signal
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import threading
 from collections.abc import Iterator
@@ -48,6 +49,18 @@ def _quiet_excepthook(original: Any) -> Any:
     return hook
 
 
+class _QuietAfterSignal(logging.Filter):
+    """Drops a library's log records once a signal has arrived: asyncio (under Orbax) catches the
+    exception raised in its event loop's callback and logs it with a traceback ("Exception in callback");
+    the run ends at the next :func:`check` all the same."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _received is None
+
+
+_QUIET = _QuietAfterSignal()
+
+
 def install() -> None:
     """Handle SIGINT and SIGTERM as described above (from the main thread; elsewhere: nothing)."""
     if threading.current_thread() is not threading.main_thread():
@@ -55,6 +68,8 @@ def install() -> None:
     reset()
     signal.signal(signal.SIGINT, _handler)
     signal.signal(signal.SIGTERM, _handler)
+    for name in ("asyncio", "absl"):
+        logging.getLogger(name).addFilter(_QUIET)  # idempotent: a filter is added once
     if not getattr(threading.excepthook, "_nnxport", False):
         threading.excepthook = _quiet_excepthook(threading.excepthook)
         threading.excepthook._nnxport = True  # type: ignore[attr-defined]

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from nnxport.errors import NnxportError, option
+from nnxport.errors import MappingError, NnxportError, option
 from nnxport.mapping.analysis import Analysis, Assignment, TensorSpec, analyze
 from nnxport.mapping.schema import Mapping, load_mapping_file, load_mapping_text, select_mapping
 from nnxport.models import Family, resolve_family
@@ -106,13 +106,14 @@ def recorded_assignments(manifest: dict[str, Any], src: Source, model: nnx.Modul
     """The assignments of the mapping recorded in the manifest, for per-layer parity; none (and a warning)
     when it no longer fits the source."""
     recorded = manifest["mapping"]
-    mapping = load_mapping_text(recorded["text"], name=str(recorded["name"]))
-    analysis = analyse(mapping, src, nnx.state(model, STATE_FILTER), manifest["model"]["config"])
-    if analysis.problems:
+    try:
+        mapping = load_mapping_text(recorded["text"], name=str(recorded["name"]))
+        return analyse(mapping, src, nnx.state(model, STATE_FILTER), manifest["model"]["config"]
+                       ).checked(mapping.where)
+    except MappingError as e:  # the manifest's copy is untrusted: unreadable, or no longer fitting
         log.warning("verify: the recorded mapping %s does not fit the source (%s): no per-layer report",
-                    recorded["name"], analysis.problems[0])
+                    recorded["name"], e.problems[0])
         return ()
-    return analysis.assignments
 
 
 # ------------------------------------------------------------------------------------------------ the plan

@@ -169,8 +169,7 @@ def test_plain_progress_is_throttled() -> None:
 def test_rich_progress_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     buf = io.StringIO()
     console = Console(file=buf, force_terminal=True, width=120)
-    monkeypatch.setattr(cli_progress, "err", console)
-    with cli_progress.reporter(False, False) as p:
+    with cli_progress.reporter(False, False, console) as p:
         assert isinstance(p, cli_progress.RichProgress)
         p.start("resolve")
         p.end("resolve")
@@ -181,7 +180,8 @@ def test_rich_progress_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buf.getvalue())
     final = text.split("\r")[-1]
     assert re.search(r"resolve .*\n.*read .* 2\.0 MB/2\.0 MB +\d+\.\d MB/s", final), final
-    with cli_progress.reporter(True, False) as none_quiet, cli_progress.reporter(False, True) as none_json:
+    with cli_progress.reporter(True, False, console) as none_quiet, \
+            cli_progress.reporter(False, True, console) as none_json:
         assert none_quiet is None and none_json is None
 
 

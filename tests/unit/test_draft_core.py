@@ -11,6 +11,7 @@ import pytest
 
 from nnxport.mapping.analysis import TensorSpec, analyze
 from nnxport.mapping.draft import draft_mapping
+from nnxport.pipeline.plan import abstract_state, resolve_mapping, target_specs
 from nnxport.testing.replicas import published_config
 
 # ----------------------------------------------------------------------------------- the core on specs
@@ -130,15 +131,14 @@ def _plan(mapping: Any, sources: dict[str, TensorSpec], targets: dict[str, Tenso
 def test_full_size_draft_plans_what_the_builtin_mapping_plans(repo: str) -> None:
     """At the published sizes, the draft fills every leaf from the same keys through the same ops as the
     hand-written mapping (the decoder families included)."""
-    from nnxport import api
     from nnxport.models import resolve_family
 
     config = published_config(repo)
     sources = _meta_specs(config)
-    builtin = api.resolve_mapping(None, config)
+    builtin = resolve_mapping(None, config)
     family = resolve_family(builtin.model)
-    _, state = api.abstract_state(family, config, family.options(config, sources.keys()))
-    targets = api.target_specs(state)
+    _, state = abstract_state(family, config, family.options(config, sources.keys()))
+    targets = target_specs(state)
     d = draft_mapping(sources, targets, config, family.name)
     assert d.complete, (d.unplaced[:3], d.unfilled[:3], d.problems[:3])
     assert _plan(d.mapping, sources, targets, config) == _plan(builtin, sources, targets, config)

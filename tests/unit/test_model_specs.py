@@ -14,10 +14,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 import nnxport
-from nnxport import api
 from nnxport.models import FAMILIES
 from nnxport.models.base import ParityHarness, annotated_shards
 from nnxport.pipeline.manifest import read_manifest
+from nnxport.pipeline.plan import abstract_state
 from nnxport.testing.published import PUBLISHED
 from nnxport.testing.replicas import build_replica, published_config
 from tests.helpers import MAPPINGS
@@ -44,7 +44,7 @@ def test_resolve_is_pure_and_gives_a_frozen_spec(name: str, repo: str) -> None:
 
 def test_annotations_give_the_megatron_layout() -> None:
     family = FAMILIES["decoder"]
-    _, state = api.abstract_state(family, TINY_LLAMA, {})
+    _, state = abstract_state(family, TINY_LLAMA, {})
     flat = nnx.to_flat_state(nnx.get_partition_spec(state))
     specs = {".".join(map(str, p)): v.get_value() for p, v in flat}
     assert specs["layers.0.attn.q.kernel"] == PartitionSpec("data", "model")
