@@ -12,6 +12,7 @@ and dimensions an axis does not divide, are left whole (as at conversion: :func:
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +49,8 @@ def load_mesh(mesh: Mesh | str, manifest: dict[str, Any], where: Path) -> Mesh:
     try:
         return build_mesh(axes)
     except DeviceError:
-        raise DeviceError(f"{where}: the recorded mesh {shown} needs {_prod(axes)} devices, jax sees "
-                          f"{len(jax.devices())}; pass mesh='AXIS=N,...' for a smaller one") from None
-
-
-def _prod(axes: dict[str, int]) -> int:
-    n = 1
-    for v in axes.values():
-        n *= v
-    return n
+        raise DeviceError(f"{where}: the recorded mesh {shown} needs {math.prod(axes.values())} devices, "
+                          f"jax sees {len(jax.devices())}; pass a smaller mesh='AXIS=N,...'") from None
 
 
 def _as_shard(spec: list[Any], ndim: int, field: str) -> Shard:
