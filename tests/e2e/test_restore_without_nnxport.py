@@ -115,7 +115,10 @@ def test_docs_list_every_manifest_field(converted: Path) -> None:
     docs = (ROOT / "docs" / "cli.md").read_text()
     table = docs[docs.index("<!-- json-schema: manifest -->"):]
     table = table[:table.index("\n\n", table.index("|"))]
-    documented = set(re.findall(r"^\| `([a-z_]+)`", table, re.M))
+    documented = dict(re.findall(r"^\| `([a-z_]+)` \| ([a-z]+) \|", table, re.M))
+    types = {"string": str, "integer": int, "object": dict, "array": list}
     manifest = json.loads((converted / "resnet-50-nnx" / "nnxport.json").read_text())
-    assert set(manifest) <= documented, sorted(set(manifest) - documented)
-    assert {"leaves", "layout", "artifacts", "mesh", "partition_specs", "device"} <= documented
+    assert set(manifest) <= set(documented), sorted(set(manifest) - set(documented))
+    for key, value in manifest.items():
+        assert isinstance(value, types[documented[key]]), (key, value)
+    assert {"leaves", "layout", "artifacts", "mesh", "partition_specs", "device"} <= set(documented)
