@@ -175,6 +175,8 @@ def test_mesh_errors_are_one_line(folders: dict[str, Path], tmp_path: Path) -> N
     (lambda m: m["partition_specs"].update({"embed.embedding": ["tensor", None]}), "partition_specs.embed"),
     (lambda m: m["partition_specs"].update({"embed.embedding": ["model", "model"]}), "partition_specs.embed"),
     (lambda m: m["partition_specs"].update({"../x": ["model"]}), "partition_specs.../x"),
+    (lambda m: m["partition_specs"].update({"embed.embedding": ["model", None, None]}),
+     "partition_specs.embed.embedding: 3 entries for a leaf of 2 dimensions"),
     (lambda m: m["mesh"].update({"bad axis": 2}), "mesh.bad axis"),
     (lambda m: m["leaves"]["embed.embedding"].update({"shard": [["model"]]}), "leaves.embed.embedding.shard"),
     (lambda m: m["leaves"]["embed.embedding"].update({"kind": "Cache"}), "leaves.embed.embedding.kind"),
