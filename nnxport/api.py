@@ -176,7 +176,7 @@ def convert(
                 done = transfer(plan, writer, allow_nonfinite=allow_nonfinite, progress=prog)
             log.info("checkpoint: %d arrays, %.2f GB in %d group(s)", done.arrays, done.nbytes / 1e9,
                      writer.groups_written)
-            manifest = build_manifest(plan, done.arrays, done.nbytes)
+            manifest = build_manifest(plan, done)
             report = None
             if plan.parity:
                 with _timed(timings, PARITY, progress):
@@ -185,7 +185,7 @@ def convert(
                 manifest["parity"] = {"passed": report.passed}
             manifest["timings_s"] = timings
             if staging.primary:
-                manifest["processes"] = processes
+                manifest.update(processes=processes, artifacts=plan.copy_artifacts(staging.staging))
                 write_json(staging.staging / MANIFEST, manifest)
             interrupt.check()
             with interrupt.deferred():  # finished: a signal now no longer stops it (nor half-commits it)
@@ -206,16 +206,16 @@ def _parity_of_written(plan: Plan, checkpoint: Path, done: Transferred, device: 
 
 # ------------------------------------------------------------------------------------------- load, verify
 
-def load(folder: str | Path, *, device: str | None = None, model: str | None = None) -> nnx.Module:
+def load(folder: str | Path, *, device: str | None = None, mesh: jax.sharding.Mesh | str | None = None,
+         model: str | None = None) -> nnx.Module:
     """Rebuild the model recorded in ``folder`` and restore its weights onto ``device`` (default: the
-    device recorded at conversion when jax has it, else jax's default device).
-
-    The manifest is data: a recorded family that is not built in (``package.module:Class``) is imported
-    only when the caller names it as ``model``; a ``model`` that differs from the recorded one overrides it
-    (with a warning)."""
+    device recorded at conversion when jax has it, else jax's default device), or shard them over ``mesh``
+    (a Mesh, ``"AXIS=N,..."`` or ``"recorded"``: :mod:`nnxport.pipeline.loading`). The manifest is data:
+    a family that is not built in (``package.module:Class``) is imported only when the caller names it as
+    ``model``, which overrides the recorded one (with a warning)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    return restore_model(folder, manifest, manifest_family(folder, manifest, model), device)
+    return restore_model(folder, manifest, manifest_family(folder, manifest, model), device, mesh)
 
 
 def verify(folder: str | Path, *, source: str | Path | None = None, model: str | None = None,
@@ -227,7 +227,7 @@ def verify(folder: str | Path, *, source: str | Path | None = None, model: str |
     resolve (with the re-hashing), load (with the checkpoint's bytes) and parity."""
     prog = NO_PROGRESS if progress is None else progress
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder, artifacts=True)  # the copied tokenizer files etc. re-hashed too
     family = manifest_family(folder, manifest, model)
     if not family.parity.has_reference():
         raise NnxportError(f"{folder}: model {family.name} declares no reference (a 'reference' class "

@@ -22,20 +22,27 @@ import orbax.checkpoint as ocp
 
 from nnxport.errors import SourceError
 from nnxport.models import FAMILIES, Family, resolve_family
+from nnxport.models.base import annotated_shards
 from nnxport.pipeline.output import CHECKPOINT, MANIFEST
 from nnxport.sources.pickled import PICKLE_SUFFIXES
 
 if TYPE_CHECKING:
     from nnxport.pipeline.plan import Plan
+    from nnxport.pipeline.transfer import Transferred
 from nnxport.version import version
 
 log = logging.getLogger("nnxport")
 
 
-def build_manifest(plan: Plan, n: int, nbytes: int) -> dict[str, Any]:
-    """nnxport.json for a conversion of ``plan`` that wrote ``n`` arrays of ``nbytes``: what was converted
-    (each source file with its sha256), with which mapping (its full text), into which model (family,
-    config, options, so that :func:`nnxport.load` can rebuild it), how (dtype, device or mesh)."""
+LAYOUT = {"images": "NHWC", "linear_kernels": "[in, out]", "conv_kernels": "HWIO",
+          "embeddings": "[vocab, hidden]"}
+"""How the checkpoint's arrays are laid out (Flax's conventions, not torch's): the manifest's ``layout``."""
+
+
+def build_manifest(plan: Plan, done: Transferred) -> dict[str, Any]:
+    """nnxport.json for a conversion of ``plan`` that wrote ``done``: what was converted (each source file
+    with its sha256), with which mapping (its full text), into which model (family, config, options, so
+    that :func:`nnxport.load` can rebuild it), how (dtype, device or mesh), and every leaf stored."""
     src, mapping = plan.source, plan.mapping
     return {
         "nnxport_version": version(),
@@ -53,9 +60,33 @@ def build_manifest(plan: Plan, n: int, nbytes: int) -> dict[str, Any]:
         "model": {"family": plan.family.name, "config": plan.config, "options": plan.options},
         "dtype": plan.dtype,
         **plan.placement.record,
-        "tensors": n,
-        "bytes": nbytes,
+        "tensors": done.arrays,
+        "bytes": done.nbytes,
+        "layout": LAYOUT,
+        "leaves": leaf_records(plan, done.stored),
     }
+
+
+def leaf_records(plan: Plan, stored: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Every leaf by dotted path: shape, stored dtype, kind (Param / BatchStat) and, where the mapping's
+    ``shard:`` or the model's annotation declares one, its layout over mesh axes (``shard``: per
+    dimension null or a list of axes; what ``nnxport.load(DIR, mesh=...)`` uses for a single-device
+    conversion)."""
+    from flax import nnx
+
+    annotated = annotated_shards(plan.abstract)
+    declared = {t: a.shard for a in plan.assignments for t in a.targets if a.shard is not None}
+    out: dict[str, dict[str, Any]] = {}
+    for path, var in nnx.to_flat_state(plan.abstract):
+        dotted = ".".join(map(str, path))
+        leaf = var.get_value()
+        entry: dict[str, Any] = {"shape": list(leaf.shape), "dtype": stored.get(dotted, str(leaf.dtype)),
+                                 "kind": "BatchStat" if isinstance(var, nnx.BatchStat) else "Param"}
+        shard = declared.get(dotted, annotated.get(dotted))
+        if shard is not None and any(d for d in shard):
+            entry["shard"] = [None if d is None else list(d) for d in shard]
+        out[dotted] = entry
+    return out
 
 
 def manifest_family(folder: Path, manifest: dict[str, Any], model: str | None) -> Family:
@@ -230,6 +261,70 @@ def _check(doc: dict[str, Any]) -> None:
     parity = _get(doc, "", "parity", _is_obj, "must be an object", optional=True)
     if parity is not None:
         _get(parity, "parity", "passed", lambda v: isinstance(v, bool), "must be true or false")
+    _check_leaves(doc)
+    _check_artifacts(doc)
+
+
+_AXIS = re.compile(r"[A-Za-z_]\w*")
+_DOTTED = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+
+
+def _is_axes(v: Any, axes: Any) -> bool:
+    """A per-dimension layout: a list of null, an axis or a list of distinct axes, each axis used once
+    and (``axes`` not None) one of ``axes``."""
+    if not isinstance(v, list):
+        return False
+    used: list[Any] = []
+    for d in v:
+        if d is None:
+            continue
+        names = d if isinstance(d, list) else [d]
+        if not names or not all(isinstance(a, str) and _AXIS.fullmatch(a) for a in names):
+            return False
+        used += names
+    return len(used) == len(set(used)) and (axes is None or all(a in axes for a in used))
+
+
+def _check_leaves(doc: dict[str, Any]) -> None:
+    """``layout`` ({convention: string}) and ``leaves`` ({dotted path: {shape, dtype, kind, shard?}}),
+    both optional (manifests before nnxport 0.x lack them)."""
+    layout = _get(doc, "", "layout", _is_obj, "must be an object", optional=True)
+    for key, value in (layout or {}).items():
+        if not _is_str(value):
+            raise _Bad(f"layout.{key}", "must be a string")
+    leaves = _get(doc, "", "leaves", _is_obj, "must be an object", optional=True)
+    for path, entry in (leaves or {}).items():
+        at = f"leaves.{path}"
+        if not _DOTTED.fullmatch(path):
+            raise _Bad(at, "must be named by a dotted path (a.b.0.c)")
+        if not _is_obj(entry):
+            raise _Bad(at, "must be an object")
+        shape = _get(entry, at, "shape", lambda v: isinstance(v, list) and all(_is_count(n) for n in v),
+                     "must be a list of non-negative integers")
+        _get(entry, at, "dtype", _is_str, "must be a string")
+        _get(entry, at, "kind", lambda v: v in ("Param", "BatchStat"), "must be Param or BatchStat")
+        shard = _get(entry, at, "shard", lambda v: _is_axes(v, None), "must list, per dimension, null or "
+                     "mesh axes (each axis once)", optional=True)
+        if shard is not None and len(shard) != len(shape):
+            raise _Bad(f"{at}.shard", f"must have one entry per dimension ({len(shape)})")
+
+
+def _check_artifacts(doc: dict[str, Any]) -> None:
+    """``artifacts``: [{name, size, sha256}], each name one of ARTIFACT_NAMES, given once."""
+    from nnxport.pipeline.artifacts import ARTIFACT_NAMES
+
+    artifacts = _get(doc, "", "artifacts", lambda v: isinstance(v, list), "must be a list", optional=True)
+    seen: set[str] = set()
+    for i, entry in enumerate(artifacts or []):
+        at = f"artifacts[{i}]"
+        if not _is_obj(entry):
+            raise _Bad(at, "must be an object")
+        name = _get(entry, at, "name", lambda v: v in ARTIFACT_NAMES and v not in seen,
+                    "must be a tokenizer / generation / preprocessor file name, given once")
+        seen.add(name)
+        _get(entry, at, "size", _is_count, "must be a non-negative integer")
+        _get(entry, at, "sha256", lambda v: isinstance(v, str) and _SHA256.fullmatch(v) is not None,
+             "must be 64 lowercase hex digits")
 
 
 def _check_placement(doc: dict[str, Any]) -> None:
@@ -242,15 +337,15 @@ def _check_placement(doc: dict[str, Any]) -> None:
                 optional=True)
     if mesh is not None:
         for axis, size in mesh.items():
-            if type(size) is not int or size < 1:
+            if not _AXIS.fullmatch(axis):
+                raise _Bad(f"mesh.{axis}", "must be named by an identifier")
+            if type(size) is not int or not 1 <= size <= 2**20:
                 raise _Bad(f"mesh.{axis}", "must be a positive integer")
         specs = _get(doc, "", "partition_specs", _is_obj, "must be an object", optional=True) or {}
         for target, spec in specs.items():
-            ok = isinstance(spec, list) and all(
-                d is None or d in mesh or (isinstance(d, list) and all(a in mesh for a in d)) for d in spec)
-            if not ok:
+            if not _DOTTED.fullmatch(target) or not _is_axes(spec, mesh):
                 raise _Bad(f"partition_specs.{target}", "must be a list of mesh axes (or null, or lists "
-                                                        "of axes)")
+                                                        "of axes), each axis once")
 
 
 def consented_family(recorded: str, model: str | None, where: Path) -> str:
@@ -272,9 +367,10 @@ def consented_family(recorded: str, model: str | None, where: Path) -> str:
 
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
+def read_manifest(folder: Path, *, artifacts: bool = False) -> dict[str, Any]:
     """The manifest of a finished output folder, validated (:func:`validate`); SourceError if the
-    folder is not one or the manifest is malformed."""
+    folder is not one or the manifest is malformed; ``artifacts``: also if a copied tokenizer /
+    generation file it lists is missing or changed (:func:`~nnxport.pipeline.artifacts.check_artifacts`)."""
     path = folder / MANIFEST
     if not folder.is_dir():
         raise SourceError(f"{folder}: no such folder")
@@ -284,6 +380,10 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     ckpt = folder / CHECKPOINT
     if not ckpt.is_dir() or not ocp.utils.is_checkpoint_finalized(ckpt.absolute()):
         raise SourceError(f"{ckpt}: missing or unfinished Orbax checkpoint")
+    if artifacts:
+        from nnxport.pipeline.artifacts import check_artifacts
+
+        check_artifacts(folder, manifest)
     return manifest
 
 

@@ -30,7 +30,8 @@ from nnxport import interrupt
 from nnxport.errors import ConfigError, NnxportError, OutputError, SourceError, one_line, option
 from nnxport.models.base import Family
 from nnxport.parity.report import PARITY_PNG, ParityReport
-from nnxport.pipeline.plan import abstract_state
+from nnxport.pipeline.loading import leaf_shardings, load_mesh, tag_shardings
+from nnxport.pipeline.plan import STATE_FILTER, abstract_state
 from nnxport.placement import default_sharding, resolve_device
 
 
@@ -474,10 +475,12 @@ def set_path(tree: dict[Any, Any], dotted: str, value: Any, *, create: bool = Fa
     tree[keys[-1]] = value
 
 
-def restore_state(path: Path, abstract: Mapping[str, Any], sharding: jax.sharding.Sharding) -> Any:
+def restore_state(path: Path, abstract: Mapping[str, Any],
+                  sharding: jax.sharding.Sharding | Mapping[str, jax.sharding.Sharding]) -> Any:
     """Restore the checkpoint at ``path`` into the layout of ``abstract`` (a nested dict of
     ShapeDtypeStruct); dtypes and shapes come from the checkpoint's own metadata, arrays go to
-    ``sharding``."""
+    ``sharding`` (one for all, or one per dotted path): Orbax reads each device's part onto that device,
+    never the whole array onto one first."""
     saved = ocp_v1.metadata(path.absolute()).metadata
 
     def target(keypath: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
@@ -485,11 +488,12 @@ def restore_state(path: Path, abstract: Mapping[str, Any], sharding: jax.shardin
         for k in keypath:
             key = getattr(k, "key", k)
             node = node[key] if key in node else node[str(key)]
+        dotted = ".".join(str(getattr(k, "key", k)) for k in keypath)
         if tuple(node.shape) != tuple(leaf.shape):
-            dotted = ".".join(str(getattr(k, "key", k)) for k in keypath)
             raise SourceError(f"{path}: '{dotted}' has shape {tuple(node.shape)} in the checkpoint, "
                               f"the model expects {tuple(leaf.shape)}")
-        return jax.ShapeDtypeStruct(leaf.shape, node.dtype, sharding=sharding)
+        where = sharding if isinstance(sharding, jax.sharding.Sharding) else sharding[dotted]
+        return jax.ShapeDtypeStruct(leaf.shape, node.dtype, sharding=where)
 
     try:
         target_tree = jax.tree_util.tree_map_with_path(target, abstract)
@@ -498,12 +502,17 @@ def restore_state(path: Path, abstract: Mapping[str, Any], sharding: jax.shardin
     return ocp_v1.load(path.absolute(), target_tree)
 
 
-def restore_model(folder: Path, manifest: dict[str, Any], family: Family, device: str | None = None
-                  ) -> nnx.Module:
+def restore_model(folder: Path, manifest: dict[str, Any], family: Family, device: str | None = None,
+                  mesh: jax.sharding.Mesh | str | None = None) -> nnx.Module:
     """The model recorded in ``folder`` (its ``manifest`` read, ``family`` chosen), rebuilt and restored
-    onto ``device`` (default: the recorded one when jax has it). The recorded config is untrusted: a
-    config the family cannot build is a SourceError naming the manifest."""
+    onto ``device`` (default: the recorded one when jax has it), or sharded over ``mesh``
+    (:mod:`nnxport.pipeline.loading`: a Mesh, ``AXIS=N,...`` or ``"recorded"``; each leaf's partition spec
+    becomes its ``out_sharding`` metadata). The recorded config is untrusted: a config the family cannot
+    build is a SourceError naming the manifest."""
     cfg, options = manifest["model"]["config"], manifest["model"].get("options", {})
+    if mesh is not None and device is not None:
+        raise NnxportError(f"load {folder}: pass device= or mesh=, not both")
+    on_mesh = None if mesh is None else load_mesh(mesh, manifest, folder / MANIFEST)
     try:
         family.check_config(cfg)
         graphdef, abstract = abstract_state(family, cfg, options)
@@ -515,10 +524,17 @@ def restore_model(folder: Path, manifest: dict[str, Any], family: Family, device
     except Exception as e:
         raise SourceError(f"{folder / MANIFEST}: model.config does not build model {family.name} "
                           f"({one_line(e, 200)})") from None
-    if device is None:
-        recorded = str(manifest.get("device", "auto")).split(":")[0]
-        device = recorded if recorded in {d.platform for d in jax.devices()} else "auto"
-    sharding = default_sharding(resolve_device(device), None)
+    sharding: jax.sharding.Sharding | dict[str, jax.sharding.NamedSharding]
+    if on_mesh is not None:
+        sharding = leaf_shardings(manifest, abstract, on_mesh, folder / MANIFEST)
+    else:
+        if device is None:
+            recorded = str(manifest.get("device", "auto")).split(":")[0]
+            device = recorded if recorded in {d.platform for d in jax.devices()} else "auto"
+        sharding = default_sharding(resolve_device(device), None)
     restored = restore_state(folder / CHECKPOINT, nnx.to_pure_dict(abstract), sharding)
     nnx.replace_by_pure_dict(abstract, restored)
-    return nnx.merge(graphdef, abstract)
+    model = nnx.merge(graphdef, abstract)
+    if isinstance(sharding, dict):
+        tag_shardings(nnx.state(model, STATE_FILTER), sharding)
+    return model

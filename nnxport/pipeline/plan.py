@@ -16,6 +16,7 @@ from nnxport.mapping.analysis import Analysis, Assignment, TensorSpec, analyze
 from nnxport.mapping.schema import Mapping, load_mapping_file, load_mapping_text, select_mapping
 from nnxport.models import Family, resolve_family
 from nnxport.models.base import annotated_shards
+from nnxport.pipeline.artifacts import copy_artifacts, find_artifacts
 from nnxport.pipeline.resolve import require_config
 from nnxport.placement import (
     build_mesh,
@@ -172,10 +173,16 @@ class Plan(ModelPlan):
     placement: Placement
     parity: bool
     processes: int
+    artifacts: tuple[Path, ...] = ()
 
     @property
     def assignments(self) -> tuple[Assignment, ...]:
         return self.analysis.assignments
+
+    def copy_artifacts(self, folder: Path) -> list[dict[str, Any]]:
+        """Copy the source's tokenizer / generation / preprocessing files into ``folder``: the manifest's
+        ``artifacts`` (:mod:`nnxport.pipeline.artifacts`)."""
+        return copy_artifacts(self.artifacts, self.source, folder)
 
 
 def make_plan(src: Source, *, mapping: str | Mapping | None = None, model: str | None = None,
@@ -201,7 +208,7 @@ def make_plan(src: Source, *, mapping: str | Mapping | None = None, model: str |
                     "output folder afterwards")
         parity = False
     return Plan(**vars(base), source=src, analysis=analysis, dtype=dtype, placement=placement,
-                parity=parity, processes=processes)
+                parity=parity, processes=processes, artifacts=find_artifacts(src))
 
 
 def _log_analysis(base: ModelPlan, analysis: Analysis) -> None:

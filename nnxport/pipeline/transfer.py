@@ -138,11 +138,12 @@ def sync_processes(processes: int, name: str) -> None:
 @dataclass
 class Transferred:
     """What :func:`transfer` wrote: arrays, bytes, and the dtypes stored (parity's tolerance needs the
-    least precise)."""
+    least precise; ``stored``: each target's, for the manifest's ``leaves``)."""
 
     arrays: int = 0
     nbytes: int = 0
     dtypes: set[str] = field(default_factory=set)
+    stored: dict[str, str] = field(default_factory=dict)
 
 
 def transfer(plan: Plan, writer: StateWriter, *, allow_nonfinite: bool = False,
@@ -165,6 +166,7 @@ def transfer(plan: Plan, writer: StateWriter, *, allow_nonfinite: bool = False,
             placed = materialize(src, a, chains, dtype, placement.sharding, allow_nonfinite, progress)
         for target, arr in zip(a.targets, placed, strict=True):
             done.dtypes.add(str(arr.dtype))
+            done.stored[target] = str(arr.dtype)
             done.nbytes += arr.nbytes
             done.arrays += 1
             progress.advance(PLACE, arr.nbytes)

@@ -9,7 +9,10 @@ from pathlib import Path
 from nnxport.errors import SourceError, one_line
 from nnxport.sources.pickled import PICKLE_PATTERNS
 
-HUB_PATTERNS = ["*.safetensors", "*.json"]
+HUB_PATTERNS = ["*.safetensors", "*.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
+                "sentencepiece.bpe.model", "chat_template.jinja"]
+"""What a hub download fetches: the weights, config / index / tokenizer / generation / preprocessor JSON,
+and the tokenizer files that are not JSON (nnxport.pipeline.artifacts copies them into the output)."""
 
 _HUB_ID = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)?")
 _COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
@@ -29,7 +32,7 @@ def is_hub_id(spec: str) -> bool:
 
 
 def snapshot_download(repo_id: str, *, revision: str | None, patterns: Sequence[str] = HUB_PATTERNS) -> str:
-    """``huggingface_hub.snapshot_download`` of the safetensors and JSON files (imported on first use:
+    """``huggingface_hub.snapshot_download`` of :data:`HUB_PATTERNS` (imported on first use:
     the download machinery takes ~1 s to import).
 
     A commit hash already in the cache is used without asking the hub: when the hub is unreachable (and

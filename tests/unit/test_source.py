@@ -535,7 +535,7 @@ def test_cached_commit_skips_the_hub(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def fake(repo_id: str, *, revision: str | None, allow_patterns: list[str],
              local_files_only: bool = False) -> str:
-        assert allow_patterns == ["*.safetensors", "*.json"]
+        assert allow_patterns == [*hub_mod.HUB_PATTERNS] and "tokenizer.model" in allow_patterns
         calls.append((revision, local_files_only))
         if local_files_only and revision not in cached:
             raise LocalEntryNotFoundError("not cached")
