@@ -29,6 +29,7 @@ from flax import nnx
 from nnxport import interrupt
 from nnxport.errors import ConfigError, NnxportError, OutputError, SourceError, one_line
 from nnxport.models.base import Family
+from nnxport.models.layers import seed_dropout
 from nnxport.parity.report import PARITY_PNG, ParityReport
 from nnxport.pipeline.plan import abstract_state
 from nnxport.placement import default_sharding, resolve_device
@@ -520,4 +521,4 @@ def restore_model(folder: Path, manifest: dict[str, Any], family: Family, device
     sharding = default_sharding(resolve_device(device), None)
     restored = restore_state(folder / CHECKPOINT, nnx.to_pure_dict(abstract), sharding)
     nnx.replace_by_pure_dict(abstract, restored)
-    return nnx.merge(graphdef, abstract)
+    return seed_dropout(nnx.merge(graphdef, abstract), 0)  # reseed: nnxport.seed_dropout / nnx.reseed
