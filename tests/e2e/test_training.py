@@ -154,6 +154,9 @@ def test_gradients_match_torch(name: str, converted: dict[str, tuple[Path, Path]
     got = _flat(nnx.grad(loss)(model))
     assert got and set(got) <= set(expected)
     assert set(got) == set(_flat(nnx.state(model, nnx.Param)))  # every parameter is compared
+    # Measured (CPU, float32): max |Δ| <= 9e-6 of each leaf's max |gradient| (ResNet 8.8e-6, BERT 8.5e-7,
+    # GPT-2 8.2e-7, Llama 1.1e-6, ViT 8.5e-7). The floor 1e-6 is for the key biases, whose gradient is 0
+    # in exact arithmetic (softmax ignores a shift shared by all keys): both sides give ~1e-7 of noise.
     for path, g in got.items():
         scale = float(np.abs(expected[path]).max())
         diff = float(np.abs(g - expected[path]).max())
