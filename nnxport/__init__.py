@@ -8,6 +8,8 @@ Public API (imported lazily, so ``import nnxport`` and ``nnxport --help`` stay f
     nnxport.inspect_keys(source, mapping=None) -> Inspection
     nnxport.draft(source, model=None)   -> Draft (a proposed mapping)
     nnxport.models()                    -> list of families and their mappings
+    nnxport.seed_dropout(model, seed)   -> model, its dropout layers given fresh random streams
+    nnxport.check_inputs(model, input_ids) -> raise ValueError for ids or lengths the model cannot take
 
 Every failure a user can cause is an :class:`NnxportError` (the subclasses below) whose ``str()`` is the
 one-line message.
@@ -29,6 +31,8 @@ from nnxport.errors import (
 
 if TYPE_CHECKING:
     from nnxport.api import convert, draft, inspect_keys, load, models, verify
+    from nnxport.models.inputs import check_inputs
+    from nnxport.models.layers import seed_dropout
 
 _API = ("convert", "verify", "load", "inspect_keys", "draft", "models")
 
@@ -38,6 +42,14 @@ def __getattr__(name: str) -> Any:
         from nnxport import api
 
         return getattr(api, name)
+    if name == "seed_dropout":
+        from nnxport.models.layers import seed_dropout
+
+        return seed_dropout
+    if name == "check_inputs":
+        from nnxport.models.inputs import check_inputs
+
+        return check_inputs
     raise AttributeError(f"module 'nnxport' has no attribute {name!r}")
 
 
@@ -49,10 +61,12 @@ __all__ = [
     "OutputError",
     "SourceError",
     "ValueCheckError",
+    "check_inputs",
     "convert",
     "draft",
     "inspect_keys",
     "load",
     "models",
+    "seed_dropout",
     "verify",
 ]

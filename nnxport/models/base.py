@@ -228,6 +228,30 @@ def positive_float_field(config: Mapping[str, Any], field: str, default: float) 
     return float(value)
 
 
+def rate_field(config: Mapping[str, Any], field: str, default: float) -> float:
+    """A dropout probability: ``config[field]`` (``default`` when absent or null), checked to lie in
+    [0, 1); ConfigError naming the field otherwise."""
+    value = config.get(field)
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ConfigError(f"config.json: field '{field}' must be a dropout probability in [0, 1), "
+                          f"got {value!r}")
+    return float(value)
+
+
+def padding_idx_field(config: Mapping[str, Any], vocab_size: int, default: int | None) -> int | None:
+    """``pad_token_id`` as torch's ``nn.Embedding(padding_idx=...)`` takes it (the row whose lookups get
+    no gradient): None, or an id in ``[-vocab_size, vocab_size)`` (a negative one counts from the end);
+    ConfigError naming the field otherwise (transformers could not build the model either)."""
+    value = config.get("pad_token_id", default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not -vocab_size <= value < vocab_size:
+        raise ConfigError(f"config.json: field 'pad_token_id' must be null or an id in "
+                          f"[-{vocab_size}, {vocab_size}), got {value!r}")
+    return value % vocab_size
+
+
 def num_labels(config: Mapping[str, Any], *, base_model: bool) -> int:
     """Size of a classification head: 0 for a base model, else transformers' rule: ``len(id2label)``,
     or ``num_labels`` (default 2)."""

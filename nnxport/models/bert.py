@@ -31,7 +31,9 @@ from nnxport.models.base import (
     ParityInput,
     Tolerance,
     int_field,
+    padding_idx_field,
     positive_float_field,
+    rate_field,
     token_inputs,
     valid_positions,
 )
@@ -42,6 +44,10 @@ from nnxport.models.layers import (
     ROW,
     attention,
     attention_mask,
+    check_length,
+    check_token_ids,
+    dropout,
+    padding_no_grad,
     sharded,
     torch_layer_norm,
 )
@@ -68,6 +74,11 @@ class BertSpec:
         layer_norm_eps: LayerNorm epsilon.
         mlm: the model is ``BertForMaskedLM`` (has the MLM head, no pooler).
         tie_word_embeddings: the MLM decoder is the word embeddings' transpose (plus ``mlm.bias``).
+        hidden_dropout_prob: dropout after the embeddings and after each attention output and MLP (train
+            mode only).
+        attention_probs_dropout_prob: dropout on the attention probabilities (train mode only).
+        pad_token_id: the word embedding row that lookups pass no gradient to (torch's ``padding_idx``);
+            None for none.
     """
 
     vocab_size: int
@@ -81,6 +92,9 @@ class BertSpec:
     layer_norm_eps: float
     mlm: bool
     tie_word_embeddings: bool
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    pad_token_id: int | None = None
 
 
 def _is_mlm(config: Mapping[str, Any]) -> bool:
@@ -121,13 +135,16 @@ def resolve(config: Mapping[str, Any]) -> BertSpec:
     eps = positive_float_field(config, "layer_norm_eps", 1e-12)
     return BertSpec(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                     intermediate_size=intermediate, hidden_act=str(act), max_position_embeddings=positions,
-                    type_vocab_size=types, layer_norm_eps=eps, mlm=_is_mlm(config), tie_word_embeddings=tie)
+                    type_vocab_size=types, layer_norm_eps=eps, mlm=_is_mlm(config), tie_word_embeddings=tie,
+                    hidden_dropout_prob=rate_field(config, "hidden_dropout_prob", 0.1),
+                    attention_probs_dropout_prob=rate_field(config, "attention_probs_dropout_prob", 0.1),
+                    pad_token_id=padding_idx_field(config, vocab, 0))
 
 
 # -------------------------------------------------------------------------------------------- model
 
 class Embeddings(nnx.Module):
-    """Word + token-type + absolute position embeddings, then LayerNorm.
+    """Word + token-type + absolute position embeddings, then LayerNorm and dropout.
 
     Args:
         spec: the model's spec.
@@ -140,17 +157,27 @@ class Embeddings(nnx.Module):
         self.position = nnx.Embed(spec.max_position_embeddings, spec.hidden_size, rngs=rngs)
         self.token_type = nnx.Embed(spec.type_vocab_size, spec.hidden_size, rngs=rngs)
         self.norm = torch_layer_norm(spec.hidden_size, spec.layer_norm_eps, rngs)
+        self.dropout = dropout(spec.hidden_dropout_prob, rngs)
+        self.pad_token_id = spec.pad_token_id
 
     def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
         """Embedded tokens [B, T, hidden_size].
 
         Args:
-            input_ids: token ids [B, T].
+            input_ids: token ids [B, T] (T <= max_position_embeddings; ids < vocab_size, checked in
+                eager calls).
             token_type_ids: segment ids [B, T].
+
+        Raises:
+            ValueError: T exceeds ``max_position_embeddings`` (when traced), or an id is outside the
+                vocabulary (eager calls).
         """
+        check_length(input_ids.shape[1], self.position.num_embeddings, "max_position_embeddings")
+        check_token_ids(input_ids, self.word.num_embeddings)
         positions = jnp.arange(input_ids.shape[1])[None, :]
-        x = self.word(input_ids) + self.token_type(token_type_ids) + self.position(positions)
-        return self.norm(x)
+        words = padding_no_grad(self.word(input_ids), input_ids, self.pad_token_id)
+        x = words + self.token_type(token_type_ids) + self.position(positions)
+        return self.dropout(self.norm(x))
 
 
 class Attention(nnx.Module):
@@ -169,6 +196,7 @@ class Attention(nnx.Module):
         self.k = nnx.Linear(hidden, hidden, kernel_metadata=sharded(COLUMN), rngs=rngs)
         self.v = nnx.Linear(hidden, hidden, kernel_metadata=sharded(COLUMN), rngs=rngs)
         self.o = nnx.Linear(hidden, hidden, kernel_metadata=sharded(ROW), rngs=rngs)
+        self.dropout = dropout(spec.attention_probs_dropout_prob, rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         """Attend and project back.
@@ -179,7 +207,8 @@ class Attention(nnx.Module):
         """
         b, t, hidden = x.shape
         shape = (b, t, self.heads, self.head_dim)
-        out = attention(self.q(x).reshape(shape), self.k(x).reshape(shape), self.v(x).reshape(shape), mask)
+        out = attention(self.q(x).reshape(shape), self.k(x).reshape(shape), self.v(x).reshape(shape), mask,
+                        dropout=self.dropout)
         return self.o(out.reshape(b, t, hidden))
 
 
@@ -208,7 +237,7 @@ class Mlp(nnx.Module):
 
 
 class Layer(nnx.Module):
-    """Post-LN block: x = ln(x + attn(x)); x = ln(x + mlp(x)).
+    """Post-LN block: x = ln(x + drop(attn(x))); x = ln(x + drop(mlp(x))).
 
     Args:
         spec: the model's spec.
@@ -220,6 +249,7 @@ class Layer(nnx.Module):
         self.attn_norm = torch_layer_norm(spec.hidden_size, spec.layer_norm_eps, rngs)
         self.mlp = Mlp(spec, rngs=rngs)
         self.mlp_norm = torch_layer_norm(spec.hidden_size, spec.layer_norm_eps, rngs)
+        self.dropout = dropout(spec.hidden_dropout_prob, rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         """Apply the block.
@@ -228,8 +258,8 @@ class Layer(nnx.Module):
             x: hidden states [B, T, hidden_size].
             mask: boolean attention mask [B|1, 1, T, T].
         """
-        x = self.attn_norm(x + self.attn(x, mask))
-        return self.mlp_norm(x + self.mlp(x))
+        x = self.attn_norm(x + self.dropout(self.attn(x, mask)))
+        return self.mlp_norm(x + self.dropout(self.mlp(x)))
 
 
 class Pooler(nnx.Module):

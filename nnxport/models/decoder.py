@@ -49,8 +49,28 @@ import numpy as np
 from flax import nnx
 
 from nnxport.errors import ConfigError
-from nnxport.models.base import Family, ParityHarness, ParityInput, Tolerance, token_inputs, valid_positions
-from nnxport.models.layers import ACTIVATIONS, COLUMN, EMBEDDING, ROW, attention, attention_mask, sharded
+from nnxport.models.base import (
+    Family,
+    ParityHarness,
+    ParityInput,
+    Tolerance,
+    padding_idx_field,
+    rate_field,
+    token_inputs,
+    valid_positions,
+)
+from nnxport.models.layers import (
+    ACTIVATIONS,
+    COLUMN,
+    EMBEDDING,
+    ROW,
+    attention,
+    attention_mask,
+    check_token_ids,
+    dropout,
+    padding_no_grad,
+    sharded,
+)
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 REFERENCE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -140,6 +160,11 @@ class DecoderSpec:
     rope: Rope
     #: Per layer: the sliding window W (query i sees keys i-W < j <= i), or None for full causal attention.
     windows: tuple[int | None, ...]
+    #: ``attention_dropout``: dropout on the attention probabilities (train mode only); these models have
+    #: no other dropout.
+    attention_dropout: float = 0.0
+    #: ``pad_token_id``: the embedding row that lookups pass no gradient to (torch's ``padding_idx``).
+    pad_token_id: int | None = None
 
 
 def _get(config: Mapping[str, Any], field: str) -> Any:
@@ -317,6 +342,8 @@ def resolve(config: Mapping[str, Any]) -> DecoderSpec:
         tie_word_embeddings=_flag(config, "tie_word_embeddings"),
         rope=_rope(config, head_dim, max_positions),
         windows=_windows(config, model_type, num_layers),
+        attention_dropout=rate_field(config, "attention_dropout", 0.0),
+        pad_token_id=padding_idx_field(config, _int(config, "vocab_size"), None),
     )
 
 
@@ -369,6 +396,7 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
         self.heads, self.kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, d
+        self.dropout = dropout(spec.attention_dropout, rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
         """Attend and project back.
@@ -386,7 +414,7 @@ class Attention(nnx.Module):
         if self.q_norm is not None and self.k_norm is not None:  # Qwen3: per head, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-        out = attention(q, k, v, mask, scale=self.head_dim ** -0.5)
+        out = attention(q, k, v, mask, scale=self.head_dim ** -0.5, dropout=self.dropout)
         return self.o(out.reshape(b, t, self.heads * self.head_dim))
 
 
@@ -474,9 +502,11 @@ class Decoder(nnx.Module):
         Returns:
             [B, T, hidden_size], in the weights' dtype.
         """
+        check_token_ids(input_ids, self.spec.vocab_size)  # eager calls only (concrete ids)
         # Not nnx.Embed.__call__: it computes in the dtype the module was built with (float32), while the
         # model runs in the dtype of the stored weights, as transformers does.
-        x = jnp.take(self.embed.embedding[...], input_ids, axis=0)
+        x = padding_no_grad(jnp.take(self.embed.embedding[...], input_ids, axis=0), input_ids,
+                            self.spec.pad_token_id)
         length = input_ids.shape[1]
         positions = jnp.arange(length, dtype=jnp.float32)
         freqs = positions[:, None] * jnp.asarray(self.spec.rope.inv_freq())[None, :]

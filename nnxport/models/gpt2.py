@@ -25,7 +25,15 @@ import numpy as np
 from flax import nnx
 
 from nnxport.errors import ConfigError
-from nnxport.models.base import Family, ParityHarness, ParityInput, Tolerance, token_inputs, valid_positions
+from nnxport.models.base import (
+    Family,
+    ParityHarness,
+    ParityInput,
+    Tolerance,
+    rate_field,
+    token_inputs,
+    valid_positions,
+)
 from nnxport.models.layers import (
     ACTIVATIONS,
     COLUMN,
@@ -33,6 +41,9 @@ from nnxport.models.layers import (
     ROW,
     attention,
     attention_mask,
+    check_length,
+    check_token_ids,
+    dropout,
     sharded,
     torch_layer_norm,
 )
@@ -67,6 +78,9 @@ class GPT2Spec:
         layer_norm_epsilon: LayerNorm epsilon.
         attention_scales: per layer, the softmax scale (:func:`attention_scales`).
         tie_word_embeddings: logits use ``wte`` (no ``lm_head`` leaf).
+        embd_pdrop: dropout after the token + position embeddings (train mode only).
+        attn_pdrop: dropout on the attention probabilities (train mode only).
+        resid_pdrop: dropout after each attention projection and MLP (train mode only).
     """
 
     vocab_size: int
@@ -79,6 +93,9 @@ class GPT2Spec:
     layer_norm_epsilon: float
     attention_scales: tuple[float, ...]
     tie_word_embeddings: bool
+    embd_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
 
 
 def _get(config: Mapping[str, Any], field: str) -> Any:
@@ -153,6 +170,10 @@ def resolve(config: Mapping[str, Any]) -> GPT2Spec:
         layer_norm_epsilon=float(eps),
         attention_scales=tuple(attention_scales(config)),
         tie_word_embeddings=_flag(config, "tie_word_embeddings"),
+        # GPT2Config's defaults: 0.1 each.
+        embd_pdrop=rate_field(config, "embd_pdrop", 0.1),
+        attn_pdrop=rate_field(config, "attn_pdrop", 0.1),
+        resid_pdrop=rate_field(config, "resid_pdrop", 0.1),
     )
 
 
@@ -175,6 +196,8 @@ class Attention(nnx.Module):
         self.o = nnx.Linear(dim, dim, kernel_metadata=sharded(ROW), rngs=rngs)
         self.heads = spec.n_head
         self.scale = scale
+        self.attn_dropout = dropout(spec.attn_pdrop, rngs)
+        self.resid_dropout = dropout(spec.resid_pdrop, rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         """Attend and project back.
@@ -186,12 +209,12 @@ class Attention(nnx.Module):
         b, t, dim = x.shape
         shape = (b, t, self.heads, dim // self.heads)
         q, k, v = (proj(x).reshape(shape) for proj in (self.q, self.k, self.v))
-        out = attention(q, k, v, mask, scale=self.scale)
-        return self.o(out.reshape(b, t, dim))
+        out = attention(q, k, v, mask, scale=self.scale, dropout=self.attn_dropout)
+        return self.resid_dropout(self.o(out.reshape(b, t, dim)))
 
 
 class MLP(nnx.Module):
-    """``c_proj(act(c_fc(x)))``.
+    """``drop(c_proj(act(c_fc(x))))``.
 
     Args:
         spec: the model's spec (``n_embd``, ``n_inner``, ``activation_function``).
@@ -202,6 +225,7 @@ class MLP(nnx.Module):
         self.c_fc = nnx.Linear(spec.n_embd, spec.n_inner, kernel_metadata=sharded(COLUMN), rngs=rngs)
         self.c_proj = nnx.Linear(spec.n_inner, spec.n_embd, kernel_metadata=sharded(ROW), rngs=rngs)
         self.act = spec.activation_function
+        self.dropout = dropout(spec.resid_pdrop, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the MLP.
@@ -209,7 +233,7 @@ class MLP(nnx.Module):
         Args:
             x: hidden states [..., n_embd].
         """
-        return self.c_proj(ACTIVATIONS[self.act](self.c_fc(x)))
+        return self.dropout(self.c_proj(ACTIVATIONS[self.act](self.c_fc(x))))
 
 
 class Block(nnx.Module):
@@ -258,6 +282,7 @@ class GPT2(nnx.Module):
     def __init__(self, spec: GPT2Spec, *, rngs: nnx.Rngs):
         self.wte = nnx.Embed(spec.vocab_size, spec.n_embd, embedding_metadata=sharded(EMBEDDING), rngs=rngs)
         self.wpe = nnx.Embed(spec.n_positions, spec.n_embd, rngs=rngs)
+        self.drop = dropout(spec.embd_pdrop, rngs)
         self.layers = nnx.List([Block(spec, scale, rngs=rngs) for scale in spec.attention_scales])
         self.ln_f = torch_layer_norm(spec.n_embd, spec.layer_norm_epsilon, rngs)
         self.lm_head = None if spec.tie_word_embeddings else nnx.Linear(
@@ -272,9 +297,15 @@ class GPT2(nnx.Module):
 
         Returns:
             [B, T, n_embd].
+
+        Raises:
+            ValueError: T exceeds ``n_positions`` (when traced), or an id is outside the vocabulary
+                (eager calls: concrete ids).
         """
         length = input_ids.shape[1]
-        x = self.wte(input_ids) + self.wpe(jnp.arange(length))[None]
+        check_length(length, self.wpe.num_embeddings, "n_positions")
+        check_token_ids(input_ids, self.wte.num_embeddings)
+        x = self.drop(self.wte(input_ids) + self.wpe(jnp.arange(length))[None])
         allowed = attention_mask(mask, length, causal=True)
         for block in self.layers:
             x = block(x, allowed)

@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 #: transformers' ACT2FN names -> jax functions with the same definition.
@@ -87,10 +88,11 @@ def attention_mask(mask: jax.Array | None, length: int, *, causal: bool,
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
-              scale: float | None = None) -> jax.Array:
+              scale: float | None = None, dropout: nnx.Dropout | None = None) -> jax.Array:
     """Softmax attention in float32. q [B, T, H, D]; k, v [B, S, KV, D] with H a multiple of KV
     (grouped-query attention repeats each key/value head H/KV times); mask [B|1, 1|H, T, S] bool.
-    Returns [B, T, H, D] in q's dtype."""
+    ``dropout`` is applied to the attention probabilities (transformers' attention dropout; active only
+    in train mode). Returns [B, T, H, D] in q's dtype."""
     dtype = q.dtype
     heads, kv_heads = q.shape[2], k.shape[2]
     if heads != kv_heads:
@@ -101,4 +103,105 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     scores = jnp.einsum("bthd,bshd->bhts", q32, k32) * scale
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1)
+    if dropout is not None:
+        weights = dropout(weights)
     return jnp.einsum("bhts,bshd->bthd", weights, v32).astype(dtype)
+
+
+# ------------------------------------------------------------------------------------- training
+
+def dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
+    """An ``nnx.Dropout`` at ``rate`` (a config.json dropout field), off until ``model.train()``: models
+    are built deterministic (eval mode), so inference and parity never drop anything.
+
+    Args:
+        rate: the drop probability, in [0, 1).
+        rngs: the model's random streams; the layer forks the ``dropout`` stream (``default`` if the
+            Rngs has none). A converted model loaded by :func:`nnxport.load` gets its streams from
+            :func:`seed_dropout`.
+    """
+    return nnx.Dropout(rate, deterministic=True, rngs=rngs)
+
+
+def strip_dropout_rngs(model: nnx.Module) -> None:
+    """Remove the random streams of every ``nnx.Dropout`` in ``model`` (in place), so that its state is
+    Params and BatchStats only: the abstract model a conversion fills and saves holds no RNG state."""
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, nnx.Dropout):
+            module.rngs = None
+
+
+def seed_dropout(model: nnx.Module, seed: int = 0) -> nnx.Module:
+    """Give every ``nnx.Dropout`` in ``model`` a fresh random stream forked from
+    ``nnx.Rngs(dropout=seed)`` (in place; returns ``model``). :func:`nnxport.load` calls it with seed 0;
+    call it again (or ``nnx.reseed(model, dropout=seed)``) to draw other dropout masks."""
+    rngs = nnx.Rngs(dropout=seed)
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, nnx.Dropout):
+            module.rngs = rngs.dropout.fork()
+    return model
+
+
+class TorchBatchNorm(nnx.BatchNorm):
+    """``nnx.BatchNorm`` with torch's ``BatchNorm2d`` training rule: normalise with the biased batch
+    variance (two passes), but move the running variance towards the *unbiased* one (n / (n - 1)), as
+    torch does; flax's own BatchNorm uses the biased variance for both. ``momentum`` is flax's (the weight
+    of the old statistics): torch's momentum m is flax's ``1 - m``. In eval mode
+    (``use_running_average``) it is ``nnx.BatchNorm`` unchanged."""
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
+                 mask: jax.Array | None = None) -> jax.Array:
+        running = self.use_running_average if use_running_average is None else use_running_average
+        if running or mask is not None:
+            return super().__call__(x, use_running_average, mask=mask)
+        axes = tuple(range(x.ndim - 1))  # features last (NHWC)
+        n = math.prod(x.shape[a] for a in axes)
+        h = x.astype(jnp.float32)
+        mean = jnp.mean(h, axis=axes)
+        var = jnp.mean(jnp.square(h - mean), axis=axes)
+        unbiased = var * (n / (n - 1)) if n > 1 else var
+        m = self.momentum
+        self.mean[...] = jax.lax.stop_gradient(m * self.mean[...] + (1 - m) * mean)
+        self.var[...] = jax.lax.stop_gradient(m * self.var[...] + (1 - m) * unbiased)
+        y = (h - mean) * jax.lax.rsqrt(var + self.epsilon)
+        if self.scale is not None:
+            y = y * self.scale[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.astype(x.dtype)
+
+
+def padding_no_grad(x: jax.Array, input_ids: jax.Array, padding_idx: int | None) -> jax.Array:
+    """Embedded tokens ``x`` [..., dim] whose lookups of ``padding_idx`` pass no gradient to the table,
+    as torch's ``nn.Embedding(padding_idx=...)`` (the values are unchanged)."""
+    if padding_idx is None:
+        return x
+    return jnp.where((input_ids == padding_idx)[..., None], jax.lax.stop_gradient(x), x)
+
+
+# ---------------------------------------------------------------------------------------- inputs
+
+def is_traced(x: Any) -> bool:
+    """Whether ``x`` is a tracer (inside ``jit``, ``grad``, ``eval_shape``...): no value to check."""
+    return isinstance(x, jax.core.Tracer)
+
+
+def check_length(length: int, table: int, field: str) -> None:
+    """ValueError when a sequence is longer than a learned position table (static shapes: raised when
+    traced, before anything runs)."""
+    if length > table:
+        raise ValueError(f"input length {length} exceeds the model's position table: config.json "
+                         f"'{field}' is {table}")
+
+
+def check_token_ids(input_ids: Any, vocab_size: int) -> None:
+    """ValueError naming the first id outside ``[0, vocab_size)``, for concrete ids (eager calls);
+    traced ids are not checked (call :func:`nnxport.check_inputs` before a jitted call)."""
+    if is_traced(input_ids):
+        return
+    ids = np.asarray(input_ids)
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"input_ids{list(where)} is {int(ids[where])}, outside the vocabulary "
+                         f"[0, {vocab_size}) (vocab_size {vocab_size})")

@@ -22,7 +22,7 @@ from flax import nnx
 from nnxport.errors import ConfigError
 from nnxport.models.base import Family, ParityHarness, ParityInput, Tolerance, require
 from nnxport.models.base import num_labels as _num_labels
-from nnxport.models.layers import ACTIVATIONS
+from nnxport.models.layers import ACTIVATIONS, TorchBatchNorm
 
 LAYER_TYPES = ("basic", "bottleneck")
 
@@ -44,6 +44,11 @@ class ResNetSpec:
         downsample_in_bottleneck: bottleneck blocks stride in their first 1x1 conv (v1) rather than in the
             3x3 (v1.5, the default).
         num_labels: classifier outputs; 0 for the headless ``ResNetModel`` (pooled features out).
+        batch_norm_eps: BatchNorm epsilon. transformers' ResNet builds ``nn.BatchNorm2d(channels)`` with
+            torch's defaults and no config.json field: 1e-5.
+        batch_norm_momentum: BatchNorm momentum *in torch's convention* (the weight of the new batch,
+            torch's default 0.1); the NNX layers use flax's ``1 - momentum`` (0.9), see
+            :class:`~nnxport.models.layers.TorchBatchNorm`.
     """
 
     num_channels: int
@@ -55,6 +60,13 @@ class ResNetSpec:
     downsample_in_first_stage: bool
     downsample_in_bottleneck: bool
     num_labels: int
+    batch_norm_eps: float = 1e-5
+    batch_norm_momentum: float = 0.1
+
+    @property
+    def flax_momentum(self) -> float:
+        """flax's BatchNorm momentum (the weight of the running statistics): ``1 - torch momentum``."""
+        return 1.0 - self.batch_norm_momentum
 
 
 def num_labels(config: Mapping[str, Any]) -> int:
@@ -103,8 +115,10 @@ def _conv(cin: int, cout: int, k: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
     return nnx.Conv(cin, cout, (k, k), strides=stride, padding=((p, p), (p, p)), use_bias=False, rngs=rngs)
 
 
-def _bn(c: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    return nnx.BatchNorm(c, use_running_average=True, epsilon=1e-5, rngs=rngs)
+def _bn(c: int, spec: ResNetSpec, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    # Eval mode (running statistics) until model.train(); torch's momentum and epsilon (ResNetSpec).
+    return TorchBatchNorm(c, use_running_average=True, epsilon=spec.batch_norm_eps,
+                          momentum=spec.flax_momentum, rngs=rngs)
 
 
 class Shortcut(nnx.Module):
@@ -114,12 +128,13 @@ class Shortcut(nnx.Module):
         cin: input channels.
         cout: output channels.
         stride: the block's stride.
+        spec: the model's spec (BatchNorm settings).
         rngs: random streams.
     """
 
-    def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
+    def __init__(self, cin: int, cout: int, stride: int, spec: ResNetSpec, *, rngs: nnx.Rngs):
         self.conv = _conv(cin, cout, 1, stride, rngs)
-        self.bn = _bn(cout, rngs)
+        self.bn = _bn(cout, spec, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """The projected residual (no activation).
@@ -143,10 +158,10 @@ class BasicBlock(nnx.Module):
 
     def __init__(self, cin: int, cout: int, stride: int, spec: ResNetSpec, *, rngs: nnx.Rngs):
         self.conv0 = _conv(cin, cout, 3, stride, rngs)
-        self.bn0 = _bn(cout, rngs)
+        self.bn0 = _bn(cout, spec, rngs)
         self.conv1 = _conv(cout, cout, 3, 1, rngs)
-        self.bn1 = _bn(cout, rngs)
-        self.shortcut = Shortcut(cin, cout, stride, rngs=rngs) if cin != cout or stride != 1 else None
+        self.bn1 = _bn(cout, spec, rngs)
+        self.shortcut = Shortcut(cin, cout, stride, spec, rngs=rngs) if cin != cout or stride != 1 else None
         self.act = spec.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -178,12 +193,12 @@ class BottleneckBlock(nnx.Module):
         mid = cout // 4
         first = spec.downsample_in_bottleneck
         self.conv0 = _conv(cin, mid, 1, stride if first else 1, rngs)
-        self.bn0 = _bn(mid, rngs)
+        self.bn0 = _bn(mid, spec, rngs)
         self.conv1 = _conv(mid, mid, 3, 1 if first else stride, rngs)
-        self.bn1 = _bn(mid, rngs)
+        self.bn1 = _bn(mid, spec, rngs)
         self.conv2 = _conv(mid, cout, 1, 1, rngs)
-        self.bn2 = _bn(cout, rngs)
-        self.shortcut = Shortcut(cin, cout, stride, rngs=rngs) if cin != cout or stride != 1 else None
+        self.bn2 = _bn(cout, spec, rngs)
+        self.shortcut = Shortcut(cin, cout, stride, spec, rngs=rngs) if cin != cout or stride != 1 else None
         self.act = spec.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -231,7 +246,7 @@ class Stem(nnx.Module):
 
     def __init__(self, spec: ResNetSpec, *, rngs: nnx.Rngs):
         self.conv = _conv(spec.num_channels, spec.embedding_size, 7, 2, rngs)
-        self.bn = _bn(spec.embedding_size, rngs)
+        self.bn = _bn(spec.embedding_size, spec, rngs)
         self.act = spec.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:

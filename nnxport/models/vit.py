@@ -26,9 +26,18 @@ import numpy as np
 from flax import nnx
 
 from nnxport.errors import ConfigError
-from nnxport.models.base import Family, ParityHarness, ParityInput, Tolerance, int_field, positive_float_field
+from nnxport.models.base import (
+    Family,
+    ParityHarness,
+    ParityInput,
+    Tolerance,
+    int_field,
+    positive_float_field,
+    rate_field,
+)
 from nnxport.models.base import num_labels as _num_labels
-from nnxport.models.layers import ACTIVATIONS, COLUMN, ROW, attention, sharded, torch_layer_norm
+from nnxport.models.layers import ACTIVATIONS, COLUMN, ROW, attention, dropout, sharded, torch_layer_norm
+from nnxport.models.resize import bicubic_resize
 
 CLASSIFIER = "ViTForImageClassification"
 BASE = "ViTModel"
@@ -56,6 +65,9 @@ class ViTSpec:
         num_labels: classifier outputs; 0 without a classifier.
         pooler_output_size: the pooler's output size (config.json's ``pooler_output_size``, else hidden).
         pooler_act: transformers' activation name of the pooler.
+        hidden_dropout_prob: dropout after the embeddings and after each attention output and MLP (train
+            mode only).
+        attention_probs_dropout_prob: dropout on the attention probabilities (train mode only).
     """
 
     image_size: tuple[int, int]
@@ -73,6 +85,8 @@ class ViTSpec:
     num_labels: int
     pooler_output_size: int
     pooler_act: str
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
 
     @property
     def num_patches(self) -> int:
@@ -149,6 +163,8 @@ def resolve(config: Mapping[str, Any]) -> ViTSpec:
         qkv_bias=qkv_bias, image_classifier=not is_base_model(config), num_labels=num_labels(config),
         pooler_output_size=int(config.get("pooler_output_size") or hidden),
         pooler_act=str(acts["pooler_act"]),
+        hidden_dropout_prob=rate_field(config, "hidden_dropout_prob", 0.0),
+        attention_probs_dropout_prob=rate_field(config, "attention_probs_dropout_prob", 0.0),
     )
 
 
@@ -170,6 +186,7 @@ class Attention(nnx.Module):
         self.qkv = nnx.Linear(spec.hidden_size, 3 * inner, use_bias=spec.qkv_bias,
                               kernel_metadata=sharded(COLUMN), rngs=rngs)
         self.o = nnx.Linear(inner, spec.hidden_size, kernel_metadata=sharded(ROW), rngs=rngs)
+        self.dropout = dropout(spec.attention_probs_dropout_prob, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Attend (every token to every token) and project back.
@@ -181,7 +198,7 @@ class Attention(nnx.Module):
         q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
         shape = (b, t, self.heads, self.head_dim)
         mask = jnp.ones((1, 1, t, t), dtype=bool)
-        out = attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), mask)
+        out = attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), mask, dropout=self.dropout)
         return self.o(out.reshape(b, t, self.heads * self.head_dim))
 
 
@@ -210,7 +227,7 @@ class Mlp(nnx.Module):
 
 
 class Layer(nnx.Module):
-    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
+    """Pre-LN transformer block: x + drop(attn(ln(x))), then x + drop(mlp(ln(x))).
 
     Args:
         spec: the model's spec.
@@ -222,6 +239,7 @@ class Layer(nnx.Module):
         self.attn = Attention(spec, rngs=rngs)
         self.layernorm_after = torch_layer_norm(spec.hidden_size, spec.layer_norm_eps, rngs)
         self.mlp = Mlp(spec, rngs=rngs)
+        self.dropout = dropout(spec.hidden_dropout_prob, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the block.
@@ -229,8 +247,8 @@ class Layer(nnx.Module):
         Args:
             x: hidden states [B, T, hidden_size].
         """
-        x = x + self.attn(self.layernorm_before(x))
-        return x + self.mlp(self.layernorm_after(x))
+        x = x + self.dropout(self.attn(self.layernorm_before(x)))
+        return x + self.dropout(self.mlp(self.layernorm_after(x)))
 
 
 class Pooler(nnx.Module):
@@ -282,42 +300,74 @@ class ViT(nnx.Module):
 
     def __init__(self, spec: ViTSpec, *, pooler: bool = True, rngs: nnx.Rngs):
         self.image_classifier = spec.image_classifier
+        self.image_size, self.patch_size = spec.image_size, spec.patch_size
         hidden = spec.hidden_size
         self.patch_embed = nnx.Conv(spec.num_channels, hidden, spec.patch_size, strides=spec.patch_size,
                                     padding="VALID", rngs=rngs)
         self.cls_token = nnx.Param(jnp.zeros((hidden,), jnp.float32))
         self.pos_embed = nnx.Param(jnp.zeros((spec.num_patches + 1, hidden), jnp.float32))
+        self.dropout = dropout(spec.hidden_dropout_prob, rngs)
         self.layers = nnx.List([Layer(spec, rngs=rngs) for _ in range(spec.num_hidden_layers)])
         self.layernorm = torch_layer_norm(hidden, spec.layer_norm_eps, rngs)
         self.classifier = nnx.Linear(hidden, spec.num_labels, rngs=rngs) if spec.num_labels > 0 else None
         has_pooler = pooler and not spec.image_classifier
         self.pooler = Pooler(spec, rngs=rngs) if has_pooler else None
 
-    def encode(self, pixel_values: jax.Array) -> jax.Array:
+    def position_embeddings(self, height: int, width: int, interpolate_pos_encoding: bool) -> jax.Array:
+        """The position embeddings [patches + 1, hidden] for images of ``height`` x ``width``.
+
+        Without ``interpolate_pos_encoding`` the images must have the config's ``image_size`` (a
+        ValueError naming both sizes otherwise, as transformers raises). With it, the patch part of the
+        table is resized to the image's patch grid as transformers' ``ViTEmbeddings.interpolate_pos_encoding``
+        does: torch's bicubic (a = -0.75, ``align_corners=False``, no antialiasing), the CLS row kept; an
+        image whose grid is the native one and that is square gets the table unchanged.
+        """
+        table = self.pos_embed[...]
+        if not interpolate_pos_encoding:
+            if (height, width) != tuple(self.image_size):
+                raise ValueError(f"input image size ({height}*{width}) doesn't match the model's "
+                                 f"({self.image_size[0]}*{self.image_size[1]}); call the model with "
+                                 "interpolate_pos_encoding=True to run at other sizes")
+            return table
+        (ph, pw), (ih, iw) = self.patch_size, self.image_size
+        grid, native = (height // ph, width // pw), (ih // ph, iw // pw)
+        if grid == native and height == width:
+            return table
+        patches = table[1:].reshape(*native, table.shape[-1])
+        resized = bicubic_resize(patches, grid)
+        return jnp.concatenate([table[:1], resized.reshape(-1, table.shape[-1])], axis=0)
+
+    def encode(self, pixel_values: jax.Array, interpolate_pos_encoding: bool = False) -> jax.Array:
         """The final hidden states (after ``layernorm``).
 
         Args:
-            pixel_values: NHWC float images [B, height, width, num_channels].
+            pixel_values: NHWC float images [B, height, width, num_channels]: the config's
+                ``image_size``, or any size at least one patch with ``interpolate_pos_encoding``.
+            interpolate_pos_encoding: resize the position embeddings to the image's patch grid
+                (:meth:`position_embeddings`), as transformers' argument of that name.
 
         Returns:
-            [B, num_patches + 1, hidden_size]: the CLS token first, then the patches in row-major order.
+            [B, patches + 1, hidden_size]: the CLS token first, then the patches in row-major order.
         """
+        pos = self.position_embeddings(pixel_values.shape[1], pixel_values.shape[2], interpolate_pos_encoding)
         x = self.patch_embed(pixel_values)                    # [B, H/p, W/p, hidden], row-major patches
         b = x.shape[0]
         x = x.reshape(b, -1, x.shape[-1])
         cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, x.shape[-1]))
-        x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...]
+        x = self.dropout(jnp.concatenate([cls, x], axis=1) + pos)
         for layer in self.layers:
             x = layer(x)
         return self.layernorm(x)
 
-    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+    def __call__(self, pixel_values: jax.Array, interpolate_pos_encoding: bool = False) -> jax.Array:
         """Logits [B, num_labels], or the final [CLS] state [B, hidden_size] without a classifier.
 
         Args:
             pixel_values: NHWC float images [B, height, width, num_channels].
+            interpolate_pos_encoding: run at a size other than the config's ``image_size``
+                (:meth:`position_embeddings`).
         """
-        cls = self.encode(pixel_values)[:, 0]
+        cls = self.encode(pixel_values, interpolate_pos_encoding)[:, 0]
         return cls if self.classifier is None else self.classifier(cls)
 
 

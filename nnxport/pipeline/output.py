@@ -29,6 +29,7 @@ from flax import nnx
 from nnxport import interrupt
 from nnxport.errors import ConfigError, NnxportError, OutputError, SourceError, one_line, option
 from nnxport.models.base import Family
+from nnxport.models.layers import seed_dropout
 from nnxport.parity.report import PARITY_PNG, ParityReport
 from nnxport.pipeline.loading import leaf_shardings, load_mesh, tag_shardings
 from nnxport.pipeline.plan import STATE_FILTER, abstract_state
@@ -534,7 +535,7 @@ def restore_model(folder: Path, manifest: dict[str, Any], family: Family, device
         sharding = default_sharding(resolve_device(device), None)
     restored = restore_state(folder / CHECKPOINT, nnx.to_pure_dict(abstract), sharding)
     nnx.replace_by_pure_dict(abstract, restored)
-    model = nnx.merge(graphdef, abstract)
+    model = seed_dropout(nnx.merge(graphdef, abstract), 0)  # reseed: nnxport.seed_dropout / nnx.reseed
     if isinstance(sharding, dict):
         tag_shardings(nnx.state(model, STATE_FILTER), sharding)
     return model

@@ -16,6 +16,7 @@ from nnxport.mapping.analysis import Analysis, Assignment, TensorSpec, analyze
 from nnxport.mapping.schema import Mapping, load_mapping_file, load_mapping_text, select_mapping
 from nnxport.models import Family, resolve_family
 from nnxport.models.base import annotated_shards
+from nnxport.models.layers import strip_dropout_rngs
 from nnxport.pipeline.artifacts import copy_artifacts, find_artifacts
 from nnxport.pipeline.resolve import require_config
 from nnxport.placement import (
@@ -82,6 +83,7 @@ def abstract_state(family: Family, config: dict[str, Any],
     """Graph definition and abstract (ShapeDtypeStruct) state of the family's model for ``config``."""
     family.check_layers(config, None)  # a config asking for absurdly many layers is refused, not built
     model = nnx.eval_shape(lambda: family.build(config, nnx.Rngs(0), options))
+    strip_dropout_rngs(model)  # the state is Params and BatchStats only; load gives dropout fresh streams
     graphdef, state, *_rest = nnx.split(model, STATE_FILTER, ...)
     return graphdef, state
 
