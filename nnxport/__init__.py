@@ -8,6 +8,7 @@ Public API (imported lazily, so ``import nnxport`` and ``nnxport --help`` stay f
     nnxport.inspect_keys(source, mapping=None) -> Inspection
     nnxport.draft(source, model=None)   -> Draft (a proposed mapping)
     nnxport.models()                    -> list of families and their mappings
+    nnxport.generate(model, input_ids, max_new_tokens=N, ...) -> numpy ids (prompt + new tokens)
 
 Every failure a user can cause is an :class:`NnxportError` (the subclasses below) whose ``str()`` is the
 one-line message.
@@ -29,11 +30,16 @@ from nnxport.errors import (
 
 if TYPE_CHECKING:
     from nnxport.api import convert, draft, inspect_keys, load, models, verify
+    from nnxport.generation import generate
 
-_API = ("convert", "verify", "load", "inspect_keys", "draft", "models")
+_API = ("convert", "verify", "load", "inspect_keys", "draft", "models", "generate")
 
 
 def __getattr__(name: str) -> Any:
+    if name == "generate":
+        from nnxport.generation import generate
+
+        return generate
     if name in _API:
         from nnxport import api
 
@@ -51,6 +57,7 @@ __all__ = [
     "ValueCheckError",
     "convert",
     "draft",
+    "generate",
     "inspect_keys",
     "load",
     "models",
