@@ -67,41 +67,44 @@ def _best(run: Any, repeat: int) -> float:
     return min(times)
 
 
-def measure(cache: Path, new: int, prompt: int, batches: list[int], repeat: int) -> list[dict[str, Any]]:
+def _measure_model(cache: Path, name: str, new: int, prompt: int, batches: list[int],
+                   repeat: int) -> list[dict[str, Any]]:
     import numpy as np
     import torch
 
     import nnxport
 
+    ref, model, vocab = _model(cache, name)
     rows = []
-    for name in MODELS:
-        ref, model, vocab = _model(cache, name)
-        for batch in batches:
-            ids = np.random.default_rng(batch).integers(0, vocab, size=(batch, prompt))
-            tids = torch.from_numpy(ids)
+    for batch in batches:
+        ids = np.random.default_rng(batch).integers(0, vocab, size=(batch, prompt))
+        tids = torch.from_numpy(ids)
 
-            def theirs(tids: torch.Tensor = tids) -> Any:
-                with torch.no_grad():
-                    return ref.generate(tids, attention_mask=torch.ones_like(tids), max_new_tokens=new,
-                                        do_sample=False)
+        def theirs(tids: torch.Tensor = tids) -> Any:
+            with torch.no_grad():
+                return ref.generate(tids, attention_mask=torch.ones_like(tids), max_new_tokens=new,
+                                    do_sample=False)
 
-            def ours(ids: np.ndarray = ids) -> Any:
-                return nnxport.generate(model, ids, max_new_tokens=new)
+        def ours(ids: np.ndarray = ids) -> Any:
+            return nnxport.generate(model, ids, max_new_tokens=new)
 
-            t = time.perf_counter()
-            mine = ours()
-            first = time.perf_counter() - t
-            agree = float((mine[:, prompt:] == theirs().numpy()[:, prompt:]).mean())
-            hf, nx = _best(theirs, repeat), _best(ours, repeat)
-            rows.append({"model": name, "batch": batch, "prompt": prompt, "new": new,
-                         "transformers_tok_s": batch * new / hf, "nnxport_tok_s": batch * new / nx,
-                         "ratio": hf / nx, "nnxport_first_call_s": first, "greedy_agreement": agree})
-            print(rows[-1], file=sys.stderr, flush=True)
-        del ref, model
+        t = time.perf_counter()
+        mine = ours()
+        first = time.perf_counter() - t
+        agree = float((mine[:, prompt:] == theirs().numpy()[:, prompt:]).mean())
+        hf, nx = _best(theirs, repeat), _best(ours, repeat)
+        rows.append({"model": name, "batch": batch, "prompt": prompt, "new": new,
+                     "transformers_tok_s": batch * new / hf, "nnxport_tok_s": batch * new / nx,
+                     "ratio": hf / nx, "nnxport_first_call_s": first, "greedy_agreement": agree})
+        print(rows[-1], file=sys.stderr, flush=True)
     return rows
 
 
-def section(rows: list[dict[str, Any]], argv: list[str], took: float) -> str:
+def measure(cache: Path, new: int, prompt: int, batches: list[int], repeat: int) -> list[dict[str, Any]]:
+    return [row for name in MODELS for row in _measure_model(cache, name, new, prompt, batches, repeat)]
+
+
+def section(rows: list[dict[str, Any]], argv: list[str], took: float, load: tuple[float, float]) -> str:
     import jax
     import torch
     import transformers
@@ -112,10 +115,12 @@ def section(rows: list[dict[str, Any]], argv: list[str], took: float) -> str:
              (__doc__ or "").split("\n\n")[1].replace("\n", " "), "",
              f"Run {when} ({took / 60:.1f} min), {os.cpu_count()} CPU cores, jax {jax.__version__} on "
              f"{jax.default_backend()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-             f"transformers {transformers.__version__}. Command: "
+             f"transformers {transformers.__version__}; load average (1 min) {load[0]:.2f} at the start, "
+             f"{load[1]:.2f} at the end (a shared machine: torch's threads suffer more from contention "
+             f"than XLA's, so compare ratios from a quiet machine before quoting them). Command: "
              f"`{' '.join(['python bench/generate.py', *argv])}`.", "",
-             "| model | batch | prompt + new tokens | transformers tok/s | nnxport tok/s | nnxport / transformers "
-             "| nnxport first call (compile) s | greedy agreement |",
+             "| model | batch | prompt + new tokens | transformers tok/s | nnxport tok/s "
+             "| nnxport / transformers | nnxport first call (compile) s | greedy agreement |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['prompt']} + {r['new']} | "
@@ -148,10 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc", type=Path, default=None, help="markdown file whose section is replaced")
     args = parser.parse_args(argv)
     args.cache.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     rows = measure(args.cache, args.new, args.prompt, [int(b) for b in args.batches.split(",")], args.repeat)
     shown = [a for i, a in enumerate(argv) if a != "--doc" and (i == 0 or argv[i - 1] != "--doc")]
-    text = section(rows, shown, time.perf_counter() - t0)
+    text = section(rows, shown, time.perf_counter() - t0, (load0, os.getloadavg()[0]))
     if args.doc is not None:
         splice(args.doc, text)
         print(f"wrote {args.doc}", file=sys.stderr)
