@@ -153,8 +153,8 @@ def generate(model: nnx.Module, input_ids: Any, *, max_new_tokens: int, attentio
         pad_token_id: fills finished rows (default: the first eos id).
 
     Returns:
-        int32 numpy array [B, T + n]: each prompt followed by its new tokens, n <= max_new_tokens (fewer
-        when every row ended with eos first).
+        int32 numpy array [B, T + n] ([T + n] for a 1-D ``input_ids``): each prompt followed by its new
+        tokens, n <= max_new_tokens (fewer when every row ended with eos first).
 
     Raises:
         NnxportError: the model cannot generate (not a causal LM), or the sequence would run past its
