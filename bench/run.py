@@ -14,7 +14,11 @@ The memory-limited run converts the 2x checkpoint under a cgroup v1 memory limit
 checkpoint (a child group of the runner's own memory cgroup, removed afterwards), and runs the floor
 under the same limit for contrast. It is skipped, with a note, where cgroup v1 memory is not writable.
 
+Last, bench/generate.py measures generation (tokens/s against transformers' generate) and writes its
+own section of the doc.
+
     python bench/run.py [--repeat 2] [--sizes 1,2] [--cache .bench] [--doc docs/benchmarks.md]
+                        [--no-generate]
 """
 
 from __future__ import annotations
@@ -522,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="cgroup memory limit of the memory-limited run (default 3GiB); must be below "
                              "the 2x checkpoint's size")
     parser.add_argument("--no-limit-run", action="store_true", help="skip the memory-limited run")
+    parser.add_argument("--no-generate", action="store_true",
+                        help="skip the generation benchmark (bench/generate.py)")
     args = parser.parse_args(argv)
     sizes = sorted({int(s) for s in args.sizes.split(",")})
     names = [n for n in CASES[1:] if n in args.cases.split(",")]
@@ -581,7 +587,12 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print()
     print("\n".join(targets))
-    return 0 if all(c.ok for c in cases) else 1
+    generated = 0
+    if not args.no_generate:  # tokens/s against transformers' generate; its own section of the doc
+        doc_args = [] if str(args.doc) == "-" else ["--doc", str(args.doc)]
+        generated = subprocess.run([sys.executable, str(BENCH / "generate.py"), "--cache",
+                                    str(args.cache / "generate"), *doc_args], check=False).returncode
+    return 0 if all(c.ok for c in cases) and generated == 0 else 1
 
 
 if __name__ == "__main__":

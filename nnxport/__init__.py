@@ -10,6 +10,7 @@ Public API (imported lazily, so ``import nnxport`` and ``nnxport --help`` stay f
     nnxport.models()                    -> list of families and their mappings
     nnxport.seed_dropout(model, seed)   -> model, its dropout layers given fresh random streams
     nnxport.check_inputs(model, input_ids) -> raise ValueError for ids or lengths the model cannot take
+    nnxport.generate(model, input_ids, max_new_tokens=N, ...) -> numpy ids (prompt + new tokens)
 
 Every failure a user can cause is an :class:`NnxportError` (the subclasses below) whose ``str()`` is the
 one-line message.
@@ -31,13 +32,18 @@ from nnxport.errors import (
 
 if TYPE_CHECKING:
     from nnxport.api import convert, draft, inspect_keys, load, models, verify
+    from nnxport.generation import generate
     from nnxport.models.inputs import check_inputs
     from nnxport.models.layers import seed_dropout
 
-_API = ("convert", "verify", "load", "inspect_keys", "draft", "models")
+_API = ("convert", "verify", "load", "inspect_keys", "draft", "models", "generate")
 
 
 def __getattr__(name: str) -> Any:
+    if name == "generate":
+        from nnxport.generation import generate
+
+        return generate
     if name in _API:
         from nnxport import api
 
@@ -64,6 +70,7 @@ __all__ = [
     "check_inputs",
     "convert",
     "draft",
+    "generate",
     "inspect_keys",
     "load",
     "models",

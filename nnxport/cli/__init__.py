@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from nnxport.cli.convert import convert
+from nnxport.cli.generate import generate
 from nnxport.cli.inspect_keys import inspect_keys
 from nnxport.cli.mapping import app as mapping_app
 from nnxport.cli.models import models
@@ -41,6 +42,7 @@ def _options(
 app.command()(convert)
 app.command()(verify)
 app.command("inspect-keys")(inspect_keys)
+app.command()(generate)
 app.command()(models)
 app.add_typer(mapping_app)
 

@@ -38,6 +38,11 @@ def parity_table(report: ParityReport) -> Table:
             "" if o.top1_agreement is None else f"{o.top1_agreement:.3f}", str(o.violations),
             "[green]ok[/]" if o.passed else "[red]FAIL[/]",
         )
+    g = report.generation
+    if g is not None:  # greedy tokens: agreement in the top-1 column
+        table.add_row(f"generation ({g.new_tokens} greedy tokens)", "x".join(map(str, g.prompt_shape)),
+                      "", "", "", "", f"{g.agreement:.3f}", str(len(g.divergences)),
+                      "[green]ok[/]" if g.passed else "[red]FAIL[/]")
     return table
 
 
@@ -46,6 +51,10 @@ def failure_line(report: ParityReport, md: object) -> str:
     logits max |Δ| 3.1e+00 ...; first jump at layer stages.1.blocks.1.bn0 (report: ...)``."""
     bad = [f"{o.name} max |Δ| {o.max_abs_diff:.2e}, {o.violations} values out of tolerance"
            for o in report.outputs if not o.passed]
+    g = report.generation
+    if g is not None and not g.passed:
+        bad.append(f"greedy generation agrees on {g.agreement:.3f} of {g.new_tokens} new tokens per row "
+                   "and diverges away from a near tie")
     jump = report.first_jump_json()
     if jump is not None:
         bad.append(f"error first jumps at layer {jump['target']} ({jump['name']})")

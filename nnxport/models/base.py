@@ -65,6 +65,10 @@ class ParityHarness(ABC):
     #: The reference's 4-D activations are NCHW where the NNX model's are NHWC (vision families): per-layer
     #: parity transposes them before comparing.
     channels_first_reference: bool = False
+    #: Causal LMs: parity also generates this many tokens greedily on both sides (``nnxport.generate``
+    #: against the reference's ``generate(do_sample=False)``) from the ``input_ids`` / ``attention_mask``
+    #: inputs, left-padded; 0: no generation check (nnxport.parity.generation).
+    generation_tokens: int = 0
 
     def has_reference(self) -> bool:
         """Whether parity has a reference to compare with (a custom model may declare none)."""

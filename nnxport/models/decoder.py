@@ -64,6 +64,7 @@ from nnxport.models.layers import (
     COLUMN,
     EMBEDDING,
     ROW,
+    KVCache,
     attention,
     attention_mask,
     check_token_ids,
@@ -374,8 +375,8 @@ def _rotate_half(x: jax.Array) -> jax.Array:
 
 
 def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, T, H, D]; cos, sin [T, D] (already in x's dtype)."""
-    return x * cos[None, :, None, :] + _rotate_half(x) * sin[None, :, None, :]
+    """x [B, T, H, D]; cos, sin [B|1, T, D] (already in x's dtype)."""
+    return x * cos[:, :, None, :] + _rotate_half(x) * sin[:, :, None, :]
 
 
 class Attention(nnx.Module):
@@ -407,15 +408,26 @@ class Attention(nnx.Module):
             sin: rotary sines [T, head_dim], in x's dtype.
             mask: boolean [B|1, 1, T, T], True where query i may attend to key j.
         """
+        q, k, v = self._qkv(x, cos, sin)
+        out = attention(q, k, v, mask, scale=self.head_dim ** -0.5, dropout=self.dropout)
+        return self.o(out.reshape(*x.shape[:2], self.heads * self.head_dim))
+
+    def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         b, t, _ = x.shape
         q = self.q(x).reshape(b, t, self.heads, self.head_dim)
         k = self.k(x).reshape(b, t, self.kv_heads, self.head_dim)
         v = self.v(x).reshape(b, t, self.kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:  # Qwen3: per head, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-        out = attention(q, k, v, mask, scale=self.head_dim ** -0.5, dropout=self.dropout)
-        return self.o(out.reshape(b, t, self.heads * self.head_dim))
+        return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
+
+    def step(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache: KVCache,
+             layer: int) -> tuple[jax.Array, KVCache]:
+        """:meth:`__call__` for new tokens x [B, T, hidden] against the cache (``mask`` from
+        ``cache.mask``); writes this layer's keys and values."""
+        q, k, v = self._qkv(x, cos, sin)
+        out, cache = cache.attend(layer, q, k, v, mask, scale=self.head_dim ** -0.5)
+        return self.o(out.reshape(*x.shape[:2], self.heads * self.head_dim)), cache
 
 
 class MLP(nnx.Module):
@@ -461,10 +473,18 @@ class Block(nnx.Module):
         x = x + self.attn(self.input_norm(x), cos, sin, mask)
         return x + self.mlp(self.post_attn_norm(x))
 
+    def step(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache: KVCache,
+             layer: int) -> tuple[jax.Array, KVCache]:
+        """The block on new tokens against the KV cache (see :meth:`Attention.step`)."""
+        h, cache = self.attn.step(self.input_norm(x), cos, sin, mask, cache, layer)
+        x = x + h
+        return x + self.mlp(self.post_attn_norm(x)), cache
+
 
 class Decoder(nnx.Module):
     """A decoder-only LM: ``model(input_ids [B, T] int, attention_mask [B, T] or None) -> logits [B, T, V]``
-    in the weights' dtype. Positions are 0..T-1 (no KV cache): the mask only hides padded keys.
+    in the weights' dtype. ``__call__`` runs the whole sequence at positions 0..T-1 (the mask only hides
+    padded keys); :meth:`decode` runs new tokens against a KV cache at given positions (generation).
 
     Args:
         spec: the resolved config (:func:`resolve`).
@@ -508,10 +528,7 @@ class Decoder(nnx.Module):
         x = padding_no_grad(jnp.take(self.embed.embedding[...], input_ids, axis=0), input_ids,
                             self.spec.pad_token_id)
         length = input_ids.shape[1]
-        positions = jnp.arange(length, dtype=jnp.float32)
-        freqs = positions[:, None] * jnp.asarray(self.spec.rope.inv_freq())[None, :]
-        emb = jnp.concatenate([freqs, freqs], axis=-1)
-        cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+        cos, sin = self._rope(jnp.arange(length)[None], x.dtype)
         masks = {w: attention_mask(mask, length, causal=True, sliding_window=w)
                  for w in set(self.spec.windows)}
         for layer, window in zip(self.layers, self.spec.windows, strict=True):
@@ -520,17 +537,59 @@ class Decoder(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """Logits [B, T, vocab_size] (arguments as :meth:`hidden_states`)."""
-        h = self.hidden_states(input_ids, mask)
+        return self._logits(self.hidden_states(input_ids, mask))
+
+    def _logits(self, h: jax.Array) -> jax.Array:
         if self.lm_head is None:  # tied: the embedding's transpose
             return h @ self.embed.embedding[...].T
         return self.lm_head(h)
+
+    def _rope(self, positions: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+        """cos, sin [B|1, T, head_dim] of position ids [B|1, T], computed in float32, cast to ``dtype``."""
+        freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(self.spec.rope.inv_freq())
+        emb = jnp.concatenate([freqs, freqs], axis=-1)
+        return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+    #: Rotary positions have no table: generation is limited by memory only.
+    max_positions: int | None = None
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache of ``max_len`` slots for ``batch`` rows (for :meth:`decode`), in the dtype of
+        the weights."""
+        dtype = self.embed.embedding.dtype
+        return KVCache.empty(batch, max_len, self.spec.num_layers, self.spec.num_kv_heads,
+                             self.spec.head_dim, dtype)
+
+    def decode(self, input_ids: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache
+               ) -> tuple[jax.Array, KVCache]:
+        """Incremental decoding: logits [B, T, vocab_size] of T new tokens written at the cache's next
+        slots (the prompt at once, then one token per step), and the updated cache. Each layer's sliding
+        window (``spec.windows``) applies to the cache's slots as in :meth:`hidden_states`.
+
+        Args:
+            input_ids: new token ids [B, T].
+            positions: their position ids [B, T] (:func:`nnxport.models.layers.generation_positions`).
+            mask: [B, T], 1 for tokens, 0 for padding (never attended to).
+            cache: from :meth:`init_cache` or the previous call.
+        """
+        x = jnp.take(self.embed.embedding[...], input_ids, axis=0)
+        cos, sin = self._rope(positions, x.dtype)
+        cache = cache.admit(mask)
+        length = input_ids.shape[1]
+        masks = {w: cache.mask(length, w) for w in set(self.spec.windows)}
+        for i, (layer, window) in enumerate(zip(self.layers, self.spec.windows, strict=True)):
+            x, cache = layer.step(x, cos, sin, masks[window], cache, i)
+        return self._logits(self.norm(x)), cache.advance(length)
 
 
 # ------------------------------------------------------------------------------------------- family
 
 class DecoderParity(ParityHarness):
     """Decoder parity against the model type's transformers class (``LlamaForCausalLM``, ...): seeded
-    token ids with a right-padded last row; logits at the unpadded positions (float32)."""
+    token ids with a right-padded last row; logits at the unpadded positions (float32); then 8 greedy tokens
+    from the same prompts left-padded."""
+
+    generation_tokens = 8
 
     distributions = ("logits",)
 

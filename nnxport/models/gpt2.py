@@ -39,6 +39,7 @@ from nnxport.models.layers import (
     COLUMN,
     EMBEDDING,
     ROW,
+    KVCache,
     attention,
     attention_mask,
     check_length,
@@ -206,11 +207,22 @@ class Attention(nnx.Module):
             x: hidden states [B, T, n_embd].
             mask: boolean [B|1, 1, T, T], True where query i may attend to key j.
         """
+        q, k, v = self._qkv(x)
+        out = attention(q, k, v, mask, scale=self.scale, dropout=self.attn_dropout)
+        return self.resid_dropout(self.o(out.reshape(x.shape)))
+
+    def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         b, t, dim = x.shape
         shape = (b, t, self.heads, dim // self.heads)
         q, k, v = (proj(x).reshape(shape) for proj in (self.q, self.k, self.v))
-        out = attention(q, k, v, mask, scale=self.scale, dropout=self.attn_dropout)
-        return self.resid_dropout(self.o(out.reshape(b, t, dim)))
+        return q, k, v
+
+    def step(self, x: jax.Array, mask: jax.Array, cache: KVCache, layer: int) -> tuple[jax.Array, KVCache]:
+        """:meth:`__call__` for new tokens x [B, T, n_embd] against the cache (``mask`` from
+        ``cache.mask``); writes this layer's keys and values."""
+        q, k, v = self._qkv(x)
+        out, cache = cache.attend(layer, q, k, v, mask, scale=self.scale)
+        return self.o(out.reshape(x.shape)), cache
 
 
 class MLP(nnx.Module):
@@ -260,6 +272,12 @@ class Block(nnx.Module):
         """
         x = x + self.attn(self.ln_1(x), mask)
         return x + self.mlp(self.ln_2(x))
+
+    def step(self, x: jax.Array, mask: jax.Array, cache: KVCache, layer: int) -> tuple[jax.Array, KVCache]:
+        """The block on new tokens against the KV cache (see :meth:`Attention.step`)."""
+        h, cache = self.attn.step(self.ln_1(x), mask, cache, layer)
+        x = x + h
+        return x + self.mlp(self.ln_2(x)), cache
 
 
 class GPT2(nnx.Module):
@@ -319,14 +337,49 @@ class GPT2(nnx.Module):
             mask: padding mask [B, T] (1 = token), or None.
         """
         h = self.hidden_states(input_ids, mask)
+        return self._logits(h)
+
+    def _logits(self, h: jax.Array) -> jax.Array:
         return self.wte.attend(h) if self.lm_head is None else self.lm_head(h)
+
+    @property
+    def max_positions(self) -> int:
+        """The longest sequence (prompt + generated tokens): the rows of the position table."""
+        return int(self.wpe.num_embeddings)
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache of ``max_len`` slots for ``batch`` rows (for :meth:`decode`)."""
+        attn = self.layers[0].attn
+        dim = attn.k.kernel.shape[1]
+        return KVCache.empty(batch, max_len, len(self.layers), attn.heads, dim // attn.heads,
+                             attn.k.kernel.dtype)
+
+    def decode(self, input_ids: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache
+               ) -> tuple[jax.Array, KVCache]:
+        """Incremental decoding: logits [B, T, vocab_size] of T new tokens written at the cache's next
+        slots (the prompt at once, then one token per step), and the updated cache.
+
+        Args:
+            input_ids: new token ids [B, T].
+            positions: their position ids [B, T] (:func:`nnxport.models.layers.generation_positions`).
+            mask: [B, T], 1 for tokens, 0 for padding (never attended to).
+            cache: from :meth:`init_cache` or the previous call.
+        """
+        x = self.wte(input_ids) + self.wpe(positions)
+        cache = cache.admit(mask)
+        allowed = cache.mask(input_ids.shape[1])
+        for i, block in enumerate(self.layers):
+            x, cache = block.step(x, allowed, cache, i)
+        return self._logits(self.ln_f(x)), cache.advance(input_ids.shape[1])
 
 
 # ------------------------------------------------------------------------------------------- family
 
 class GPT2Parity(ParityHarness):
     """GPT-2 parity against ``GPT2LMHeadModel``: seeded token ids with a right-padded last row; logits
-    at the unpadded positions."""
+    at the unpadded positions; then 8 greedy tokens from the same prompts left-padded."""
+
+    generation_tokens = 8
 
     def reference_class(self, config: Mapping[str, Any], options: Mapping[str, Any]) -> str:
         return "GPT2LMHeadModel"

@@ -11,6 +11,7 @@ from nnxport.parity import layerwise
 from nnxport.parity.layerwise import LayerDiff, Skipped
 
 if TYPE_CHECKING:
+    from nnxport.parity.generation import GenerationCheck
     from nnxport.parity.metrics import OutputDiff
 SCHEMA_VERSION = 1
 #: The plot of error by layer, next to parity.md (with the optional ``plot`` extra).
@@ -35,6 +36,8 @@ class ParityReport:
     layers_skipped: list[Skipped] = field(default_factory=list)
     layer_threshold: float | None = None
     first_jump: int | None = None
+    #: Causal LMs: greedy generation against the reference's (None for other families).
+    generation: GenerationCheck | None = None
 
     def first_jump_json(self) -> dict[str, Any] | None:
         if self.first_jump is None:
@@ -59,6 +62,7 @@ class ParityReport:
                            "jump_factor": layerwise.JUMP_FACTOR},
             "first_jump": self.first_jump_json(),
             "layers_skipped": [asdict(s) for s in self.layers_skipped],
+            "generation": None if self.generation is None else self.generation.to_json(),
         }
 
     def write_plot(self, path: Path) -> bool:
@@ -88,9 +92,26 @@ class ParityReport:
             lines.append(f"| {o.name} | {o.shape} | {o.max_abs_diff:.3e} | {o.max_rel_diff:.3e} | "
                          f"{o.mean_abs_diff:.3e} | {o.cosine:.7f} | {top1} | {top5} | {kl} | "
                          f"{o.violations} | {'pass' if o.passed else 'FAIL'} |")
+        lines += self._generation_markdown()
         lines += self._layers_markdown(plot)
         lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in self.timings_s.items()), ""]
         return "\n".join(lines)
+
+    def _generation_markdown(self) -> list[str]:
+        g = self.generation
+        if g is None:
+            return []
+        verdict = "pass" if g.passed else "FAIL"
+        lines = ["", "## Greedy generation", "",
+                 f"**{verdict}**: {g.new_tokens} new tokens from the prompts {g.prompt_shape} left-padded, "
+                 f"`nnxport.generate` against the reference's `generate(do_sample=False)`: agreement "
+                 f"{g.agreement:.4f} ({'every' if g.all_match else 'not every'} token matches)."]
+        for d in g.divergences:
+            kind = "a near tie (within tolerance)" if d["near_tie"] else "not a near tie"
+            lines.append(f"- row {d['row']} diverges at new token {d['step']}: reference "
+                         f"{d['reference_token']}, NNX {d['nnx_token']}; reference logit margin "
+                         f"{d['reference_margin']:.3e}, {kind}.")
+        return lines
 
     def _layers_markdown(self, plot: str | None) -> list[str]:
         if not self.layers and not self.layers_skipped:

@@ -17,7 +17,7 @@ from flax import nnx
 from nnxport.errors import NnxportError, option
 from nnxport.mapping.analysis import Assignment
 from nnxport.models import Family, ParityInput
-from nnxport.parity import layerwise
+from nnxport.parity import generation, layerwise
 from nnxport.parity.metrics import compare
 from nnxport.parity.report import ParityReport, number_text
 from nnxport.sources.base import Source
@@ -84,7 +84,8 @@ def run_parity(
 
     With the mapping's ``assignments`` the outputs of the modules they pair are captured on both sides in
     the same forward passes and compared too (``layers``; see nnxport.parity.layerwise). They do not change
-    ``passed``, which is about the model's outputs.
+    ``passed``, which is about the model's outputs. A causal LM's harness (``generation_tokens``) also
+    compares greedy generation (``generation``; nnxport.parity.generation), which ``passed`` counts.
     """
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -98,6 +99,11 @@ def run_parity(
     with layerwise.torch_outputs(reference, (s for g in groups for s in g.sources)) as ref_layers:
         expected = harness.run_reference(reference, inputs)
     timings["run_reference"] = time.perf_counter() - t
+    prompt, reference_tokens = _generation_prompt(harness.generation_tokens, model, inputs), None
+    if prompt is not None:
+        t = time.perf_counter()
+        reference_tokens = generation.reference_generate(reference, *prompt)
+        timings["generate_reference"] = time.perf_counter() - t
     del reference
     t = time.perf_counter()
     if groups:
@@ -106,6 +112,12 @@ def run_parity(
         got, nnx_layers = harness.run_nnx(model, inputs), {}
     timings["run_nnx"] = time.perf_counter() - t
     tol = harness.tolerance(dtype)
+    check = None
+    if prompt is not None and reference_tokens is not None:
+        t = time.perf_counter()
+        check = generation.compare_generation(generation.nnx_generate(model, *prompt), reference_tokens,
+                                              list(prompt[0].shape), tol)
+        timings["generate_nnx"] = time.perf_counter() - t
     outputs = [compare(name, got[name], expected[name], tol, distribution=name in harness.distributions)
                for name in expected]
     t = time.perf_counter()
@@ -120,7 +132,7 @@ def run_parity(
         log.info("parity: first layer whose error jumps: %s (NNX %s), max rel diff %s", layers[jump].name,
                  layers[jump].target, number_text(layers[jump].max_rel_diff))
     return ParityReport(
-        passed=all(o.passed for o in outputs),
+        passed=all(o.passed for o in outputs) and (check is None or check.passed),
         reference=ref_name,
         inputs=[i.describe() for i in inputs],
         tolerance=tol.describe(),
@@ -131,6 +143,7 @@ def run_parity(
         layers_skipped=skipped,
         layer_threshold=tol.rtol,
         first_jump=jump,
+        generation=check,
     )
 
 
@@ -140,3 +153,18 @@ def weakest_dtype(dtypes: set[str]) -> str:
         if name in dtypes:
             return name
     return "float32"
+
+
+def _generation_prompt(new_tokens: int, model: nnx.Module, inputs: list[ParityInput]
+                       ) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """The left-padded prompt and token count of the generation check, or None without one (not a causal
+    LM, or no room left in the model's position table)."""
+    by_name = {i.name: np.asarray(i.value) for i in inputs}
+    if not new_tokens or "input_ids" not in by_name:
+        return None
+    ids = by_name["input_ids"]
+    ids, mask = generation.left_padded(ids, by_name.get("attention_mask", np.ones_like(ids)))
+    limit = getattr(model, "max_positions", None)
+    if limit is not None:
+        new_tokens = min(new_tokens, int(limit) - ids.shape[1])
+    return (ids, mask, new_tokens) if new_tokens > 0 else None

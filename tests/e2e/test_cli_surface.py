@@ -303,10 +303,11 @@ def test_inspect_keys_and_models_json_match_docs(tiny_resnet_dir: Path, tmp_path
 def test_docs_json_examples_follow_their_schema() -> None:
     blocks = re.findall(r"```json\n(.*?)```", DOCS, flags=re.S)
     docs = [json.loads(b) for b in blocks]
-    assert len(docs) == 4
-    convert, parity, inspect, models = docs
+    assert len(docs) == 5
+    convert, parity, generate, inspect, models = docs
     check_schema({**convert, "parity": None}, "convert")
     check_schema(parity, "parity", closed=False)
+    check_schema(generate, "generate")
     check_schema(inspect, "inspect-keys")
     check_schema(models, "models")
 
