@@ -23,6 +23,7 @@ import collections
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import jax
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nnxport.errors import NnxportError
+from nnxport.errors import NnxportError, one_line, option
 from nnxport.models.layers import KVCache, bucket_length, generation_positions
 
 __all__ = ["TRACES", "CausalLM", "generate"]
@@ -197,3 +198,33 @@ def generate(model: nnx.Module, input_ids: Any, *, max_new_tokens: int, attentio
                       sampler=Sampler(float(temperature), top_k, top_p), max_len=max_len)
     result = np.concatenate([ids.astype(np.int32), np.asarray(new)[:, :int(steps)]], axis=1)
     return result[0] if single else result
+
+
+#: Files that make a folder loadable by transformers' AutoTokenizer (any one of them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def folder_tokenizer(folder: Path, needed: bool) -> Any:
+    """transformers' AutoTokenizer of a converted ``folder`` (offline: the files that travelled with the
+    weights), or None when it has none and none is ``needed`` (a text prompt needs one)."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        if needed:
+            raise NnxportError(f"{folder}: no tokenizer ({' or '.join(TOKENIZER_FILES)}) to encode the "
+                               f"prompt; give token ids with {option('prompt_ids')}")
+        return None
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:
+        raise NnxportError(f"{folder}: the tokenizer does not load ({one_line(e, 200)}); give token ids "
+                           f"with {option('prompt_ids')}") from None
+
+
+def recorded_eos(config: dict[str, Any]) -> int | list[int] | None:
+    """config.json's ``eos_token_id`` when it is an id or a list of ids (where generation stops)."""
+    eos = config.get("eos_token_id")
+    if isinstance(eos, int) or (isinstance(eos, list) and all(isinstance(e, int) for e in eos)):
+        return eos
+    return None

@@ -21,7 +21,8 @@ FLAGS = {
     "allow_nonfinite": "--allow-nonfinite", "allow_pickle": "--allow-pickle", "config": "--config",
     "coordinator": "--coordinator", "device": "--device", "dtype": "--dtype", "force": "--force",
     "mapping": "--mapping", "mesh": "--mesh", "model": "--model", "num_processes": "--num-processes",
-    "process_id": "--process-id", "revision": "--revision", "source": "--source",
+    "process_id": "--process-id", "prompt_ids": "--prompt-ids", "revision": "--revision",
+    "source": "--source",
 }
 #: Parameters whose ``False`` is a flag of its own.
 NEGATED = {"parity": "--no-parity"}
@@ -162,3 +163,35 @@ RecheckSourceOpt = Annotated[str | None, typer.Option(
 RebuildModelOpt = Annotated[str | None, typer.Option(
     "--model", help="Rebuild with this model: needed to import the package.module:Class that nnxport.json "
                     "records (a manifest never imports code by itself).")]
+
+
+# ----------------------------------------------------------------------------------------------- generate
+
+def prompt_ids(value: str | None) -> list[int] | None:
+    """``--prompt-ids 1,2,3`` as ids (a usage error otherwise)."""
+    if value is None:
+        return None
+    try:
+        ids = [int(p) for p in value.replace(" ", "").split(",") if p]
+    except ValueError:
+        raise typer.BadParameter(f"{value!r}: expected comma-separated token ids, e.g. 1,2,3") from None
+    if not ids or any(i < 0 for i in ids):
+        raise typer.BadParameter(f"{value!r}: expected non-negative comma-separated token ids, e.g. 1,2,3")
+    return ids
+
+
+def _check_top_p(value: float | None) -> float | None:
+    if value is not None and not 0.0 < value <= 1.0:
+        raise typer.BadParameter(f"{value:g} is not in 0 < p <= 1")
+    return value
+
+
+LMFolderArg = Annotated[Path, typer.Argument(help="An output folder of nnxport convert (a causal LM).")]
+MaxNewTokensOpt = Annotated[int, typer.Option(min=1, help="How many tokens to generate at most.")]
+PromptOpt = Annotated[str | None, typer.Option(help="Prompt text, encoded with the tokenizer in FOLDER.")]
+PromptIdsOpt = Annotated[str | None, typer.Option("--prompt-ids", help="Prompt token ids, e.g. 1,2,3.")]
+TemperatureOpt = Annotated[float, typer.Option(min=0.0, help="0: greedy; otherwise sample.")]
+TopKOpt = Annotated[int | None, typer.Option(min=1, help="Sample from the k most likely tokens.")]
+TopPOpt = Annotated[float | None, typer.Option(callback=_check_top_p, help="Sample from the smallest set of "
+                                                "tokens whose probability reaches p, 0 < p <= 1.")]
+SeedOpt = Annotated[int, typer.Option(help="Sampling seed.")]

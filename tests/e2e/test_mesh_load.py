@@ -137,6 +137,18 @@ def test_jitted_sharded_forward_gives_the_same_logits(folders: dict[str, Path]) 
     np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_generation_on_a_sharded_model_equals_one_device(folders: dict[str, Path]) -> None:
+    """nnxport.generate runs on a model loaded onto the recorded mesh (its cache and steps are jitted
+    over sharded weights) and gives the tokens the single-device model gives."""
+    ids = tokens()[:, :6]
+    one = np.asarray(nnxport.generate(nnxport.load(folders["single"]), ids, max_new_tokens=5))
+    model = nnxport.load(folders["mesh"], mesh="recorded")
+    assert any(len(a.sharding.device_set) > 1 for a in leaves(model).values())
+    sharded = np.asarray(nnxport.generate(model, ids, max_new_tokens=5))
+    assert sharded.shape == (2, 11)
+    np.testing.assert_array_equal(sharded, one)
+
+
 def test_an_older_manifest_falls_back_to_the_annotations(folders: dict[str, Path], tmp_path: Path) -> None:
     """A single-device manifest without ``leaves`` (written before it existed): the model's annotations."""
     import shutil
