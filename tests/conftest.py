@@ -8,9 +8,13 @@ with a cache private to this test session.
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import io
 import os
+import signal
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +30,9 @@ os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
 import pytest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
+from nnxport.sources import safetensors as safetensors_mod  # noqa: E402
 from nnxport.testing.replicas import build_replica, published_config  # noqa: E402
-from tests.helpers import TINY_RESNET  # noqa: E402
+from tests.helpers import TINY_RESNET, Opens  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -70,3 +75,42 @@ def cli() -> Callable[..., Any]:
 
     return run
 
+
+# ------------------------------------------------- hostile inputs: what was opened, and hangs
+
+@pytest.fixture
+def opens(monkeypatch: pytest.MonkeyPatch) -> Opens:
+    seen = Opens()
+
+    def record(path: Any) -> None:
+        if isinstance(path, str | bytes | os.PathLike):
+            with contextlib.suppress(ValueError, OSError):  # a NUL in the name: nothing can be opened
+                seen.paths.append(os.path.realpath(os.fsdecode(path)))
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def opened(path: Any, *args: Any, **kwargs: Any) -> Any:
+            record(path)
+            return fn(path, *args, **kwargs)
+
+        return opened
+
+    monkeypatch.setattr(os, "open", wrap(os.open))
+    monkeypatch.setattr(builtins, "open", wrap(builtins.open))
+    monkeypatch.setattr(io, "open", wrap(io.open))
+    monkeypatch.setattr(safetensors_mod, "safe_open", wrap(safetensors_mod.safe_open))
+    return seen
+
+
+@pytest.fixture
+def alarm() -> Iterator[None]:
+    """A hang (a FIFO opened for reading, an alias bomb) fails the test after 60 s instead of blocking the
+    suite: the alarm repeats every 2 s, since code with a broad ``except`` may swallow one."""
+
+    def fire(signum: int, frame: object) -> None:
+        raise TimeoutError("the command hung")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, 60, 2)
+    yield
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, old)

@@ -110,3 +110,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class Opens:
+    """Every path opened through Python (os.open, open, io.open) or safetensors' safe_open."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+
+    def inside(self, folder: Path) -> list[str]:
+        root = os.path.realpath(folder)
+        return [p for p in self.paths if p == root or p.startswith(root + os.sep)]

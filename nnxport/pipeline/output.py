@@ -17,6 +17,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -254,9 +255,14 @@ class OutputDir:
         self._unlock()
 
     def abort(self) -> None:
-        """Remove everything staged (process 0 only) and release the target."""
+        """Remove everything staged (process 0 only) and release the target. Removal is retried for a
+        moment: after a failed write (a full disk) a thread of Orbax's may still be creating files in it."""
         if self.primary:
-            shutil.rmtree(self.staging, ignore_errors=True)
+            for _ in range(20):
+                shutil.rmtree(self.staging, ignore_errors=True)
+                if not os.path.lexists(self.staging):
+                    break
+                time.sleep(0.05)
             self._unlock()
 
     def state_writer(self, on_written: Callable[[int], None] | None = None) -> StateWriter:

@@ -5,15 +5,12 @@ hold the fault-matrix contract."""
 
 from __future__ import annotations
 
-import builtins
 import fnmatch
 import hashlib
-import io
 import json
 import os
 import shutil
-import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,7 @@ from nnxport.errors import SourceError
 from nnxport.pipeline.artifacts import ARTIFACT_NAMES, MAX_ARTIFACT_BYTES
 from nnxport.sources.hub import HUB_PATTERNS
 from nnxport.testing.hub import write_hub_cache
+from tests.helpers import Opens
 
 SECRET = "SENTINEL-SECRET-artifacts"
 FILES = {
@@ -126,39 +124,6 @@ def test_the_artifacts_field_is_validated(tiny_resnet_dir: Path, tmp_path: Path,
 
 # ------------------------------------------------------------------------------------------ the fault matrix
 
-@pytest.fixture
-def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every path opened through Python (os.open, open, io.open), resolved."""
-    seen: list[str] = []
-
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def spy(path: Any, *args: Any, **kwargs: Any) -> Any:
-            if isinstance(path, str | bytes | os.PathLike):
-                seen.append(os.path.realpath(os.fsdecode(path)))
-            return fn(path, *args, **kwargs)
-
-        return spy
-
-    monkeypatch.setattr(os, "open", wrap(os.open))
-    monkeypatch.setattr(builtins, "open", wrap(builtins.open))
-    monkeypatch.setattr(io, "open", wrap(io.open))
-    return seen
-
-
-@pytest.fixture
-def alarm() -> Iterator[None]:
-    """A hang (a FIFO opened for reading) fails the test instead of blocking the suite."""
-
-    def fire(signum: int, frame: object) -> None:
-        raise TimeoutError("the command hung")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, 60, 2)
-    yield
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    signal.signal(signal.SIGALRM, old)
-
-
 def _link_outside(src: Path, outside: Path) -> None:
     (src / "tokenizer.json").symlink_to(outside / "secret.json")
 
@@ -201,7 +166,7 @@ def _tree(folder: Path) -> dict[str, tuple[int, int, int]]:
 
 
 @pytest.mark.parametrize("row", list(HOSTILE))
-def test_hostile_artifacts(row: str, tiny_resnet_dir: Path, tmp_path: Path, opened: list[str], alarm: None,
+def test_hostile_artifacts(row: str, tiny_resnet_dir: Path, tmp_path: Path, opens: Opens, alarm: None,
                            cli: Any) -> None:
     """A link out of the source, a FIFO or a folder under an artifact's name: exit 1, one ``error:`` line
     naming it, nothing outside the source opened, no output or staging folder. An oversized one: the
@@ -214,12 +179,11 @@ def test_hostile_artifacts(row: str, tiny_resnet_dir: Path, tmp_path: Path, open
     make(src, outside)
     out = tmp_path / "out"
     before = _tree(tmp_path)
-    opened.clear()  # what the test itself wrote
+    opens.paths.clear()  # what the test itself wrote
     res = cli("convert", src, "--out", out, "--no-parity", "--format", "json", *(["-q"] if code else []))
     assert res.exit_code == code, (res.stdout, res.stderr)
     assert "Traceback" not in res.stderr and SECRET not in res.stderr + res.stdout
-    real_outside = os.path.realpath(outside)
-    assert [p for p in opened if p.startswith(real_outside + os.sep)] == [], "opened outside the source"
+    assert opens.inside(outside) == [], "opened outside the source"
     for fragment in says:
         assert fragment in res.stderr, (fragment, res.stderr)
     if code == 1:

@@ -12,16 +12,14 @@ bounded time.
 from __future__ import annotations
 
 import builtins
-import contextlib
 import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,7 @@ from nnxport.models import get_family
 from nnxport.sources import safetensors as safetensors_mod
 from nnxport.sources.folder import open_source
 from nnxport.testing.hub import write_hub_cache
-from tests.helpers import RESNET_YAML, copy_source, shard
+from tests.helpers import RESNET_YAML, Opens, copy_source, shard
 
 SECRET = "SENTINEL-SECRET-7f3a"
 BOMB = ("version: 1\nmodel: resnet\nrules:\n"
@@ -71,55 +69,6 @@ def outside(tmp_path: Path, tiny_resnet_dir: Path) -> Path:
     (folder / "sub").mkdir()
     shutil.copy(tiny_resnet_dir / "model.safetensors", folder / "sub" / "model.safetensors")
     return folder
-
-
-class Opens:
-    """Every path opened through Python (os.open, open, io.open) or safetensors' safe_open."""
-
-    def __init__(self) -> None:
-        self.paths: list[str] = []
-
-    def inside(self, folder: Path) -> list[str]:
-        root = os.path.realpath(folder)
-        return [p for p in self.paths if p == root or p.startswith(root + os.sep)]
-
-
-@pytest.fixture
-def opens(monkeypatch: pytest.MonkeyPatch) -> Opens:
-    seen = Opens()
-
-    def record(path: Any) -> None:
-        if isinstance(path, str | bytes | os.PathLike):
-            with contextlib.suppress(ValueError, OSError):  # a NUL in the name: nothing can be opened
-                seen.paths.append(os.path.realpath(os.fsdecode(path)))
-
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def opened(path: Any, *args: Any, **kwargs: Any) -> Any:
-            record(path)
-            return fn(path, *args, **kwargs)
-
-        return opened
-
-    monkeypatch.setattr(os, "open", wrap(os.open))
-    monkeypatch.setattr(builtins, "open", wrap(builtins.open))
-    monkeypatch.setattr(io, "open", wrap(io.open))
-    monkeypatch.setattr(safetensors_mod, "safe_open", wrap(safetensors_mod.safe_open))
-    return seen
-
-
-@pytest.fixture
-def alarm() -> Iterator[None]:
-    """A hang (a FIFO opened for reading, an alias bomb) fails the test after 60 s instead of blocking the
-    suite: the alarm repeats every 2 s, since code with a broad ``except`` may swallow one."""
-
-    def fire(signum: int, frame: object) -> None:
-        raise TimeoutError("the command hung")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, 60, 2)
-    yield
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    signal.signal(signal.SIGALRM, old)
 
 
 def _tree(folder: Path) -> dict[str, tuple[int, int, int]]:

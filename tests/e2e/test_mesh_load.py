@@ -41,11 +41,13 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def leaves(model: nnx.Module) -> dict[str, jax.Array]:
-    return {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+    """The weights (Params, BatchStats: what the checkpoint holds; not the dropout streams' counters)."""
+    state = nnx.state(model, (nnx.Param, nnx.BatchStat))
+    return {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(state)}
 
 
 def specs(model: nnx.Module) -> dict[str, PartitionSpec]:
-    flat = nnx.to_flat_state(nnx.get_partition_spec(nnx.state(model)))
+    flat = nnx.to_flat_state(nnx.get_partition_spec(nnx.state(model, (nnx.Param, nnx.BatchStat))))
     return {".".join(map(str, p)): v.get_value() for p, v in flat}
 
 

@@ -26,7 +26,7 @@ FENCE = re.compile(r"^```python\n(.*?)^```\n", re.S | re.M)
 
 def restore_blocks() -> list[str]:
     section = README[README.index("### Restoring without nnxport"):]
-    section = section[:section.index("\n## ")]
+    section = section[:re.search(r"\n##+ ", section).start()]  # up to the next heading
     return FENCE.findall(section)
 
 
