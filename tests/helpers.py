@@ -121,3 +121,17 @@ class Opens:
     def inside(self, folder: Path) -> list[str]:
         root = os.path.realpath(folder)
         return [p for p in self.paths if p == root or p.startswith(root + os.sep)]
+
+
+def tree_state(*roots: Path, include_roots: bool = False) -> dict[str, tuple[int, int, int]]:
+    """Every entry under ``roots`` (symlinks not followed; the roots themselves with ``include_roots``):
+    path -> (mode, size, mtime_ns), what "nothing was created, changed or deleted" compares."""
+    out: dict[str, tuple[int, int, int]] = {}
+    for root in roots:
+        paths = [str(root)] if include_roots else []
+        for dirpath, dirnames, filenames in os.walk(root):
+            paths += [os.path.join(dirpath, name) for name in [*dirnames, *filenames]]
+        for path in paths:
+            st = os.lstat(path)
+            out[path] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    return out

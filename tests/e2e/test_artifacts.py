@@ -21,7 +21,7 @@ from nnxport.errors import SourceError
 from nnxport.pipeline.artifacts import ARTIFACT_NAMES, MAX_ARTIFACT_BYTES
 from nnxport.sources.hub import HUB_PATTERNS
 from nnxport.testing.hub import write_hub_cache
-from tests.helpers import Opens
+from tests.helpers import Opens, tree_state
 
 SECRET = "SENTINEL-SECRET-artifacts"
 FILES = {
@@ -155,16 +155,6 @@ HOSTILE: dict[str, tuple[Callable[[Path, Path], None], int, list[str]]] = {
 }
 
 
-def _tree(folder: Path) -> dict[str, tuple[int, int, int]]:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(folder):
-        for name in [*dirnames, *filenames]:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            out[os.path.relpath(p, folder)] = (st.st_mode, st.st_size, st.st_mtime_ns)
-    return out
-
-
 @pytest.mark.parametrize("row", list(HOSTILE))
 def test_hostile_artifacts(row: str, tiny_resnet_dir: Path, tmp_path: Path, opens: Opens, alarm: None,
                            cli: Any) -> None:
@@ -178,7 +168,7 @@ def test_hostile_artifacts(row: str, tiny_resnet_dir: Path, tmp_path: Path, open
     (outside / "secret.json").write_text(json.dumps({"note": SECRET}))
     make(src, outside)
     out = tmp_path / "out"
-    before = _tree(tmp_path)
+    before = tree_state(tmp_path)
     opens.paths.clear()  # what the test itself wrote
     res = cli("convert", src, "--out", out, "--no-parity", "--format", "json", *(["-q"] if code else []))
     assert res.exit_code == code, (res.stdout, res.stderr)
@@ -190,7 +180,7 @@ def test_hostile_artifacts(row: str, tiny_resnet_dir: Path, tmp_path: Path, open
         assert res.stdout == ""
         assert res.stderr.startswith("error: ") and len(res.stderr.strip().splitlines()) == 1, res.stderr
         assert not out.exists()
-        assert _tree(tmp_path) == before  # no staging folder, nothing changed
+        assert tree_state(tmp_path) == before  # no staging folder, nothing changed
     else:
         warnings = [ln for ln in res.stderr.splitlines() if "not copied" in ln]
         assert len(warnings) == 1, res.stderr

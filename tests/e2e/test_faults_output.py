@@ -37,23 +37,13 @@ from nnxport.errors import NnxportError
 from nnxport.pipeline.output import StateWriter
 from nnxport.sources.base import Source
 from nnxport.testing.hub import write_hub_cache
-from tests.helpers import ROOT, convert_until_staging
+from tests.helpers import ROOT, convert_until_staging, tree_state
 
 SECONDS = 60  # every in-process case ends well within this
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # subprocesses run from elsewhere import this checkout
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-def _snapshot(*roots: Path) -> dict[str, tuple[int, int, int]]:
-    """Every entry under ``roots``: (size, mtime_ns, mode) — what "nothing changed" compares."""
-    out: dict[str, tuple[int, int, int]] = {}
-    for root in roots:
-        for p in [root, *root.rglob("*")]:
-            st_ = p.lstat()
-            out[str(p)] = (st_.st_size, st_.st_mtime_ns, st_.st_mode)
-    return out
-
 
 def _one_line(res: Any, *says: str, code: int = 1) -> None:
     """The error contract of one CLI result."""
@@ -95,7 +85,7 @@ def _edit(folder: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
 
 def _verify_fails(cli: Any, folder: Path, *says: str, roots: tuple[Path, ...] = ()) -> None:
     """``nnxport verify`` fails with one line, in bounded time, changing nothing; ``load`` raises the same."""
-    before = _snapshot(folder, *roots)
+    before = tree_state(folder, *roots, include_roots=True)
     t = time.monotonic()
     res = cli("verify", folder, "-q")
     _one_line(res, *says)
@@ -104,7 +94,7 @@ def _verify_fails(cli: Any, folder: Path, *says: str, roots: tuple[Path, ...] = 
     if "nnxport.json" in res.stderr:
         assert str(err.value) == res.stderr.strip()[len("error: "):]
     assert time.monotonic() - t < SECONDS
-    assert _snapshot(folder, *roots) == before
+    assert tree_state(folder, *roots, include_roots=True) == before
 
 
 # ------------------------------------------------------------------------------ class 1: manifest as data
@@ -357,12 +347,12 @@ def _convert_fails(cli: Any, src: Path | str, out: Path | str, *args: str, says:
         raise AssertionError("tensor data was read before the output was checked")
 
     monkeypatch.setattr(Source, "read", no_reads)
-    before = _snapshot(*roots)
+    before = tree_state(*roots, include_roots=True)
     t = time.monotonic()
     res = cli("convert", src, "--out", out, *args, "-q")
     _one_line(res, *says)
     assert time.monotonic() - t < SECONDS
-    assert _snapshot(*roots) == before
+    assert tree_state(*roots, include_roots=True) == before
 
 
 @pytest.fixture

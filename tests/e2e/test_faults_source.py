@@ -33,7 +33,7 @@ from nnxport.models import get_family
 from nnxport.sources import safetensors as safetensors_mod
 from nnxport.sources.folder import open_source
 from nnxport.testing.hub import write_hub_cache
-from tests.helpers import RESNET_YAML, Opens, copy_source, shard
+from tests.helpers import RESNET_YAML, Opens, copy_source, shard, tree_state
 
 SECRET = "SENTINEL-SECRET-7f3a"
 BOMB = ("version: 1\nmodel: resnet\nrules:\n"
@@ -69,17 +69,6 @@ def outside(tmp_path: Path, tiny_resnet_dir: Path) -> Path:
     (folder / "sub").mkdir()
     shutil.copy(tiny_resnet_dir / "model.safetensors", folder / "sub" / "model.safetensors")
     return folder
-
-
-def _tree(folder: Path) -> dict[str, tuple[int, int, int]]:
-    """Every entry under ``folder`` (symlinks not followed): (mode, size, mtime_ns)."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(folder):
-        for name in [*dirnames, *filenames]:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            out[os.path.relpath(p, folder)] = (st.st_mode, st.st_size, st.st_mtime_ns)
-    return out
 
 
 def _index(src: Path, edit: Callable[[dict[str, str]], None]) -> Path:
@@ -357,7 +346,7 @@ def test_hostile_source(row: str, tiny_resnet_dir: Path, tmp_path: Path, outside
     args = [str(a) for a in case.args]
     spec = args.pop(0)[1:] if args and args[0].startswith("@") else str(src)
     out = tmp_path / "out"
-    before = _tree(tmp_path)
+    before = tree_state(tmp_path)
     started = time.monotonic()
     res = cli(case.command, spec, *args, "--out", out, "-q")
     took = time.monotonic() - started
@@ -373,7 +362,7 @@ def test_hostile_source(row: str, tiny_resnet_dir: Path, tmp_path: Path, outside
     for fragment in case.says:
         assert fragment in text, f"{fragment!r} not in {res.stderr!r}"
     assert not out.exists()
-    assert _tree(tmp_path) == before  # nothing created, changed or deleted: no staging folder either
+    assert tree_state(tmp_path) == before  # nothing created, changed or deleted: no staging folder either
     assert opens.inside(outside) == [], "a file outside the source was opened"
     assert took < 30, f"took {took:.1f} s"
 
