@@ -51,6 +51,7 @@ MANIFEST = "nnxport.json"
 PARITY_JSON = "parity.json"
 PARITY_MD = "parity.md"
 PARTIAL_TAG = ".nnxport-partial-"
+ABORT_WAIT_S = 30.0  # how long a failed run keeps removing its staging folder
 
 
 LOCK_TAG = ".nnxport-lock"
@@ -255,12 +256,22 @@ class OutputDir:
         self._unlock()
 
     def abort(self) -> None:
-        """Remove everything staged (process 0 only) and release the target. Removal is retried for a
-        moment: after a failed write (a full disk) a thread of Orbax's may still be creating files in it."""
+        """Remove everything staged (process 0 only) and release the target.
+
+        After a failed write (a full disk) Orbax's other serialisation threads may still be creating files
+        in the staging folder (the failed group's ``asyncio.gather`` does not cancel them), and tensorstore
+        recreates missing parent folders: removal is repeated until the folder has stayed gone for a quiet
+        moment, for at most ``ABORT_WAIT_S``."""
         if self.primary:
-            for _ in range(20):
+            deadline = time.monotonic() + ABORT_WAIT_S
+            while True:
                 shutil.rmtree(self.staging, ignore_errors=True)
                 if not os.path.lexists(self.staging):
+                    time.sleep(0.25)  # quiet moment: a late writer would recreate it now
+                    if not os.path.lexists(self.staging):
+                        break
+                if time.monotonic() > deadline:
+                    log.warning("%s: could not be removed (still being written)", self.staging)
                     break
                 time.sleep(0.05)
             self._unlock()
