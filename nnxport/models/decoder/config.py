@@ -1,0 +1,288 @@
+"""config.json -> :class:`DecoderSpec` for the decoder family (see the package docstring): every field
+that changes the forward pass is implemented or refused by :func:`resolve`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from nnxport.errors import ConfigError
+from nnxport.models.base import padding_idx_field, rate_field
+from nnxport.models.layers import ACTIVATIONS
+
+MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+REFERENCE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+             "mistral": "MistralForCausalLM"}
+ROPE_TYPES = ("default", "linear", "llama3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+#: Defaults of the transformers 5.23 config classes for every field this module reads (a field missing
+#: from config.json takes them). ``None`` head_dim / num_key_value_heads: derived as transformers does.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "hidden_act": "silu",
+              "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+              "attention_bias": False, "mlp_bias": False},
+    "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "hidden_act": "silu",
+              "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+              "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 28},
+    "qwen3": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128, "hidden_act": "silu",
+              "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+              "attention_bias": False, "use_sliding_window": False, "sliding_window": 4096,
+              "max_window_layers": 28},
+    "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None, "hidden_act": "silu",
+                "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                "sliding_window": 4096},
+}
+DEFAULT_ROPE_THETA = 10000.0
+
+
+
+@dataclass(frozen=True)
+class Rope:
+    """Rotary embedding parameters (transformers' ``rope_parameters`` after standardisation)."""
+
+    rope_type: str
+    theta: float
+    head_dim: int
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def inv_freq(self) -> np.ndarray:
+        """Inverse frequencies [head_dim // 2] in float32, computed in float32 in transformers' order."""
+        f32 = np.float32
+        exponent = np.arange(0, self.head_dim, 2, dtype=np.int64).astype(f32) / f32(self.head_dim)
+        inv = f32(1.0) / np.power(f32(self.theta), exponent, dtype=f32)
+        if self.rope_type == "linear":
+            return (inv / f32(self.factor)).astype(f32)
+        if self.rope_type != "llama3":
+            return inv.astype(f32)
+        # transformers.modeling_rope_utils._compute_llama3_parameters
+        factor, low, high = f32(self.factor), f32(self.low_freq_factor), f32(self.high_freq_factor)
+        old = f32(self.original_max_position_embeddings)
+        low_wavelen = self.original_max_position_embeddings / self.low_freq_factor
+        high_wavelen = self.original_max_position_embeddings / self.high_freq_factor
+        wavelen = (f32(2 * math.pi) / inv).astype(f32)
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv).astype(f32)
+        smooth = ((old / wavelen - low) / (high - low)).astype(f32)
+        smoothed = ((f32(1) - smooth) * scaled / factor + smooth * scaled).astype(f32)
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(f32)
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """Everything the NNX model needs, resolved from config.json (see :func:`resolve`)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    hidden_act: str
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    tie_word_embeddings: bool
+    rope: Rope
+    #: Per layer: the sliding window W (query i sees keys i-W < j <= i), or None for full causal attention.
+    windows: tuple[int | None, ...]
+    #: ``attention_dropout``: dropout on the attention probabilities (train mode only); these models have
+    #: no other dropout.
+    attention_dropout: float = 0.0
+    #: ``pad_token_id``: the embedding row that lookups pass no gradient to (torch's ``padding_idx``).
+    pad_token_id: int | None = None
+
+
+def _get(config: Mapping[str, Any], field: str) -> Any:
+    """``config[field]``, or the config class's default when config.json does not have it."""
+    defaults = DEFAULTS[config.get("model_type", "llama")]
+    return config[field] if field in config else defaults.get(field)
+
+
+def _int(config: Mapping[str, Any], field: str, *, minimum: int = 1) -> int:
+    value = _get(config, field)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"config.json: field '{field}' must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _number(value: Any, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"config.json: field '{field}' must be a number, got {value!r}")
+    return float(value)
+
+
+def _flag(config: Mapping[str, Any], field: str) -> bool:
+    value = _get(config, field)
+    if not isinstance(value, bool):
+        raise ConfigError(f"config.json: field '{field}' must be true or false, got {value!r}")
+    return value
+
+
+def _rope(config: Mapping[str, Any], head_dim: int, max_positions: int) -> Rope:
+    """RoPE parameters the way transformers 5 standardises them (``convert_rope_params_to_dict``): a
+    hub ``rope_scaling`` wins over ``rope_parameters``; ``rope_theta`` comes from that dict, else the top
+    level, else 10000; the type from ``rope_type``, else the older ``type``, else ``default``."""
+    field = "rope_scaling" if config.get("rope_scaling") is not None else "rope_parameters"
+    params = config.get(field) or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"config.json: field '{field}' must be a mapping, got {params!r}")
+    if any(k in LAYER_TYPES for k in params):
+        raise ConfigError(f"config.json: field '{field}' holds per-layer-type RoPE parameters, which "
+                          f"{config.get('model_type')} models do not have")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(f"config.json: field '{field}' has rope_type {rope_type!r}, which nnxport's "
+                          f"decoder family does not implement (supported: {', '.join(ROPE_TYPES)})")
+    theta = params["rope_theta"] if "rope_theta" in params else config.get("rope_theta", DEFAULT_ROPE_THETA)
+    theta = _number(theta, "rope_theta")
+    for where, prf in (("partial_rotary_factor", config.get("partial_rotary_factor")),
+                       (f"{field}.partial_rotary_factor", params.get("partial_rotary_factor"))):
+        if prf is not None and prf != 1.0:
+            raise ConfigError(f"config.json: field '{where}' is {prf!r}; only full rotary embeddings (1.0) "
+                              f"are supported for {config.get('model_type')} models")
+    if rope_type == "default":
+        return Rope("default", theta, head_dim)
+
+    def need(key: str) -> float:
+        if params.get(key) is None:
+            raise ConfigError(f"config.json: field '{field}' of rope_type {rope_type!r} needs '{key}'")
+        return _number(params[key], f"{field}.{key}")
+
+    factor = need("factor")
+    if rope_type == "linear":
+        return Rope("linear", theta, head_dim, factor=factor)
+    low, high = need("low_freq_factor"), need("high_freq_factor")
+    if high <= low:
+        raise ConfigError(f"config.json: field '{field}': high_freq_factor ({high}) must exceed "
+                          f"low_freq_factor ({low})")
+    # transformers gives a top-level original_max_position_embeddings priority, then the dict's, then
+    # max_position_embeddings.
+    original = config.get("original_max_position_embeddings",
+                          params.get("original_max_position_embeddings", max_positions))
+    if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+        raise ConfigError(f"config.json: field '{field}.original_max_position_embeddings' must be a "
+                          f"positive integer, got {original!r}")
+    return Rope("llama3", theta, head_dim, factor=factor, low_freq_factor=low, high_freq_factor=high,
+                original_max_position_embeddings=original)
+
+
+def _windows(config: Mapping[str, Any], model_type: str, num_layers: int) -> tuple[int | None, ...]:
+    """Per-layer sliding windows, as the transformers 5.23 classes decide them."""
+    if model_type == "llama":
+        return (None,) * num_layers
+    window = _get(config, "sliding_window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ConfigError(f"config.json: field 'sliding_window' must be a positive integer or null, "
+                          f"got {window!r}")
+    if model_type == "mistral":  # MistralModel: one mask for every layer (layer_types is ignored)
+        return (window,) * num_layers
+    # Qwen2Config / Qwen3Config.__post_init__: the window exists only with use_sliding_window; layer_types
+    # (written by transformers 5) wins over max_window_layers.
+    if not _flag(config, "use_sliding_window"):
+        window = None
+    layer_types = config.get("layer_types")
+    if layer_types is None:
+        first = _int(config, "max_window_layers", minimum=0)
+        layer_types = ["sliding_attention" if window is not None and i >= first else "full_attention"
+                       for i in range(num_layers)]
+    if not isinstance(layer_types, list) or len(layer_types) < num_layers:
+        raise ConfigError(f"config.json: field 'layer_types' must list one type per layer "
+                          f"({num_layers}), got {layer_types!r}")
+    out: list[int | None] = []
+    for t in layer_types[:num_layers]:
+        if t not in LAYER_TYPES:
+            raise ConfigError(f"config.json: field 'layer_types' has {t!r} "
+                              f"(supported: {', '.join(LAYER_TYPES)})")
+        if t == "sliding_attention" and window is None:
+            raise ConfigError("config.json: field 'layer_types' asks for sliding_attention but "
+                              "'sliding_window' is not set (or use_sliding_window is false)")
+        out.append(window if t == "sliding_attention" else None)
+    return tuple(out)
+
+
+def resolve(config: Mapping[str, Any]) -> DecoderSpec:
+    """The :class:`DecoderSpec` of ``config``; ConfigError naming the field for anything not implemented."""
+    model_type = config.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(f"config.json: field 'model_type' is {model_type!r}; the decoder family covers "
+                          f"{', '.join(MODEL_TYPES)}")
+    archs = config.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConfigError(f"config.json: field 'architectures' must be a list of class names, got {archs!r}")
+    if archs and not any(a.lower().endswith("forcausallm") for a in archs):
+        raise ConfigError(f"config.json: field 'architectures' is {archs}; the decoder family converts "
+                          f"causal language models ({REFERENCE[model_type]})")
+    if config.get("quantization_config") is not None:
+        raise ConfigError("config.json: field 'quantization_config' is set; quantized checkpoints are not "
+                          "supported (convert the unquantized weights)")
+    hidden, heads = _int(config, "hidden_size"), _int(config, "num_attention_heads")
+    kv_heads = _get(config, "num_key_value_heads")
+    kv_heads = heads if kv_heads is None else _int(config, "num_key_value_heads")
+    if heads % kv_heads:
+        raise ConfigError(f"config.json: field 'num_key_value_heads' ({kv_heads}) must divide "
+                          f"num_attention_heads ({heads})")
+    head_dim = _get(config, "head_dim")
+    if head_dim is None:
+        if hidden % heads:
+            raise ConfigError(f"config.json: field 'hidden_size' ({hidden}) is not a multiple of "
+                              f"num_attention_heads ({heads}) and 'head_dim' is not set")
+        head_dim = hidden // heads
+    else:
+        head_dim = _int(config, "head_dim")
+    if head_dim % 2:
+        raise ConfigError(f"config.json: field 'head_dim' ({head_dim}) must be even for rotary embeddings")
+    if model_type == "llama" and hidden % heads:  # LlamaConfig.validate_architecture
+        raise ConfigError(f"config.json: field 'hidden_size' ({hidden}) must be a multiple of "
+                          f"num_attention_heads ({heads}) for llama models")
+    act = _get(config, "hidden_act")
+    if act not in ACTIVATIONS:
+        raise ConfigError(f"config.json: field 'hidden_act' is {act!r}, which nnxport's decoder family does "
+                          f"not implement (supported: {', '.join(sorted(ACTIVATIONS))})")
+    eps = _number(_get(config, "rms_norm_eps"), "rms_norm_eps")
+    num_layers = _int(config, "num_hidden_layers")
+    max_positions = _int(config, "max_position_embeddings")
+    if model_type == "llama":
+        qkv_bias = o_bias = _flag(config, "attention_bias")
+        mlp_bias = _flag(config, "mlp_bias")
+    elif model_type == "qwen3":
+        qkv_bias = o_bias = _flag(config, "attention_bias")
+        mlp_bias = False
+    else:
+        qkv_bias, o_bias, mlp_bias = model_type == "qwen2", False, False
+    return DecoderSpec(
+        model_type=model_type,
+        vocab_size=_int(config, "vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=_int(config, "intermediate_size"),
+        num_layers=num_layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=eps,
+        hidden_act=act,
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=mlp_bias,
+        qk_norm=model_type == "qwen3",
+        tie_word_embeddings=_flag(config, "tie_word_embeddings"),
+        rope=_rope(config, head_dim, max_positions),
+        windows=_windows(config, model_type, num_layers),
+        attention_dropout=rate_field(config, "attention_dropout", 0.0),
+        pad_token_id=padding_idx_field(config, _int(config, "vocab_size"), None),
+    )

@@ -1,0 +1,256 @@
+"""The decoder family's NNX modules: :class:`Decoder` and its blocks (numerics: the package docstring)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nnxport.models.decoder.config import DecoderSpec
+from nnxport.models.layers import (
+    ACTIVATIONS,
+    COLUMN,
+    EMBEDDING,
+    ROW,
+    KVCache,
+    attention,
+    attention_mask,
+    check_token_ids,
+    dropout,
+    padding_no_grad,
+    sharded,
+)
+
+
+class RMSNorm(nnx.Module):
+    """transformers' LlamaRMSNorm: normalise in float32, cast back, then multiply by ``scale``.
+
+    Args:
+        dim: the normalised (last) dimension.
+        eps: ``rms_norm_eps``.
+    """
+
+    def __init__(self, dim: int, eps: float):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalise ``x`` [..., dim]; the result has x's dtype (the scale's where that is wider)."""
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * h.astype(x.dtype)
+
+
+def _rotate_half(x: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, H, D]; cos, sin [B|1, T, D] (already in x's dtype)."""
+    return x * cos[:, :, None, :] + _rotate_half(x) * sin[:, :, None, :]
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with rotary embeddings (and Qwen3's per-head q/k RMSNorm).
+
+    Args:
+        spec: the model's spec (sizes, biases, ``qk_norm``).
+        rngs: random streams.
+    """
+
+    def __init__(self, spec: DecoderSpec, *, rngs: nnx.Rngs):
+        h, d = spec.hidden_size, spec.head_dim
+        qh, kvh, bias = spec.num_heads * d, spec.num_kv_heads * d, spec.qkv_bias
+        self.q = nnx.Linear(h, qh, use_bias=bias, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.k = nnx.Linear(h, kvh, use_bias=bias, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.v = nnx.Linear(h, kvh, use_bias=bias, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.o = nnx.Linear(qh, h, use_bias=spec.o_bias, kernel_metadata=sharded(ROW), rngs=rngs)
+        self.q_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
+        self.heads, self.kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, d
+        self.dropout = dropout(spec.attention_dropout, rngs)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        """Attend and project back.
+
+        Args:
+            x: hidden states [B, T, hidden_size].
+            cos: rotary cosines [T, head_dim], in x's dtype.
+            sin: rotary sines [T, head_dim], in x's dtype.
+            mask: boolean [B|1, 1, T, T], True where query i may attend to key j.
+        """
+        q, k, v = self._qkv(x, cos, sin)
+        out = attention(q, k, v, mask, scale=self.head_dim ** -0.5, dropout=self.dropout)
+        return self.o(out.reshape(*x.shape[:2], self.heads * self.head_dim))
+
+    def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        b, t, _ = x.shape
+        q = self.q(x).reshape(b, t, self.heads, self.head_dim)
+        k = self.k(x).reshape(b, t, self.kv_heads, self.head_dim)
+        v = self.v(x).reshape(b, t, self.kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:  # Qwen3: per head, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
+
+    def step(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache: KVCache,
+             layer: int) -> tuple[jax.Array, KVCache]:
+        """:meth:`__call__` for new tokens x [B, T, hidden] against the cache (``mask`` from
+        ``cache.mask``); writes this layer's keys and values."""
+        q, k, v = self._qkv(x, cos, sin)
+        out, cache = cache.attend(layer, q, k, v, mask, scale=self.head_dim ** -0.5)
+        return self.o(out.reshape(*x.shape[:2], self.heads * self.head_dim)), cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU MLP: ``down(act(gate(x)) * up(x))``.
+
+    Args:
+        spec: the model's spec (sizes, ``mlp_bias``, ``hidden_act``).
+        rngs: random streams.
+    """
+
+    def __init__(self, spec: DecoderSpec, *, rngs: nnx.Rngs):
+        h, i = spec.hidden_size, spec.intermediate_size
+        self.gate = nnx.Linear(h, i, use_bias=spec.mlp_bias, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.up = nnx.Linear(h, i, use_bias=spec.mlp_bias, kernel_metadata=sharded(COLUMN), rngs=rngs)
+        self.down = nnx.Linear(i, h, use_bias=spec.mlp_bias, kernel_metadata=sharded(ROW), rngs=rngs)
+        self.act = spec.hidden_act
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Apply the MLP.
+
+        Args:
+            x: hidden states [..., hidden_size].
+        """
+        return self.down(ACTIVATIONS[self.act](self.gate(x)) * self.up(x))
+
+
+class Block(nnx.Module):
+    """Pre-norm block: ``x + attn(input_norm(x))``, then ``x + mlp(post_attn_norm(x))``.
+
+    Args:
+        spec: the model's spec.
+        rngs: random streams.
+    """
+
+    def __init__(self, spec: DecoderSpec, *, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.attn = Attention(spec, rngs=rngs)
+        self.post_attn_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec, rngs=rngs)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        """Apply the block (arguments as :meth:`Attention.__call__`)."""
+        x = x + self.attn(self.input_norm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attn_norm(x))
+
+    def step(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache: KVCache,
+             layer: int) -> tuple[jax.Array, KVCache]:
+        """The block on new tokens against the KV cache (see :meth:`Attention.step`)."""
+        h, cache = self.attn.step(self.input_norm(x), cos, sin, mask, cache, layer)
+        x = x + h
+        return x + self.mlp(self.post_attn_norm(x)), cache
+
+
+class Decoder(nnx.Module):
+    """A decoder-only LM: ``model(input_ids [B, T] int, attention_mask [B, T] or None) -> logits [B, T, V]``
+    in the weights' dtype. ``__call__`` runs the whole sequence at positions 0..T-1 (the mask only hides
+    padded keys); :meth:`decode` runs new tokens against a KV cache at given positions (generation).
+
+    Args:
+        spec: the resolved config (:func:`resolve`).
+        rngs: random streams for the initialisers.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from nnxport.models.decoder import Decoder, resolve
+        >>> spec = resolve({"model_type": "llama", "hidden_size": 32, "num_attention_heads": 4,
+        ...                 "num_key_value_heads": 2, "num_hidden_layers": 2, "intermediate_size": 64,
+        ...                 "vocab_size": 100})
+        >>> model = Decoder(spec, rngs=nnx.Rngs(0))
+        >>> model(jnp.zeros((2, 8), jnp.int32)).shape
+        (2, 8, 100)
+    """
+
+    def __init__(self, spec: DecoderSpec, *, rngs: nnx.Rngs):
+        self.spec = spec
+        self.embed = nnx.Embed(spec.vocab_size, spec.hidden_size, embedding_metadata=sharded(EMBEDDING),
+                               rngs=rngs)
+        self.layers = nnx.List([Block(spec, rngs=rngs) for _ in range(spec.num_layers)])
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = (None if spec.tie_word_embeddings
+                        else nnx.Linear(spec.hidden_size, spec.vocab_size, use_bias=False,
+                                        kernel_metadata=sharded(COLUMN), rngs=rngs))
+
+    def hidden_states(self, input_ids: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """The final normed hidden states.
+
+        Args:
+            input_ids: token ids [B, T].
+            mask: padding mask [B, T] (1 = token), or None.
+
+        Returns:
+            [B, T, hidden_size], in the weights' dtype.
+        """
+        check_token_ids(input_ids, self.spec.vocab_size)  # eager calls only (concrete ids)
+        # Not nnx.Embed.__call__: it computes in the dtype the module was built with (float32), while the
+        # model runs in the dtype of the stored weights, as transformers does.
+        x = padding_no_grad(jnp.take(self.embed.embedding[...], input_ids, axis=0), input_ids,
+                            self.spec.pad_token_id)
+        length = input_ids.shape[1]
+        cos, sin = self._rope(jnp.arange(length)[None], x.dtype)
+        masks = {w: attention_mask(mask, length, causal=True, sliding_window=w)
+                 for w in set(self.spec.windows)}
+        for layer, window in zip(self.layers, self.spec.windows, strict=True):
+            x = layer(x, cos, sin, masks[window])
+        return self.norm(x)
+
+    def __call__(self, input_ids: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """Logits [B, T, vocab_size] (arguments as :meth:`hidden_states`)."""
+        return self._logits(self.hidden_states(input_ids, mask))
+
+    def _logits(self, h: jax.Array) -> jax.Array:
+        if self.lm_head is None:  # tied: the embedding's transpose
+            return h @ self.embed.embedding[...].T
+        return self.lm_head(h)
+
+    def _rope(self, positions: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+        """cos, sin [B|1, T, head_dim] of position ids [B|1, T], computed in float32, cast to ``dtype``."""
+        freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(self.spec.rope.inv_freq())
+        emb = jnp.concatenate([freqs, freqs], axis=-1)
+        return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+    #: Rotary positions have no table: generation is limited by memory only.
+    max_positions: int | None = None
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache of ``max_len`` slots for ``batch`` rows (for :meth:`decode`), in the dtype of
+        the weights."""
+        dtype = self.embed.embedding.dtype
+        return KVCache.empty(batch, max_len, self.spec.num_layers, self.spec.num_kv_heads,
+                             self.spec.head_dim, dtype)
+
+    def decode(self, input_ids: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache
+               ) -> tuple[jax.Array, KVCache]:
+        """Incremental decoding: logits [B, T, vocab_size] of T new tokens written at the cache's next
+        slots (the prompt at once, then one token per step), and the updated cache. Each layer's sliding
+        window (``spec.windows``) applies to the cache's slots as in :meth:`hidden_states`.
+
+        Args:
+            input_ids: new token ids [B, T].
+            positions: their position ids [B, T] (:func:`nnxport.models.layers.generation_positions`).
+            mask: [B, T], 1 for tokens, 0 for padding (never attended to).
+            cache: from :meth:`init_cache` or the previous call.
+        """
+        x = jnp.take(self.embed.embedding[...], input_ids, axis=0)
+        cos, sin = self._rope(positions, x.dtype)
+        cache = cache.admit(mask)
+        length = input_ids.shape[1]
+        masks = {w: cache.mask(length, w) for w in set(self.spec.windows)}
+        for i, (layer, window) in enumerate(zip(self.layers, self.spec.windows, strict=True)):
+            x, cache = layer.step(x, cos, sin, masks[window], cache, i)
+        return self._logits(self.norm(x)), cache.advance(length)
