@@ -24,12 +24,14 @@ from nnxport.mapping.schema import Mapping, select_mapping
 from nnxport.models import FAMILIES, resolve_family
 from nnxport.parity.report import ParityReport
 from nnxport.parity.run import run_parity, weakest_dtype
+from nnxport.parity.streamed import plan_reference
 from nnxport.pipeline.manifest import build_manifest, manifest_family, read_manifest, recorded_source
 from nnxport.pipeline.output import (
     CHECKPOINT,
     MANIFEST,
     OutputDir,
     check_target,
+    restore_lazily,
     restore_model,
     restore_state,
     write_json,
@@ -197,11 +199,15 @@ def convert(
 def _parity_of_written(plan: Plan, checkpoint: Path, done: Transferred, device: str) -> ParityReport:
     """Parity on the model restored from the checkpoint just written: it checks what is on disk."""
     home = default_sharding(resolve_device("auto" if plan.placement.shardings is not None else device), None)
-    restored = restore_state(checkpoint, nnx.to_pure_dict(plan.abstract), home)
-    nnx.replace_by_pure_dict(plan.abstract, restored)
-    model = nnx.merge(plan.graphdef, plan.abstract)
+    streamed = plan_reference(plan.family, plan.source, plan.config, plan.options)
+    if streamed is not None:  # neither side held whole (nnxport.parity.streamed)
+        model = restore_lazily(checkpoint, plan.graphdef, plan.abstract, home)
+    else:
+        restored = restore_state(checkpoint, nnx.to_pure_dict(plan.abstract), home)
+        nnx.replace_by_pure_dict(plan.abstract, restored)
+        model = nnx.merge(plan.graphdef, plan.abstract)
     return run_parity(plan.family, model, plan.source, plan.config, weakest_dtype(done.dtypes),
-                      options=plan.options, assignments=plan.assignments)
+                      options=plan.options, assignments=plan.assignments, streamed=streamed)
 
 
 # ------------------------------------------------------------------------------------------- load, verify
@@ -237,16 +243,17 @@ def verify(folder: str | Path, *, source: str | Path | None = None, model: str |
     with open_source(spec, revision=revision, allow_pickle=pickled) as src:
         check_unchanged(src, manifest["source"]["files"])
         prog.end(RESOLVE)
+        config, options = manifest["model"]["config"], manifest["model"].get("options", {})
+        streamed = plan_reference(family, src, config, options)
         prog.start(LOAD, manifest.get("bytes"))
-        module = restore_model(folder, manifest, family)
+        module = restore_model(folder, manifest, family, lazy=streamed is not None)
         leaves = jax.tree.leaves(nnx.state(module, STATE_FILTER))
         prog.advance(LOAD, sum(leaf.nbytes for leaf in leaves))
         prog.end(LOAD)
         prog.start(PARITY)
-        report = run_parity(family, module, src, manifest["model"]["config"],
-                            weakest_dtype({str(leaf.dtype) for leaf in leaves}),
-                            options=manifest["model"].get("options", {}),
-                            assignments=recorded_assignments(manifest, src, module))
+        report = run_parity(family, module, src, config, weakest_dtype({str(leaf.dtype) for leaf in leaves}),
+                            options=options, assignments=recorded_assignments(manifest, src, module),
+                            streamed=streamed)
         prog.end(PARITY)
     write_reports(folder, report, str(manifest["source"]["spec"]))
     manifest["parity"] = {"passed": report.passed}

@@ -101,8 +101,15 @@ def _run(graphdef: Any, state: Any, ids: jax.Array, mask: jax.Array, positions: 
         out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
         done = done | jnp.isin(token, eos)
         pos = (last_pos + 1 + i)[:, None]
-        logits, cache = model.decode(token[:, None], pos, jnp.ones((batch, 1), jnp.int32), cache)
-        return i + 1, logits[:, -1], cache, out, done, key
+
+        def advance(cache: Any) -> tuple[jax.Array, Any]:
+            new, cache = model.decode(token[:, None], pos, jnp.ones((batch, 1), jnp.int32), cache)
+            return new[:, -1], cache
+
+        # The last token needs no forward pass of its own (a whole pass over the weights when they are
+        # read lazily, as streamed parity does).
+        logits, cache = jax.lax.cond(i + 1 < budget, advance, lambda cache: (logits, cache), cache)
+        return i + 1, logits, cache, out, done, key
 
     def more(carry: tuple[Any, ...]) -> jax.Array:
         i, _, _, _, done, _ = carry

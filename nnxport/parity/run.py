@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from nnxport.models import Family, ParityInput
 from nnxport.parity import generation, layerwise
 from nnxport.parity.metrics import compare
 from nnxport.parity.report import ParityReport, number_text
+from nnxport.parity.streamed import StreamedReference
+from nnxport.pipeline.lazy import eagerly
 from nnxport.sources.base import Source
 from nnxport.sources.folder import INDEX_NAME
 from nnxport.sources.pickled import PICKLE_INDEX_NAME
@@ -79,6 +82,7 @@ def run_parity(
     options: dict[str, Any] | None = None,
     seed: int = 0,
     assignments: Sequence[Assignment] | None = None,
+    streamed: StreamedReference | None = None,
 ) -> ParityReport:
     """Compare ``model`` with the reference built from ``source``; ``passed`` is computed.
 
@@ -86,11 +90,28 @@ def run_parity(
     the same forward passes and compared too (``layers``; see nnxport.parity.layerwise). They do not change
     ``passed``, which is about the model's outputs. A causal LM's harness (``generation_tokens``) also
     compares greedy generation (``generation``; nnxport.parity.generation), which ``passed`` counts.
+
+    ``streamed`` (:func:`nnxport.parity.streamed.plan_reference`): the reference runs block by block, and
+    ``model`` (typically restored lazily, :func:`nnxport.pipeline.output.restore_lazily`) runs with jit
+    disabled, so that neither side is ever held whole.
     """
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    reference, ref_name = load_reference(family, source, config, options or {})
+    if streamed is not None:
+        reference, ref_name = streamed.model, streamed.name
+    else:
+        reference, ref_name = load_reference(family, source, config, options or {})
     timings["load_reference"] = time.perf_counter() - t
+    with streamed or contextlib.nullcontext():
+        return _compare(family, model, reference, ref_name, config, dtype, seed, assignments, streamed,
+                        timings)
+
+
+def _compare(family: Family, model: nnx.Module, reference: Any, ref_name: str, config: dict[str, Any],
+             dtype: str, seed: int, assignments: Sequence[Assignment] | None,
+             streamed: StreamedReference | None, timings: dict[str, float]) -> ParityReport:
+    """The body of :func:`run_parity` once the reference is there."""
+    run: Callable[[Callable[[], Any]], Any] = (lambda f: f()) if streamed is None else eagerly
     harness = family.parity
     inputs: list[ParityInput] = harness.parity_inputs(config, seed)
     names = layerwise.reference_names(reference, (k for a in assignments or () for k in a.sources))
@@ -102,20 +123,22 @@ def run_parity(
     prompt, reference_tokens = _generation_prompt(harness.generation_tokens, model, inputs), None
     if prompt is not None:
         t = time.perf_counter()
-        reference_tokens = generation.reference_generate(reference, *prompt)
+        reference_tokens = (generation.reference_generate(reference, *prompt) if streamed is None
+                            else streamed.generate(*prompt))
         timings["generate_reference"] = time.perf_counter() - t
     del reference
     t = time.perf_counter()
     if groups:
-        got, nnx_layers = layerwise.nnx_outputs(harness.run_nnx, model, inputs)
+        got, nnx_layers = run(lambda: layerwise.nnx_outputs(harness.run_nnx, model, inputs))
     else:
-        got, nnx_layers = harness.run_nnx(model, inputs), {}
+        got, nnx_layers = run(lambda: harness.run_nnx(model, inputs)), {}
     timings["run_nnx"] = time.perf_counter() - t
     tol = harness.tolerance(dtype)
     check = None
     if prompt is not None and reference_tokens is not None:
         t = time.perf_counter()
-        check = generation.compare_generation(generation.nnx_generate(model, *prompt), reference_tokens,
+        check = generation.compare_generation(run(lambda: generation.nnx_generate(model, *prompt)),
+                                              reference_tokens,
                                               list(prompt[0].shape), tol)
         timings["generate_nnx"] = time.perf_counter() - t
     outputs = [compare(name, got[name], expected[name], tol, distribution=name in harness.distributions)

@@ -32,6 +32,7 @@ from nnxport.errors import ConfigError, NnxportError, OutputError, SourceError, 
 from nnxport.models.base import Family
 from nnxport.models.layers import seed_dropout
 from nnxport.parity.report import PARITY_PNG, ParityReport
+from nnxport.pipeline.lazy import CheckpointBlocks, flatten, lazy_model
 from nnxport.pipeline.loading import leaf_shardings, load_mesh, tag_shardings
 from nnxport.pipeline.plan import STATE_FILTER, abstract_state
 from nnxport.placement import default_sharding, resolve_device
@@ -493,12 +494,11 @@ def set_path(tree: dict[Any, Any], dotted: str, value: Any, *, create: bool = Fa
     tree[keys[-1]] = value
 
 
-def restore_state(path: Path, abstract: Mapping[str, Any],
-                  sharding: jax.sharding.Sharding | Mapping[str, jax.sharding.Sharding]) -> Any:
-    """Restore the checkpoint at ``path`` into the layout of ``abstract`` (a nested dict of
-    ShapeDtypeStruct); dtypes and shapes come from the checkpoint's own metadata, arrays go to
-    ``sharding`` (one for all, or one per dotted path): Orbax reads each device's part onto that device,
-    never the whole array onto one first."""
+def checkpoint_targets(path: Path, abstract: Mapping[str, Any],
+                       sharding: jax.sharding.Sharding | Mapping[str, jax.sharding.Sharding] | None) -> Any:
+    """``abstract`` (a nested dict of ShapeDtypeStruct) with the dtypes the checkpoint at ``path`` stores
+    and ``sharding`` (one for all, or one per dotted path); SourceError naming a leaf the checkpoint lacks
+    or holds in another shape."""
     saved = ocp_v1.metadata(path.absolute()).metadata
 
     def target(keypath: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
@@ -510,23 +510,41 @@ def restore_state(path: Path, abstract: Mapping[str, Any],
         if tuple(node.shape) != tuple(leaf.shape):
             raise SourceError(f"{path}: '{dotted}' has shape {tuple(node.shape)} in the checkpoint, "
                               f"the model expects {tuple(leaf.shape)}")
-        where = sharding if isinstance(sharding, jax.sharding.Sharding) else sharding[dotted]
+        one = sharding is None or isinstance(sharding, jax.sharding.Sharding)
+        where = sharding if one else sharding[dotted]  # type: ignore[index]
         return jax.ShapeDtypeStruct(leaf.shape, node.dtype, sharding=where)
 
     try:
-        target_tree = jax.tree_util.tree_map_with_path(target, abstract)
+        return jax.tree_util.tree_map_with_path(target, abstract)
     except KeyError as e:
         raise SourceError(f"{path}: the checkpoint lacks {e} that the model needs") from None
-    return ocp_v1.load(path.absolute(), target_tree)
+
+
+def restore_state(path: Path, abstract: Mapping[str, Any],
+                  sharding: jax.sharding.Sharding | Mapping[str, jax.sharding.Sharding]) -> Any:
+    """Restore the checkpoint at ``path`` into the layout of ``abstract`` (a nested dict of
+    ShapeDtypeStruct); dtypes and shapes come from the checkpoint's own metadata, arrays go to
+    ``sharding`` (one for all, or one per dotted path): Orbax reads each device's part onto that device,
+    never the whole array onto one first."""
+    return ocp_v1.load(path.absolute(), checkpoint_targets(path, abstract, sharding))
+
+
+def restore_lazily(path: Path, graphdef: Any, abstract: nnx.State, sharding: jax.sharding.Sharding
+                   ) -> nnx.Module:
+    """The model of ``graphdef`` / ``abstract`` with every leaf read from the checkpoint at ``path`` block
+    by block when first used (:mod:`nnxport.pipeline.lazy`; run it under ``jax.disable_jit()``)."""
+    leaves = flatten(checkpoint_targets(path, nnx.to_pure_dict(abstract), None))
+    return seed_dropout(lazy_model(graphdef, abstract, CheckpointBlocks(path, leaves, sharding)), 0)
 
 
 def restore_model(folder: Path, manifest: dict[str, Any], family: Family, device: str | None = None,
-                  mesh: jax.sharding.Mesh | str | None = None) -> nnx.Module:
+                  mesh: jax.sharding.Mesh | str | None = None, *, lazy: bool = False) -> nnx.Module:
     """The model recorded in ``folder`` (its ``manifest`` read, ``family`` chosen), rebuilt and restored
     onto ``device`` (default: the recorded one when jax has it), or sharded over ``mesh``
     (:mod:`nnxport.pipeline.loading`: a Mesh, ``AXIS=N,...`` or ``"recorded"``; each leaf's partition spec
-    becomes its ``out_sharding`` metadata). The recorded config is untrusted: a config the family cannot
-    build is a SourceError naming the manifest."""
+    becomes its ``out_sharding`` metadata). ``lazy`` (one device only): every leaf is read from the
+    checkpoint block by block when first used (:func:`restore_lazily`, streamed parity). The recorded
+    config is untrusted: a config the family cannot build is a SourceError naming the manifest."""
     cfg, options = manifest["model"]["config"], manifest["model"].get("options", {})
     if mesh is not None and device is not None:
         raise NnxportError(f"load {folder}: pass device= or mesh=, not both")
@@ -550,6 +568,8 @@ def restore_model(folder: Path, manifest: dict[str, Any], family: Family, device
             recorded = str(manifest.get("device", "auto")).split(":")[0]
             device = recorded if recorded in {d.platform for d in jax.devices()} else "auto"
         sharding = default_sharding(resolve_device(device), None)
+    if lazy and isinstance(sharding, jax.sharding.Sharding):
+        return restore_lazily(folder / CHECKPOINT, graphdef, abstract, sharding)
     restored = restore_state(folder / CHECKPOINT, nnx.to_pure_dict(abstract), sharding)
     nnx.replace_by_pure_dict(abstract, restored)
     model = seed_dropout(nnx.merge(graphdef, abstract), 0)  # reseed: nnxport.seed_dropout / nnx.reseed

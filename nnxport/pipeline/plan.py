@@ -17,7 +17,9 @@ from nnxport.mapping.schema import Mapping, load_mapping_file, load_mapping_text
 from nnxport.models import Family, resolve_family
 from nnxport.models.base import annotated_shards
 from nnxport.models.layers import strip_dropout_rngs
+from nnxport.parity.streamed import parity_mode
 from nnxport.pipeline.artifacts import copy_artifacts, find_artifacts
+from nnxport.pipeline.lazy import cache_bytes
 from nnxport.pipeline.resolve import require_config
 from nnxport.placement import (
     build_mesh,
@@ -197,6 +199,8 @@ def make_plan(src: Source, *, mapping: str | Mapping | None = None, model: str |
     analysis.checked(base.mapping.where)
     _log_analysis(base, analysis)
     check_dtype(dtype)  # before anything is written
+    if parity:  # the streamed-parity settings too (nnxport.parity.streamed)
+        parity_mode(), cache_bytes()
     if processes > 1 and not mesh:
         raise NnxportError(f"a multi-process conversion ({processes} processes) needs {option('mesh')} over "
                            f"all {len(jax.devices())} devices")
