@@ -123,6 +123,7 @@ def convert(
     device: str = "auto",
     dtype: str = "keep",
     mesh: str | None = None,
+    compression: str = "none",
     parity: bool = True,
     force: bool = False,
     allow_pickle: bool = False,
@@ -144,12 +145,11 @@ def convert(
     process reads only what its devices hold, all of them write one checkpoint, process 0 the rest of the
     folder; parity is left to ``nnxport verify``.
 
-    ``allow_pickle`` admits pickle weights (loaded with ``torch.load(weights_only=True)``) where a source
-    has no safetensors. NaN / Inf in a source tensor, and a ``dtype`` cast that overflows, are errors
-    naming the tensor; ``allow_nonfinite`` converts NaN / Inf as they are.
-
-    ``progress`` (:class:`nnxport.progress.Progress`) is told each phase and the bytes read, placed and
-    written.
+    ``compression``: the checkpoint's arrays as they are (``none``) or ``zstd``-compressed. ``allow_pickle``
+    admits pickle weights (loaded with ``torch.load(weights_only=True)``) where a source has no
+    safetensors. NaN / Inf in a source tensor, and a ``dtype`` cast that overflows, are errors naming the
+    tensor; ``allow_nonfinite`` converts NaN / Inf as they are. ``progress``
+    (:class:`nnxport.progress.Progress`) is told each phase and the bytes read, placed and written.
     """
     prog = NO_PROGRESS if progress is None else progress
     if mesh is not None:
@@ -166,7 +166,7 @@ def convert(
         check_target(out_path, protected_paths(src))
         with _timed(timings, PLAN, progress):
             plan = make_plan(src, mapping=mapping, model=model, dtype=dtype, device=device, mesh=mesh,
-                             parity=parity, processes=processes)
+                             compression=compression, parity=parity, processes=processes)
         with interrupt.deferred():  # a signal while it is made would leave it behind: raised just below
             staging = OutputDir(out_path, force=force, process_index=jax.process_index(),
                                 process_count=processes, protect=protected_paths(src, plan.mapping.path))
@@ -174,7 +174,7 @@ def convert(
             interrupt.check()
             sync_processes(processes, "nnxport-staged")
             with _timed(timings, "read_place_write"):
-                writer = staging.state_writer(on_written=lambda n: prog.advance(WRITE, n))
+                writer = staging.state_writer(lambda n: prog.advance(WRITE, n), plan.compression)
                 done = transfer(plan, writer, allow_nonfinite=allow_nonfinite, progress=prog)
             log.info("checkpoint: %d arrays, %.2f GB in %d group(s)", done.arrays, done.nbytes / 1e9,
                      writer.groups_written)

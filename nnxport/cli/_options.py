@@ -18,8 +18,9 @@ from nnxport.errors import Option, spell
 
 #: The flag of each API parameter a core message may name (``option("allow_pickle", True)``).
 FLAGS = {
-    "allow_nonfinite": "--allow-nonfinite", "allow_pickle": "--allow-pickle", "config": "--config",
-    "coordinator": "--coordinator", "device": "--device", "dtype": "--dtype", "force": "--force",
+    "allow_nonfinite": "--allow-nonfinite", "allow_pickle": "--allow-pickle", "compression": "--compression",
+    "config": "--config", "coordinator": "--coordinator", "device": "--device", "dtype": "--dtype",
+    "force": "--force",
     "mapping": "--mapping", "mesh": "--mesh", "model": "--model", "num_processes": "--num-processes",
     "process_id": "--process-id", "prompt_ids": "--prompt-ids", "revision": "--revision",
     "source": "--source",
@@ -70,6 +71,11 @@ class Device(StrEnum):
     cpu = "cpu"
     gpu = "gpu"
     tpu = "tpu"
+
+
+class Compression(StrEnum):
+    none = "none"
+    zstd = "zstd"
 
 
 class DType(StrEnum):
@@ -138,6 +144,9 @@ OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output folder 
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Where the arrays go.")]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Cast floating-point weights (integers never "
                                                           "change).")]
+CompressionOpt = Annotated[Compression, typer.Option(
+    "--compression", help="Compress the checkpoint's arrays: none (the fastest to write and to load) or "
+                          "zstd (smaller, bound by the CPU; docs/benchmarks.md).")]
 MeshOpt = Annotated[str | None, typer.Option(
     "--mesh", callback=_check_mesh, help="Device mesh AXIS=N[,AXIS=N...]; arrays are sharded as the "
                                          "mapping's 'shard' entries say, replicated elsewhere.")]

@@ -8,6 +8,8 @@ from nnxport.cli._errors import EXIT_PARITY, errors_handled
 from nnxport.cli._options import (
     AllowNonfiniteOpt,
     AllowPickleOpt,
+    Compression,
+    CompressionOpt,
     ConfigOpt,
     CoordinatorOpt,
     Device,
@@ -35,7 +37,8 @@ from nnxport.cli.report import convert_summary, failure_line, parity_table
 
 def convert(source: SourceArg, out_dir: OutOpt = None, mapping: MappingOpt = None, config: ConfigOpt = None,
             model: ModelOpt = None, revision: RevisionOpt = None, device: DeviceOpt = Device.auto,
-            dtype: DTypeOpt = DType.keep, mesh: MeshOpt = None, no_parity: NoParityOpt = False,
+            dtype: DTypeOpt = DType.keep, mesh: MeshOpt = None,
+            compression: CompressionOpt = Compression.none, no_parity: NoParityOpt = False,
             force: ForceOpt = False, allow_pickle: AllowPickleOpt = False,
             allow_nonfinite: AllowNonfiniteOpt = False, fmt: HumanFormatOpt = HumanFormat.human,
             quiet: QuietOpt = False, coordinator: CoordinatorOpt = None,
@@ -51,8 +54,9 @@ def convert(source: SourceArg, out_dir: OutOpt = None, mapping: MappingOpt = Non
 
         with out.progress() as progress:
             result = api.convert(source, out_dir, mapping=mapping, config=config, revision=revision,
-                                 device=device.value, dtype=dtype.value, mesh=mesh, parity=not no_parity,
-                                 force=force, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+                                 device=device.value, dtype=dtype.value, mesh=mesh,
+                                 compression=compression.value, parity=not no_parity, force=force,
+                                 allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
                                  model=model, coordinator=coordinator, num_processes=num_processes,
                                  process_id=process_id, progress=progress)
         if out.mode is Mode.json:

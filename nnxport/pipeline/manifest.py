@@ -24,6 +24,7 @@ from nnxport.errors import SourceError
 from nnxport.models import FAMILIES, Family, resolve_family
 from nnxport.models.base import annotated_shards
 from nnxport.pipeline.output import CHECKPOINT, MANIFEST
+from nnxport.pipeline.plan import COMPRESSIONS
 from nnxport.sources.pickled import PICKLE_SUFFIXES
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ def build_manifest(plan: Plan, done: Transferred) -> dict[str, Any]:
                     "sha256": mapping.sha256, "text": mapping.text},
         "model": {"family": plan.family.name, "config": plan.config, "options": plan.options},
         "dtype": plan.dtype,
+        "compression": plan.compression,
         **plan.placement.record,
         "tensors": done.arrays,
         "bytes": done.nbytes,
@@ -255,6 +257,8 @@ def _check(doc: dict[str, Any]) -> None:
     _get(model, "model", "config", _is_obj, "must be an object")
     _get(model, "model", "options", _is_obj, "must be an object", optional=True)
     _get(doc, "", "dtype", lambda v: v in DTYPES, f"must be one of {', '.join(DTYPES)}")
+    _get(doc, "", "compression", lambda v: v in COMPRESSIONS, f"must be one of {', '.join(COMPRESSIONS)}",
+         optional=True)
     _check_placement(doc)
     _get(doc, "", "tensors", _is_count, "must be a non-negative integer")
     _get(doc, "", "bytes", _is_count, "must be a non-negative integer")

@@ -277,10 +277,12 @@ class OutputDir:
                 time.sleep(0.05)
             self._unlock()
 
-    def state_writer(self, on_written: Callable[[int], None] | None = None) -> StateWriter:
+    def state_writer(self, on_written: Callable[[int], None] | None = None, compression: str = "none"
+                     ) -> StateWriter:
         """The writer of the staged folder's checkpoint; on the way out of a failed run it is closed (its
         background write finished) before the folder is removed."""
-        self._writer = StateWriter(self.staging / CHECKPOINT, shown_as=self.shown, on_written=on_written)
+        self._writer = StateWriter(self.staging / CHECKPOINT, shown_as=self.shown, on_written=on_written,
+                                   compression=compression)
         return self._writer
 
     def __enter__(self) -> OutputDir:
@@ -394,8 +396,10 @@ class StateWriter:
     """
 
     def __init__(self, path: Path, *, group_bytes: int | None = None, shown_as: Path | None = None,
-                 on_written: Callable[[int], None] | None = None) -> None:
+                 on_written: Callable[[int], None] | None = None, compression: str = "none") -> None:
         self.path = path.absolute()
+        self.context = ocp_v1.Context()  # zstd (Orbax's default) or none: the arrays' storage
+        self.context.array.saving.use_compression = compression == "zstd"
         self.shown_as = shown_as or path  # how errors name the checkpoint (the final output folder)
         self.group_bytes = group_bytes if group_bytes is not None else _env_group_bytes()
         self.on_written = on_written  # called with a group's bytes once that group is on disk
@@ -422,7 +426,7 @@ class StateWriter:
         try:
             # A signal inside save_async would lose the handle of a save already under way, which
             # close() must wait for: it is recorded and raised just after (nnxport.interrupt).
-            with interrupt.deferred():
+            with interrupt.deferred(), self.context:
                 self._pending = ocp_v1.partial.save_async(self.path, self._group)
         except (OSError, ValueError, RuntimeError) as e:
             raise self._error("write", e) from None
@@ -460,7 +464,8 @@ class StateWriter:
         self.flush()
         self.wait()
         try:
-            ocp_v1.partial.finalize(self.path)
+            with self.context:
+                ocp_v1.partial.finalize(self.path)
         except (OSError, ValueError, RuntimeError) as e:
             raise self._error("finalise", e) from None
 

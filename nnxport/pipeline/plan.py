@@ -166,6 +166,11 @@ class Placement:
     shardings: dict[str, jax.sharding.NamedSharding] | None = None
 
 
+#: How the checkpoint's arrays may be stored (``convert --compression``); why "none" is the default:
+#: docs/benchmarks.md.
+COMPRESSIONS = ("none", "zstd")
+
+
 @dataclass
 class Plan(ModelPlan):
     """Everything a conversion does, decided before any tensor is read: the model, the checked
@@ -178,6 +183,7 @@ class Plan(ModelPlan):
     parity: bool
     processes: int
     artifacts: tuple[Path, ...] = ()
+    compression: str = "none"  # of the checkpoint's arrays: "none" or "zstd" (COMPRESSIONS)
 
     @property
     def assignments(self) -> tuple[Assignment, ...]:
@@ -190,10 +196,12 @@ class Plan(ModelPlan):
 
 
 def make_plan(src: Source, *, mapping: str | Mapping | None = None, model: str | None = None,
-              dtype: str = "keep", device: str = "auto", mesh: str | None = None, parity: bool = True,
-              processes: int = 1) -> Plan:
+              dtype: str = "keep", device: str = "auto", mesh: str | None = None, compression: str = "none",
+              parity: bool = True, processes: int = 1) -> Plan:
     """The one place a conversion's plan is built. Every mapping problem is raised together (a
-    MappingError) before any tensor is read, and so are a bad dtype, device or mesh."""
+    MappingError) before any tensor is read, and so are a bad dtype, compression, device or mesh."""
+    if compression not in COMPRESSIONS:
+        raise NnxportError(f"unknown compression {compression!r} (choose {' or '.join(COMPRESSIONS)})")
     base = plan_model(src, mapping, model)
     analysis = analyse(base.mapping, src, base.abstract, base.config)
     analysis.checked(base.mapping.where)
@@ -214,7 +222,7 @@ def make_plan(src: Source, *, mapping: str | Mapping | None = None, model: str |
                     "output folder afterwards")
         parity = False
     return Plan(**vars(base), source=src, analysis=analysis, dtype=dtype, placement=placement,
-                parity=parity, processes=processes, artifacts=find_artifacts(src))
+                parity=parity, processes=processes, artifacts=find_artifacts(src), compression=compression)
 
 
 def _log_analysis(base: ModelPlan, analysis: Analysis) -> None:

@@ -175,7 +175,8 @@ def test_auto_streams_only_above_the_limit(replica: Callable[[str], Path], tmp_p
 
 @pytest.mark.parametrize(("name", "value", "message"), [
     ("NNXPORT_PARITY_MODE", "fast", "NNXPORT_PARITY_MODE must be one of auto, streamed, whole, got 'fast'"),
-    ("NNXPORT_PARITY_CACHE_MB", "-1", "NNXPORT_PARITY_CACHE_MB must be a whole number of megabytes, got '-1'"),
+    ("NNXPORT_PARITY_CACHE_MB", "-1", "NNXPORT_PARITY_CACHE_MB must be a whole number of megabytes, "
+                                      "got '-1'"),
     ("NNXPORT_PARITY_CACHE_MB", "9" * 12, "NNXPORT_PARITY_CACHE_MB must be a whole number of megabytes"),
 ])
 def test_bad_streaming_settings_fail_before_any_work(name: str, value: str, message: str,
