@@ -102,31 +102,43 @@ def run_parity(
     else:
         reference, ref_name = load_reference(family, source, config, options or {})
     timings["load_reference"] = time.perf_counter() - t
-    with streamed or contextlib.nullcontext():
-        return _compare(family, model, reference, ref_name, config, dtype, seed, assignments, streamed,
-                        timings)
-
-
-def _compare(family: Family, model: nnx.Module, reference: Any, ref_name: str, config: dict[str, Any],
-             dtype: str, seed: int, assignments: Sequence[Assignment] | None,
-             streamed: StreamedReference | None, timings: dict[str, float]) -> ParityReport:
-    """The body of :func:`run_parity` once the reference is there."""
-    run: Callable[[Callable[[], Any]], Any] = (lambda f: f()) if streamed is None else eagerly
     harness = family.parity
     inputs: list[ParityInput] = harness.parity_inputs(config, seed)
     names = layerwise.reference_names(reference, (k for a in assignments or () for k in a.sources))
     groups = layerwise.layer_groups(assignments or (), names)
+    prompt = _generation_prompt(harness.generation_tokens, model, inputs)
+    with streamed or contextlib.nullcontext():  # a streamed reference lets go of every block on exit
+        expected, ref_layers, reference_tokens = _run_reference(harness, reference, inputs, groups, prompt,
+                                                                streamed, timings)
+    del reference
+    return _compare(family, model, ref_name, inputs, groups, prompt, dtype, expected, ref_layers,
+                    reference_tokens, streamed is not None, timings)
+
+
+def _run_reference(harness: Any, reference: Any, inputs: list[ParityInput], groups: list[Any],
+                   prompt: tuple[np.ndarray, np.ndarray, int] | None, streamed: StreamedReference | None,
+                   timings: dict[str, float]) -> tuple[dict[str, np.ndarray], dict[str, Any], Any]:
+    """The reference's outputs, its per-layer captures and its greedy tokens (None without a prompt)."""
     t = time.perf_counter()
     with layerwise.torch_outputs(reference, (s for g in groups for s in g.sources)) as ref_layers:
         expected = harness.run_reference(reference, inputs)
     timings["run_reference"] = time.perf_counter() - t
-    prompt, reference_tokens = _generation_prompt(harness.generation_tokens, model, inputs), None
+    tokens = None
     if prompt is not None:
         t = time.perf_counter()
-        reference_tokens = (generation.reference_generate(reference, *prompt) if streamed is None
-                            else streamed.generate(*prompt))
+        tokens = (generation.reference_generate(reference, *prompt) if streamed is None
+                  else streamed.generate(*prompt))
         timings["generate_reference"] = time.perf_counter() - t
-    del reference
+    return expected, ref_layers, tokens
+
+
+def _compare(family: Family, model: nnx.Module, ref_name: str, inputs: list[ParityInput], groups: list[Any],
+             prompt: tuple[np.ndarray, np.ndarray, int] | None, dtype: str, expected: dict[str, np.ndarray],
+             ref_layers: dict[str, Any], reference_tokens: Any, eager: bool, timings: dict[str, float]
+             ) -> ParityReport:
+    """The NNX side of :func:`run_parity` and the comparisons, once the reference has run."""
+    run: Callable[[Callable[[], Any]], Any] = eagerly if eager else (lambda f: f())
+    harness = family.parity
     t = time.perf_counter()
     if groups:
         got, nnx_layers = run(lambda: layerwise.nnx_outputs(harness.run_nnx, model, inputs))

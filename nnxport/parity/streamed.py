@@ -41,10 +41,14 @@ import numpy as np
 from nnxport.errors import ConfigError, NnxportError, option
 from nnxport.models.base import Family, ParityHarness
 from nnxport.parity.generation import Reference
-from nnxport.pipeline.lazy import cache_bytes
+from nnxport.pipeline.lazy import cache_bytes, return_freed_memory
 from nnxport.sources.base import Source
 
 log = logging.getLogger("nnxport")
+
+#: Bytes read from the source at a time while a reference block is loaded.
+READ_CHUNK = 64 * 2**20
+
 
 class Unstreamable(Exception):
     """The reference cannot be run block by block (the reason is the message)."""
@@ -135,6 +139,7 @@ class StreamedReference:
             raise Unstreamable(f"parameter {loose[0]} is outside every block")
         self._handles: list[Any] = []
         self._kept: set[str] = set()
+        return_freed_memory()
 
     def _block(self, prefix: str, module: Any, names: Mapping[str, str]) -> _Block:
         """The tensors of block ``prefix``: each parameter's source key (a tied parameter: the key of any
@@ -175,6 +180,8 @@ class StreamedReference:
         self._handles.clear()
         for block in self.blocks:
             self._release(block)
+        self._kept.clear()
+        self.cached = 0
 
     def _load(self, block: _Block) -> None:
         import torch
@@ -183,19 +190,34 @@ class StreamedReference:
             return
         for owner, attr, key, is_param in block.tensors:
             old = block.meta[(id(owner), attr)]
-            array = self.source.read(key)
-            if tuple(array.shape) != tuple(old.shape):
-                raise NnxportError(f"parity: {key} has shape {tuple(array.shape)} in the source, the "
-                                   f"reference's {block.name} expects {tuple(old.shape)}")
-            tensor = torch.from_numpy(np.asarray(array, dtype=np.float32 if old.is_floating_point()
-                                                 else array.dtype))
-            del array
+            shape = tuple(self.source.tensors[key].shape)
+            if shape != tuple(old.shape):
+                raise NnxportError(f"parity: {key} has shape {shape} in the source, the reference's "
+                                   f"{block.name} expects {tuple(old.shape)}")
+            tensor = self._read(key, torch.float32 if old.is_floating_point() else old.dtype)
             if is_param:
                 owner._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
             else:
                 owner._buffers[attr] = tensor.to(old.dtype)
             block.nbytes += tensor.nbytes
         block.loaded = True
+
+    def _read(self, key: str, dtype: Any) -> Any:
+        """Source tensor ``key`` as a new torch tensor of ``dtype``, read and converted in runs of rows of
+        about :data:`READ_CHUNK` bytes (never a whole second copy in the stored dtype)."""
+        import torch
+
+        info = self.source.tensors[key]
+        if not info.shape or info.nbytes <= READ_CHUNK:
+            return _as_torch(self.source.read(key)).to(dtype).reshape(info.shape)
+        out = torch.empty(info.shape, dtype=dtype)
+        rows = info.shape[0]
+        step = max(1, READ_CHUNK // max(1, info.nbytes // rows))
+        rest = [(0, d) for d in info.shape[1:]]
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            out[start:stop] = _as_torch(self.source.read_box(key, [(start, stop), *rest]))
+        return out
 
     def _done(self, block: _Block) -> None:
         """After a block ran: keep it while the cache has room, else drop its tensors."""
@@ -229,6 +251,16 @@ class StreamedReference:
                 ids_t = torch.cat([ids_t, choice[:, None]], dim=1)
                 mask_t = torch.cat([mask_t, torch.ones_like(choice)[:, None]], dim=1)
         return Reference(np.stack(tokens, axis=1), np.stack(scores, axis=1))
+
+
+def _as_torch(array: np.ndarray) -> Any:
+    """A numpy array (bf16 from ml_dtypes included) as a torch tensor sharing its memory."""
+    import ml_dtypes
+    import torch
+
+    if array.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def _members(module: Any) -> Iterator[tuple[str, Any, str, bool]]:

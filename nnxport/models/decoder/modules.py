@@ -215,7 +215,8 @@ class Decoder(nnx.Module):
 
     def _logits(self, h: jax.Array) -> jax.Array:
         if self.lm_head is None:  # tied: the embedding's transpose
-            return h @ self.embed.embedding[...].T
+            # contracted in place: ``@ embedding.T`` would copy the table when run eagerly (streamed parity)
+            return jnp.einsum("...d,vd->...v", h, self.embed.embedding[...])
         return self.lm_head(h)
 
     def _rope(self, positions: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
