@@ -12,11 +12,13 @@ import numpy as np
 
 from nnxport.errors import ConfigError
 from nnxport.models.base import padding_idx_field, rate_field
+from nnxport.models.decoder.moe import MoESpec, resolve_moe
 from nnxport.models.layers import ACTIVATIONS
 
-MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe")
 REFERENCE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-             "mistral": "MistralForCausalLM"}
+             "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
+             "qwen3_moe": "Qwen3MoeForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -40,6 +42,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                 "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None, "hidden_act": "silu",
                 "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
                 "sliding_window": 4096},
+    # MoE fields: nnxport.models.decoder.moe.MOE_DEFAULTS
+    "mixtral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None, "hidden_act": "silu",
+                "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+                "sliding_window": None},
+    "qwen3_moe": {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 24,
+                  "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": None, "hidden_act": "silu",
+                  "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                  "attention_bias": False, "use_sliding_window": False, "sliding_window": 4096},
 }
 DEFAULT_ROPE_THETA = 10000.0
 
@@ -106,6 +117,8 @@ class DecoderSpec:
     attention_dropout: float = 0.0
     #: ``pad_token_id``: the embedding row that lookups pass no gradient to (torch's ``padding_idx``).
     pad_token_id: int | None = None
+    #: The sparse MoE layers (mixtral, qwen3_moe; :mod:`nnxport.models.decoder.moe`), or None.
+    moe: MoESpec | None = None
 
 
 def _get(config: Mapping[str, Any], field: str) -> Any:
@@ -190,8 +203,10 @@ def _windows(config: Mapping[str, Any], model_type: str, num_layers: int) -> tup
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ConfigError(f"config.json: field 'sliding_window' must be a positive integer or null, "
                           f"got {window!r}")
-    if model_type == "mistral":  # MistralModel: one mask for every layer (layer_types is ignored)
+    if model_type in ("mistral", "mixtral"):  # one mask for every layer (layer_types is ignored)
         return (window,) * num_layers
+    if model_type == "qwen3_moe":  # Qwen3MoeConfig: the window with use_sliding_window, on every layer
+        return ((window if _flag(config, "use_sliding_window") else None),) * num_layers
     # Qwen2Config / Qwen3Config.__post_init__: the window exists only with use_sliding_window; layer_types
     # (written by transformers 5) wins over max_window_layers.
     if not _flag(config, "use_sliding_window"):
@@ -260,7 +275,7 @@ def resolve(config: Mapping[str, Any]) -> DecoderSpec:
     if model_type == "llama":
         qkv_bias = o_bias = _flag(config, "attention_bias")
         mlp_bias = _flag(config, "mlp_bias")
-    elif model_type == "qwen3":
+    elif model_type in ("qwen3", "qwen3_moe"):
         qkv_bias = o_bias = _flag(config, "attention_bias")
         mlp_bias = False
     else:
@@ -279,10 +294,11 @@ def resolve(config: Mapping[str, Any]) -> DecoderSpec:
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         mlp_bias=mlp_bias,
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         tie_word_embeddings=_flag(config, "tie_word_embeddings"),
         rope=_rope(config, head_dim, max_positions),
         windows=_windows(config, model_type, num_layers),
         attention_dropout=rate_field(config, "attention_dropout", 0.0),
         pad_token_id=padding_idx_field(config, _int(config, "vocab_size"), None),
+        moe=resolve_moe(config, model_type, num_layers, _int(config, "intermediate_size")),
     )

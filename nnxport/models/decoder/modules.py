@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nnxport.models.decoder.config import DecoderSpec
+from nnxport.models.decoder.moe import SparseMoE
 from nnxport.models.layers import (
     ACTIVATIONS,
     COLUMN,
@@ -129,18 +130,22 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm block: ``x + attn(input_norm(x))``, then ``x + mlp(post_attn_norm(x))``.
+    """Pre-norm block: ``x + attn(input_norm(x))``, then ``x + mlp(post_attn_norm(x))``; the MLP is a
+    sparse MoE layer where ``spec.moe`` says so for this layer.
 
     Args:
         spec: the model's spec.
         rngs: random streams.
+        layer: the block's index (which layers are sparse: ``spec.moe.sparse``).
     """
 
-    def __init__(self, spec: DecoderSpec, *, rngs: nnx.Rngs):
+    def __init__(self, spec: DecoderSpec, *, rngs: nnx.Rngs, layer: int = 0):
         self.input_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.attn = Attention(spec, rngs=rngs)
         self.post_attn_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.mlp = MLP(spec, rngs=rngs)
+        self.mlp: MLP | SparseMoE = (
+            SparseMoE(spec.hidden_size, spec.hidden_act, spec.moe, rngs=rngs)
+            if spec.moe is not None and spec.moe.sparse[layer] else MLP(spec, rngs=rngs))
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
         """Apply the block (arguments as :meth:`Attention.__call__`)."""
@@ -180,7 +185,7 @@ class Decoder(nnx.Module):
         self.spec = spec
         self.embed = nnx.Embed(spec.vocab_size, spec.hidden_size, embedding_metadata=sharded(EMBEDDING),
                                rngs=rngs)
-        self.layers = nnx.List([Block(spec, rngs=rngs) for _ in range(spec.num_layers)])
+        self.layers = nnx.List([Block(spec, rngs=rngs, layer=i) for i in range(spec.num_layers)])
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = (None if spec.tie_word_embeddings
                         else nnx.Linear(spec.hidden_size, spec.vocab_size, use_bias=False,
