@@ -265,7 +265,8 @@ def test_experts_are_split_over_the_mesh(replicas: Callable[..., Path], tmp_path
             assert arr.addressable_shards[0].data.shape[0] == 1  # 4 experts over model=4
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 512, size=(2, 12)), jnp.int32)
     run = nnx.jit(lambda m, x: m(x))
-    np.testing.assert_allclose(np.asarray(run(sharded, ids)), np.asarray(run(single, ids)), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(run(sharded, ids)), np.asarray(run(single, ids)), atol=1e-5,
+                               rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------ full published configs

@@ -114,8 +114,9 @@ def _sparse_layers(config: Mapping[str, Any], model_type: str, num_layers: int, 
     step = _count(config, model_type, "decoder_sparse_step")
     only = _get(config, model_type, "mlp_only_layers")
     only = [] if only is None else only
-    if not isinstance(only, list) or not all(type(i) is int and 0 <= i for i in only):
-        raise ConfigError(f"config.json: field 'mlp_only_layers' must be a list of layer indices, got {only!r}")
+    if not isinstance(only, list) or not all(type(i) is int and i >= 0 for i in only):
+        raise ConfigError(f"config.json: field 'mlp_only_layers' must be a list of layer indices, "
+                          f"got {only!r}")
     return tuple(experts > 0 and i not in only and (i + 1) % step == 0 for i in range(num_layers))
 
 
