@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec
 
 import nnxport
 from nnxport.models.decoder import Decoder, resolve
-from nnxport.models.decoder.moe import SparseMoE
+from nnxport.models.decoder.moe import MOE_DEFAULTS, SparseMoE
 from nnxport.models.layers import generation_positions
 from nnxport.testing.replicas import build_replica, edit_safetensors, published_config
 from tests.helpers import MAPPINGS
@@ -239,6 +239,18 @@ def test_sparse_layers_as_transformers_decides(overrides: dict[str, Any], sparse
         ref = transformers.Qwen3MoeForCausalLM(hf_config)
     theirs = [type(layer.mlp).__name__ == "Qwen3MoeSparseMoeBlock" for layer in ref.model.layers]
     assert ours == theirs == sparse
+
+
+@pytest.mark.parametrize("model_type", list(MOE_DEFAULTS))
+def test_moe_defaults_are_the_transformers_config_defaults(model_type: str) -> None:
+    import dataclasses
+
+    import transformers
+
+    cls = type(transformers.AutoConfig.for_model(model_type))
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    for field, value in MOE_DEFAULTS[model_type].items():
+        assert fields[field] == value, (model_type, field)
 
 
 # ---------------------------------------------------------------------------------------------- mesh

@@ -49,7 +49,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                 "sliding_window": None},
     "qwen3_moe": {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
                   "num_hidden_layers": 24, "num_attention_heads": 32, "num_key_value_heads": 4,
-                  "head_dim": None, "hidden_act": "silu",
+                  "hidden_act": "silu",  # no head_dim field: hidden_size // num_attention_heads
                   "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
                   "attention_bias": False, "use_sliding_window": False, "sliding_window": 4096},
 }
