@@ -65,7 +65,7 @@ class DecoderFamily(Family):
     name = "decoder"
     description = ("Decoder-only LMs: Llama 2/3.x, Qwen2/2.5, Qwen3, Mistral "
                    "(transformers LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM)")
-    mappings = ("decoder", "mixtral", "qwen3_moe")
+    mappings = ("decoder", "mixtral", "qwen3_moe", "gpt_oss")
     layer_keys: ClassVar[Mapping[str, str]] = {
         "num_hidden_layers": r"^model\.layers\.(\d{1,9})\.",
     }

@@ -28,6 +28,7 @@ registered with :func:`register_router` plus the spec fields it reads); :data:`G
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -46,13 +47,15 @@ EXPERTS_OUT = ("model", None, "data")
 
 #: model types with sparse MoE layers -> the config.json field counting the experts. Qwen3-MoE's config
 #: class calls it ``num_experts`` but maps it to ``num_local_experts`` (and save_pretrained writes that).
-EXPERT_FIELDS = {"mixtral": ("num_local_experts",), "qwen3_moe": ("num_experts", "num_local_experts")}
+EXPERT_FIELDS = {"mixtral": ("num_local_experts",), "qwen3_moe": ("num_experts", "num_local_experts"),
+                 "gpt_oss": ("num_local_experts", "num_experts")}
 
 #: Defaults of the transformers 5.24 config classes for the MoE fields read here.
 MOE_DEFAULTS: dict[str, dict[str, Any]] = {
     "mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2, "router_jitter_noise": 0.0},
     "qwen3_moe": {"num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": False,
                   "decoder_sparse_step": 1, "moe_intermediate_size": 768, "mlp_only_layers": None},
+    "gpt_oss": {"num_local_experts": 128, "num_experts_per_tok": 4, "swiglu_alpha": 1.702, "swiglu_limit": 7.0},
 }
 
 
@@ -78,6 +81,9 @@ class MoESpec:
     expert_bias: bool = False
     #: Key of :data:`GATINGS`.
     gating: str = "glu"
+    #: GPT-OSS's clamped SwiGLU (gating "clamped_swiglu"): ``swiglu_alpha``, ``swiglu_limit``.
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
 
 # ------------------------------------------------------------------------------------------ config.json
@@ -91,6 +97,13 @@ def _count(config: Mapping[str, Any], model_type: str, field: str, minimum: int 
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"config.json: field '{field}' must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+def _float(config: Mapping[str, Any], model_type: str, field: str) -> float:
+    value = _get(config, model_type, field)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"config.json: field '{field}' must be a positive number, got {value!r}")
+    return float(value)
 
 
 def _num_experts(config: Mapping[str, Any], model_type: str) -> tuple[str, int]:
@@ -107,9 +120,9 @@ def _num_experts(config: Mapping[str, Any], model_type: str) -> tuple[str, int]:
 
 def _sparse_layers(config: Mapping[str, Any], model_type: str, num_layers: int, experts: int
                    ) -> tuple[bool, ...]:
-    """Which layers are sparse: every Mixtral layer; Qwen3-MoE's rule (Qwen3MoeDecoderLayer): not in
+    """Which layers are sparse: every Mixtral and GPT-OSS layer; Qwen3-MoE's rule (Qwen3MoeDecoderLayer): not in
     ``mlp_only_layers``, and ``(layer + 1) % decoder_sparse_step == 0``, when there are experts."""
-    if model_type == "mixtral":
+    if model_type != "qwen3_moe":  # Mixtral, GPT-OSS: every layer
         return (True,) * num_layers
     step = _count(config, model_type, "decoder_sparse_step")
     only = _get(config, model_type, "mlp_only_layers")
@@ -133,6 +146,11 @@ def resolve_moe(config: Mapping[str, Any], model_type: str, num_layers: int,
         return None
     if top_k > experts:
         raise ConfigError(f"config.json: field 'num_experts_per_tok' ({top_k}) exceeds '{field}' ({experts})")
+    if model_type == "gpt_oss":
+        return MoESpec(num_experts=experts, top_k=top_k, intermediate_size=intermediate_size, sparse=sparse,
+                       router="topk_softmax", router_bias=True, expert_bias=True, weights_dtype="activations",
+                       gating="clamped_swiglu", swiglu_alpha=_float(config, model_type, "swiglu_alpha"),
+                       swiglu_limit=_float(config, model_type, "swiglu_limit"))
     if model_type == "mixtral":
         jitter = _get(config, model_type, "router_jitter_noise")
         if jitter not in (0, 0.0, None):
@@ -182,8 +200,16 @@ class SoftmaxTopK(Router):
         return weights, indices
 
 
+class TopKSoftmax(Router):
+    """The top-k logits kept, then a softmax over them (in float32): GPT-OSS's router."""
+
+    def select(self, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+        top, indices = jax.lax.top_k(logits, self.spec.top_k)
+        return jax.nn.softmax(top.astype(jnp.float32), axis=-1), indices
+
+
 #: MoESpec.router -> the Router class that implements it.
-ROUTERS: dict[str, type[Router]] = {"softmax_topk": SoftmaxTopK}
+ROUTERS: dict[str, type[Router]] = {"softmax_topk": SoftmaxTopK, "topk_softmax": TopKSoftmax}
 
 
 def register_router(name: str) -> Callable[[type[Router]], type[Router]]:
@@ -196,13 +222,29 @@ def register_router(name: str) -> Callable[[type[Router]], type[Router]]:
 
 # ---------------------------------------------------------------------------------------------- experts
 
-def _glu(act: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+Combine = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _glu(act: str, spec: MoESpec) -> Combine:
     fn = ACTIVATIONS[act]
     return lambda gate, up: fn(gate) * up
 
 
-#: MoESpec.gating -> (hidden_act -> how an expert combines its gate and up projections).
-GATINGS: dict[str, Callable[[str], Callable[[jax.Array, jax.Array], jax.Array]]] = {"glu": _glu}
+def _clamped_swiglu(act: str, spec: MoESpec) -> Combine:
+    """GptOssExperts._apply_gate: the gate clamped above and the up projection on both sides at
+    ``swiglu_limit``, then ``(up + 1) * gate * sigmoid(alpha * gate)`` (``hidden_act`` is not used)."""
+    alpha, limit = spec.swiglu_alpha, spec.swiglu_limit
+
+    def combine(gate: jax.Array, up: jax.Array) -> jax.Array:
+        gate = jnp.minimum(gate, limit)
+        up = jnp.clip(up, -limit, limit)
+        return (up + 1) * (gate * jax.nn.sigmoid(gate * alpha))
+
+    return combine
+
+
+#: MoESpec.gating -> ((hidden_act, spec) -> how an expert combines its gate and up projections).
+GATINGS: dict[str, Callable[[str, MoESpec], Combine]] = {"glu": _glu, "clamped_swiglu": _clamped_swiglu}
 
 
 class Experts(nnx.Module):
@@ -219,7 +261,7 @@ class Experts(nnx.Module):
             setattr(self, name, nnx.Param(init(rngs.params(), shape, jnp.float32), **sharded(axes)))
             bias = nnx.Param(jnp.zeros((e, shape[2]), jnp.float32)) if spec.expert_bias else None
             setattr(self, f"{name}_bias", bias)
-        self.combine = GATINGS[spec.gating](act)
+        self.combine = GATINGS[spec.gating](act, spec)
         self.spec = spec
 
     def _project(self, name: str, x: jax.Array, sizes: jax.Array, experts: jax.Array) -> jax.Array:
