@@ -180,14 +180,15 @@ def test_kv_cache_decode_equals_the_full_forward(replicas: Callable[..., Path], 
     model = nnxport.load(tmp_path / "out")
     assert isinstance(model, Decoder)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 512, size=(2, 10)), jnp.int32)
-    full = np.asarray(model(ids))
+    full = np.asarray(nnx.jit(lambda m, x: m(x))(model, ids))
+    decode = nnx.jit(lambda m, *args: m.decode(*args))
     cache = model.init_cache(2, 16)
     mask = jnp.ones((2, 10), jnp.int32)
     positions = generation_positions(mask)
-    got, cache = model.decode(ids[:, :6], positions[:, :6], mask[:, :6], cache)
+    got, cache = decode(model, ids[:, :6], positions[:, :6], mask[:, :6], cache)
     steps = [np.asarray(got)]
     for t in range(6, 10):
-        step, cache = model.decode(ids[:, t:t + 1], positions[:, t:t + 1], mask[:, t:t + 1], cache)
+        step, cache = decode(model, ids[:, t:t + 1], positions[:, t:t + 1], mask[:, t:t + 1], cache)
         steps.append(np.asarray(step))
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=2e-5, rtol=1e-4)
 
