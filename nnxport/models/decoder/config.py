@@ -222,7 +222,8 @@ def _windows(config: Mapping[str, Any], model_type: str, num_layers: int) -> tup
     layer_types = config.get("layer_types")
     if model_type == "gpt_oss":  # GptOssConfig: sliding and full layers alternate, sliding first
         if layer_types is None:
-            layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)]
+            layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                           for i in range(num_layers)]
     # Qwen2Config / Qwen3Config.__post_init__: the window exists only with use_sliding_window; layer_types
     # (written by transformers 5) wins over max_window_layers.
     elif not _flag(config, "use_sliding_window"):

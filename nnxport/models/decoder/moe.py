@@ -55,7 +55,8 @@ MOE_DEFAULTS: dict[str, dict[str, Any]] = {
     "mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2, "router_jitter_noise": 0.0},
     "qwen3_moe": {"num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": False,
                   "decoder_sparse_step": 1, "moe_intermediate_size": 768, "mlp_only_layers": None},
-    "gpt_oss": {"num_local_experts": 128, "num_experts_per_tok": 4, "swiglu_alpha": 1.702, "swiglu_limit": 7.0},
+    "gpt_oss": {"num_local_experts": 128, "num_experts_per_tok": 4, "swiglu_alpha": 1.702,
+                "swiglu_limit": 7.0},
 }
 
 
@@ -101,7 +102,8 @@ def _count(config: Mapping[str, Any], model_type: str, field: str, minimum: int 
 
 def _float(config: Mapping[str, Any], model_type: str, field: str) -> float:
     value = _get(config, model_type, field)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or value <= 0:
         raise ConfigError(f"config.json: field '{field}' must be a positive number, got {value!r}")
     return float(value)
 
@@ -120,8 +122,8 @@ def _num_experts(config: Mapping[str, Any], model_type: str) -> tuple[str, int]:
 
 def _sparse_layers(config: Mapping[str, Any], model_type: str, num_layers: int, experts: int
                    ) -> tuple[bool, ...]:
-    """Which layers are sparse: every Mixtral and GPT-OSS layer; Qwen3-MoE's rule (Qwen3MoeDecoderLayer): not in
-    ``mlp_only_layers``, and ``(layer + 1) % decoder_sparse_step == 0``, when there are experts."""
+    """Which layers are sparse: every Mixtral and GPT-OSS layer; Qwen3-MoE's rule (Qwen3MoeDecoderLayer):
+    not in ``mlp_only_layers``, and ``(layer + 1) % decoder_sparse_step == 0``, when there are experts."""
     if model_type != "qwen3_moe":  # Mixtral, GPT-OSS: every layer
         return (True,) * num_layers
     step = _count(config, model_type, "decoder_sparse_step")
