@@ -29,7 +29,7 @@ from nnxport.models.decoder import Decoder, resolve
 from nnxport.models.decoder.moe import GATINGS, MOE_DEFAULTS, SparseMoE
 from nnxport.models.layers import generation_positions
 from nnxport.testing.replicas import build_replica, edit_safetensors, published_config
-from tests.helpers import MAPPINGS
+from tests.helpers import MAPPINGS, run_subprocess
 
 TINY = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
         "vocab_size": 512}
@@ -363,41 +363,67 @@ def test_experts_are_split_over_the_mesh(replicas: Callable[..., Path], tmp_path
 
 # ------------------------------------------------------------------------------ full published configs
 
-def _too_big(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.skip(reason=f"needs more than ~12 GB of RAM: {reason}")
+def _available_gb() -> float:
+    """MemAvailable of /proc/meminfo, in GB (0 where it cannot be read)."""
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        line = next(x for x in lines if x.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return 0.0
+    return int(line.split()[1]) / 2**20
 
 
-# The parity reference runs in float32 whatever the checkpoint's dtype, next to the converted model: one
-# layer of Mixtral-8x7B is 1.71 B parameters with the embeddings (6.9 GB in float32), of Qwen3-30B-A3B
-# 1.25 B (5.0 GB), of gpt-oss-20b 1.98 B (7.9 GB; its 201088-token embedding and head alone are 4.6 GB).
-# So each full-width config runs with 1 of its layers, bf16 as published; float32 and GPT-OSS are skipped.
+# The parity reference runs in float32 whatever the checkpoint's dtype, next to the converted model and the
+# parity inputs' activations: one layer of Mixtral-8x7B is 1.71 B parameters with the embeddings (6.9 GB in
+# float32), of Qwen3-30B-A3B 1.25 B (5.0 GB), of gpt-oss-20b 1.98 B (7.9 GB; its 201088-token embedding and
+# head alone are 4.6 GB). Each full-width config runs with 1 of its layers, bf16 as published. Measured:
+# Qwen3-30B-A3B, 1 layer, bf16: 15.9 GB peak (replica build and conversion in one process), so every case
+# needs more than the ~12 GB a test may take; each runs where the machine has the memory it needs free
+# (the estimates below scale that measurement by the parameters) and is skipped, saying so, elsewhere.
 SLOW = [
-    pytest.param(published_config("mistralai/Mixtral-8x7B-v0.1", num_hidden_layers=1), "bfloat16",
+    pytest.param(published_config("mistralai/Mixtral-8x7B-v0.1", num_hidden_layers=1), "bfloat16", 22,
                  id="Mixtral-8x7B-1-layer-bf16"),
-    pytest.param(published_config("mistralai/Mixtral-8x7B-v0.1", num_hidden_layers=1), "float32",
-                 id="Mixtral-8x7B-1-layer-fp32",
-                 marks=_too_big("6.9 GB reference + 6.9 GB model + the source being read")),
-    pytest.param(published_config("Qwen/Qwen3-30B-A3B", num_hidden_layers=1), "bfloat16",
+    pytest.param(published_config("mistralai/Mixtral-8x7B-v0.1", num_hidden_layers=1), "float32", 30,
+                 id="Mixtral-8x7B-1-layer-fp32"),
+    pytest.param(published_config("Qwen/Qwen3-30B-A3B", num_hidden_layers=1), "bfloat16", 16,
                  id="Qwen3-30B-A3B-1-layer-bf16"),
-    pytest.param(published_config("Qwen/Qwen3-30B-A3B", num_hidden_layers=1), "float32",
-                 id="Qwen3-30B-A3B-1-layer-fp32", marks=_too_big("5.0 GB reference + 5.0 GB model + source")),
+    pytest.param(published_config("Qwen/Qwen3-30B-A3B", num_hidden_layers=1), "float32", 22,
+                 id="Qwen3-30B-A3B-1-layer-fp32"),
     pytest.param({**GPT_OSS_20B, "num_hidden_layers": 1, "layer_types": ["sliding_attention"]}, "bfloat16",
-                 id="gpt-oss-20b-1-layer-bf16", marks=_too_big("7.9 GB reference + 4.0 GB model + source")),
+                 26, id="gpt-oss-20b-1-layer-bf16"),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("config", "dtype"), SLOW)
-def test_published_size(config: dict[str, Any], dtype: str, tmp_path_factory: pytest.TempPathFactory,
-                        cli) -> None:
-    """A full-width published config (random weights, sharded like the hub) through convert and parity."""
+@pytest.mark.parametrize(("config", "dtype", "need_gb"), SLOW)
+def test_published_size(config: dict[str, Any], dtype: str, need_gb: int,
+                        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A full-width published config (random weights, sharded like the hub) through convert and parity,
+    each step in its own interpreter (so that one's memory is not added to the next); prints the numbers
+    and the peak RSS of the two."""
+    import resource
+    import subprocess
+    import sys
+
+    if _available_gb() < need_gb:
+        pytest.skip(f"needs about {need_gb} GB of free memory (more than the ~12 GB a test may take); "
+                    f"{_available_gb():.0f} GB available")
     tmp = tmp_path_factory.mktemp("published")
-    folder = build_replica(copy.deepcopy(config), tmp / "src", dtype=dtype, hub_config=True,
-                           max_shard_size="1GB")
-    report = _convert_ok(cli, folder, tmp / "out")
+    folder = tmp / "src"
+    build = ("import json, sys; from pathlib import Path; "
+             "from nnxport.testing.replicas import build_replica; "
+             "build_replica(json.loads(sys.argv[1]), Path(sys.argv[2]), dtype=sys.argv[3], hub_config=True, "
+             "max_shard_size='1GB')")
+    subprocess.run([sys.executable, "-c", build, json.dumps(config), str(folder), dtype], check=True,
+                   timeout=1800)
+    res = run_subprocess("convert", folder, "--out", tmp / "out", "--format", "json", "-q")
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp / "out" / "parity.json").read_text())
+    assert report["passed"] is True
     (logits,) = report["outputs"]
     shown = ("max_abs_diff", "max_rel_diff", "top1_agreement", "top5_agreement", "kl_divergence")
-    print(f"{config['model_type']} {dtype}:", {k: logits[k] for k in shown})
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    print(f"{config['model_type']} {dtype}:", {k: logits[k] for k in shown}, f"peak RSS {peak:.1f} GB")
     assert logits["kl_divergence"] < 1e-3 and report["generation"]["passed"] is True
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     assert any(EXPERT_RULE.search(k) for k in index["weight_map"])  # per-expert keys, stacked
