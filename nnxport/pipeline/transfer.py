@@ -162,8 +162,8 @@ def materialize(src: Source, a: Assignment, chains: dict[str, _Chain], dtype: st
         what = describe_target(src, chain, a.targets[0])
         want = target_dtype(chain.dtype, dtype, a.target_specs[0].dtype, what)
         stacked = stack_in_place(src, chain, numpy_dtype(want), what, allow_nonfinite, prog)
-        if stacked is not None:
-            return [put(stacked, want, sharding, what=what, allow_nonfinite=allow_nonfinite)]
+        if stacked is not None:  # its values were checked piece by piece
+            return [put(stacked, want, sharding, what=what, allow_nonfinite=True)]
     read = [src.read(key) for key in chain.sources]
     prog.advance(READ, sum(r.nbytes for r in read))
     arrays = apply_ops(chain.ops, read)
