@@ -157,6 +157,10 @@ def test_fused_expert_layout(name: str, replicas: Callable[..., Path], tmp_path:
     per_expert = replicas(name)
     fused = _fused(per_expert, tmp_path / "fused")
     _convert_ok(cli, fused, tmp_path / "a")
+    res = cli("verify", tmp_path / "a", "--format", "json")  # the reference reloaded from the fused layout
+    assert res.exit_code == 0, res.stderr
+    verified = json.loads(res.stdout)
+    assert verified["passed"] is True and any(r["target"] == "layers.0.attn.q" for r in verified["layers"])
     res = cli("convert", per_expert, "--out", tmp_path / "b", "--no-parity", "-q")
     assert res.exit_code == 0, res.stderr
     a, b = _weights(nnxport.load(tmp_path / "a")), _weights(nnxport.load(tmp_path / "b"))
