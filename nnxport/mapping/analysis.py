@@ -208,6 +208,8 @@ class _Analyzer:
         pieces: dict[str, list[str]] = {}
         for key, m in members:
             pieces.setdefault(key if by is None else m.expand(by), []).append(key)
+        if getattr(gather, "indices", False):  # order: indices -> the pieces are exactly 0..N-1
+            order = tuple(str(i) for i in range(len(pieces)))
         wrong: list[str] = []
         if order is not None:
             if missing := [p for p in order if p not in pieces]:
@@ -224,7 +226,8 @@ class _Analyzer:
         keys = [k for p in ordered for k in pieces[p]]
         if not wrong:
             return keys, None
-        what = "" if order is None else f" (order: {', '.join(order)})"
+        what = ("" if order is None else " (order: indices)" if getattr(gather, "indices", False)
+                else f" (order: {', '.join(order)})")
         return keys, (f"{rule.label()}: {_targets_text(targets)} gathers pieces by "
                       f"{quoted(by) if by is not None else 'key'}: {'; '.join(wrong)}{what}")
 

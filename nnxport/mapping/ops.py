@@ -574,14 +574,17 @@ class Gather(Op):
 
     ``by`` is a template (``\\2``, ``\\g<name>``) expanded with each key's match to name its piece
     (default: the key itself); ``order`` lists the pieces in the order they are joined (default: natural
-    order of the piece names, digit runs compared as numbers). Validation of ``by`` against the rule's
-    regex and of the pieces against ``order`` is done by the mapping.
+    order of the piece names, digit runs compared as numbers). ``order: indices`` (``indices``) asks for
+    the pieces to be exactly the integers 0..N-1 for N pieces (experts, layers), in numeric order.
+    Validation of ``by`` against the rule's regex and of the pieces against ``order`` is done by the
+    mapping.
     """
 
     kind: ClassVar[Literal["map", "split", "gather"]] = "gather"
     axis: int
     by: str | None = None
     order: tuple[str, ...] | None = None
+    indices: bool = False
 
     @classmethod
     def from_args(cls, args: object) -> Self:
@@ -592,11 +595,13 @@ class Gather(Op):
         if by is not None and (not isinstance(by, str) or not by):
             raise OpError(f"{cls.name} 'by' must be a template string like '\\1', got {show_value(by)}")
         order: tuple[str, ...] | None = None
+        if spec.get("order") == "indices":
+            return cls(axis, by, None, indices=True)
         if "order" in spec:
             raw = spec["order"]
             if not isinstance(raw, list) or not raw:
-                raise OpError(f"{cls.name} 'order' must be a non-empty list of piece names, got "
-                              f"{show_value(raw)}")
+                raise OpError(f"{cls.name} 'order' must be a non-empty list of piece names (or 'indices': "
+                              f"the pieces are 0..N-1), got {show_value(raw)}")
             names: list[str] = []
             for item in raw:
                 if isinstance(item, bool) or not isinstance(item, str | int):
@@ -620,6 +625,7 @@ class Gather(Op):
     def _args(self) -> str:
         extra = [] if self.by is None else [f"by={self.by}"]
         extra += [] if self.order is None else [f"order={','.join(self.order)}"]
+        extra += ["order=indices"] if self.indices else []
         return ",".join([f"axis={self.axis}", *extra])
 
     def describe(self) -> str:

@@ -88,12 +88,15 @@ def attention_mask(mask: jax.Array | None, length: int, *, causal: bool,
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
-              scale: float | None = None, dropout: nnx.Dropout | None = None) -> jax.Array:
+              scale: float | None = None, dropout: nnx.Dropout | None = None,
+              sinks: jax.Array | None = None) -> jax.Array:
     """Softmax attention in float32. q [B, T, H, D]; k, v [B, S, KV, D] with H a multiple of KV
     (grouped-query attention repeats each key/value head H/KV times); mask [B|1, 1|H, T, S] bool.
     ``dropout`` is applied to the attention probabilities (transformers' attention dropout; active only
-    in train mode). Returns [B, T, H, D] in q's dtype. A query that may attend to no key (a padded
-    position under a sliding window) outputs zeros, as torch's scaled_dot_product_attention does."""
+    in train mode). ``sinks`` [H] (GPT-OSS's attention sinks): one more logit per head joins each query's
+    softmax and is dropped after it, so the weights of the real keys sum to less than one. Returns
+    [B, T, H, D] in q's dtype. A query that may attend to no key (a padded position under a sliding
+    window) outputs zeros, as torch's scaled_dot_product_attention does."""
     dtype = q.dtype
     heads, kv_heads = q.shape[2], k.shape[2]
     if heads != kv_heads:
@@ -103,7 +106,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     q32, k32, v32 = (t.astype(jnp.float32) for t in (q, k, v))
     scores = jnp.einsum("bthd,bshd->bhts", q32, k32) * scale
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1)
+    if sinks is None:
+        weights = jax.nn.softmax(scores, axis=-1)
+    else:
+        sink = jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, None, None], (*scores.shape[:-1], 1))
+        weights = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
     weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
     if dropout is not None:
         weights = dropout(weights)
@@ -269,14 +276,14 @@ class KVCache(NamedTuple):
         return allowed[None, None] & self.valid[:, None, None, :]
 
     def attend(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
-               scale: float | None = None) -> tuple[jax.Array, KVCache]:
+               scale: float | None = None, sinks: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
         """Write layer ``layer``'s new keys and values k, v [B, T, KV, D] at ``filled`` and attend q
         [B, T, H, D] over the whole buffer with ``mask`` (from :meth:`mask`). Returns the attention
         output [B, T, H, D] and the cache with the layer's buffers updated (``filled`` unchanged)."""
         start = (0, self.filled, 0, 0)
         keys = jax.lax.dynamic_update_slice(self.keys[layer], k.astype(self.keys[layer].dtype), start)
         values = jax.lax.dynamic_update_slice(self.values[layer], v.astype(self.values[layer].dtype), start)
-        out = attention(q, keys, values, mask, scale=scale)
+        out = attention(q, keys, values, mask, scale=scale, sinks=sinks)
         replace = lambda old, new: (*old[:layer], new, *old[layer + 1:])  # noqa: E731
         return out, self._replace(keys=replace(self.keys, keys), values=replace(self.values, values))
 

@@ -12,8 +12,9 @@ import numpy as np
 
 from nnxport import interrupt
 from nnxport.mapping.analysis import Assignment, TensorSpec
-from nnxport.mapping.ops import Box, Op, apply_ops, box_slices, pull_part
+from nnxport.mapping.ops import Box, Op, Reshape, Stack, Transpose, apply_ops, box_slices, pull_part
 from nnxport.placement import (
+    cast_checked,
     numpy_dtype,
     put,
     put_parts,
@@ -78,11 +79,91 @@ def start_streaming(prog: Progress, src: Source, assignments: tuple[Assignment, 
     prog.start(WRITE, placed)
 
 
+def stacking(chain: _Chain) -> tuple[tuple[Op, ...], Stack, tuple[Op, ...]] | None:
+    """A chain that stacks its keys (experts, layers) with only one-tensor ops around the stack: (the ops
+    before it, the stack, the ops after it); None for any other chain."""
+    cut = next((j for j, op in enumerate(chain.ops) if op.kind == "gather"), None)
+    if cut is None or not isinstance(chain.ops[cut], Stack) or len(chain.sources) < 2:
+        return None
+    before, after = chain.ops[:cut], chain.ops[cut + 1:]
+    if any(op.kind != "map" for op in (*before, *after)):
+        return None
+    return before, chain.ops[cut], after  # type: ignore[return-value]
+
+
+def _lifted(ops: tuple[Op, ...], count: int) -> list[Op] | None:
+    """``ops`` (transposes and reshapes of one piece) as the same ops on ``count`` pieces stacked along a
+    new leading axis; None when an op is of another kind."""
+    out: list[Op] = []
+    for op in ops:
+        if isinstance(op, Transpose):
+            out.append(Transpose((0, *(p + 1 for p in op.perm))))
+        elif isinstance(op, Reshape) and all(isinstance(d, int) for d in op.dims):
+            out.append(Reshape((count, *op.dims)))
+        else:
+            return None
+    return out
+
+
+def stack_in_place(src: Source, chain: _Chain, want: np.dtype, what: str, allow_nonfinite: bool,
+                   prog: Progress = NO_PROGRESS) -> np.ndarray | None:
+    """The result of a stacking chain (:func:`stacking`) built piece by piece: each key read once, checked
+    and cast (:func:`~nnxport.placement.cast_checked`) into its slot of one preallocated array as stored
+    (contiguous copies), and dropped; the ops before the stack then run once on the whole, as views (a
+    transpose of each piece is a transpose of the stack). Memory holds the target and one piece, not
+    every source plus the stacked copy. None for other chains, or ops that cannot be lifted."""
+    parts = stacking(chain)
+    lifted = None if parts is None else _lifted(parts[0], len(chain.sources))
+    if parts is None or lifted is None:
+        return None
+    _, stack, after = parts
+    out = np.empty((len(chain.sources), *chain.shapes[0]), want)
+    for slot, key in zip(out, chain.sources, strict=True):
+        arr = src.read(key)
+        prog.advance(READ, arr.nbytes)
+        slot[...] = cast_checked(arr, want, what, allow_nonfinite)
+        del arr
+    (result,) = apply_ops(lifted, [out])
+    result = np.moveaxis(result, 0, stack.axis % result.ndim)
+    (result,) = apply_ops(after, [result])
+    return result
+
+
+def _stack_part(src: Source, chain: _Chain, box: Box, prog: Progress) -> np.ndarray | None:
+    """``box`` of a stacking chain's result read from only the keys (and the part of each) that fall in
+    it: a device holding experts 2..3 reads those two experts. None for other chains, or ops after the
+    stack."""
+    parts = stacking(chain)
+    if parts is None or parts[2]:
+        return None
+    before, stack, _ = parts
+    axis = stack.axis % len(box)
+    inner = box[:axis] + box[axis + 1:]
+    pieces = []
+    for key, shape in list(zip(chain.sources, chain.shapes, strict=True))[box[axis][0]:box[axis][1]]:
+        pulled = pull_part(before, shape, 0, inner)
+        assert pulled is not None  # one-tensor ops only
+        part, steps = pulled
+        arr = src.read_box(key, part)
+        prog.advance(READ, arr.nbytes)
+        for step in steps:
+            arr = step(arr)
+        pieces.append(arr)
+    return np.stack(pieces, axis=axis)
+
+
 def materialize(src: Source, a: Assignment, chains: dict[str, _Chain], dtype: str,
                  sharding: jax.sharding.Sharding, allow_nonfinite: bool = False,
                  prog: Progress = NO_PROGRESS) -> list[jax.Array]:
-    """The placed arrays of ``a.targets`` on one device: the source keys read whole, through the ops."""
+    """The placed arrays of ``a.targets`` on one device: the source keys read whole, through the ops (a
+    stack of many keys built in place, :func:`stack_in_place`)."""
     chain = chains[a.targets[0]]
+    if len(a.targets) == 1:
+        what = describe_target(src, chain, a.targets[0])
+        want = target_dtype(chain.dtype, dtype, a.target_specs[0].dtype, what)
+        stacked = stack_in_place(src, chain, numpy_dtype(want), what, allow_nonfinite, prog)
+        if stacked is not None:  # its values were checked piece by piece
+            return [put(stacked, want, sharding, what=what, allow_nonfinite=True)]
     read = [src.read(key) for key in chain.sources]
     prog.advance(READ, sum(r.nbytes for r in read))
     arrays = apply_ops(chain.ops, read)
@@ -101,11 +182,15 @@ def put_sharded(src: Source, chain: _Chain, dtype: str, sharding: jax.sharding.S
                  spec: TensorSpec, what: str, allow_nonfinite: bool,
                  prog: Progress = NO_PROGRESS) -> jax.Array:
     """One target laid out by ``sharding``, each device part read on its own: the part of the source that
-    the chain's ops turn into it (:func:`nnxport.mapping.ops.pull_part`). Ops that join several keys (concat,
-    stack) have no such part: their result is computed whole, once per process, and cut."""
+    the chain's ops turn into it (:func:`nnxport.mapping.ops.pull_part`); for a stack, the part of each
+    key in the device's range of the stacked axis. Other ops that join several keys (concat) have no such
+    part: their result is computed whole, once per process, and cut."""
     whole: list[np.ndarray] = []
 
     def read(box: Box) -> np.ndarray:
+        stacked = _stack_part(src, chain, box, prog)
+        if stacked is not None:
+            return stacked
         pulled = pull_part(chain.ops, chain.shapes[0], chain.position, box)
         if pulled is None:
             if not whole:

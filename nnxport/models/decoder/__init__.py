@@ -14,7 +14,16 @@ qwen2             always; never               no            no          use_slid
                                                                         max_window_layers (layer_types)
 qwen3             attention_bias; same        no            yes         as qwen2
 mistral           no; no                      no            no          sliding_window (every layer)
+mixtral           no; no                      (MoE)         no          sliding_window (every layer)
+qwen3_moe         attention_bias; same        no            yes         use_sliding_window (every layer)
+gpt_oss           attention_bias; same        (MoE)         no          layer_types (default: sliding,
+                                                                        full, ... alternating)
 ================  ==========================  ============  ==========  ================================
+
+The MoE model types (:mod:`nnxport.models.decoder.moe`) replace a block's MLP by a sparse MoE layer:
+every layer for mixtral and gpt_oss; for qwen3_moe where ``decoder_sparse_step`` and ``mlp_only_layers``
+say (:attr:`MoESpec.sparse`; the other layers keep the dense MLP). gpt_oss also has per-head attention
+sinks and GptOssRMSNorm's order (scale in float32, then the cast); its default RoPE (yarn) is refused.
 
 RoPE types ``default``, ``linear`` and ``llama3`` are implemented as in transformers' modeling_rope_utils;
 both config layouts are read: the hub's (``rope_theta`` and ``rope_scaling`` at the top level) and what
@@ -32,6 +41,11 @@ Target paths (what ``mappings/decoder.yaml`` fills)::
     layers.N.attn.{q,k,v,o}.kernel                    [in, out]; .bias where the model has biases
     layers.N.attn.{q_norm,k_norm}.scale               (qwen3) [head_dim]
     layers.N.mlp.{gate,up,down}.kernel                (.bias with llama's mlp_bias)
+    layers.N.mlp.router.kernel                        (sparse layers) [hidden, E]; .bias (gpt_oss) [E]
+    layers.N.mlp.experts.{gate,up}                    (sparse layers) [E, hidden, inner]
+    layers.N.mlp.experts.down                         (sparse layers) [E, inner, hidden]
+    layers.N.mlp.experts.{gate,up,down}_bias          (gpt_oss) [E, out]
+    layers.N.attn.sinks                               (gpt_oss) [num_heads]
     norm.scale
     lm_head.kernel                                    [hidden, vocab], only when tie_word_embeddings is false
 """
@@ -40,6 +54,7 @@ Target paths (what ``mappings/decoder.yaml`` fills)::
 from nnxport.models.decoder.config import DEFAULTS, MODEL_TYPES, DecoderSpec, Rope, resolve
 from nnxport.models.decoder.family import FAMILY, DecoderFamily, DecoderParity
 from nnxport.models.decoder.modules import Attention, Block, Decoder, RMSNorm
+from nnxport.models.decoder.moe import MoESpec, SparseMoE
 
 __all__ = ["DEFAULTS", "FAMILY", "MODEL_TYPES", "Attention", "Block", "Decoder", "DecoderFamily",
-           "DecoderParity", "DecoderSpec", "RMSNorm", "Rope", "resolve"]
+           "DecoderParity", "DecoderSpec", "MoESpec", "RMSNorm", "Rope", "SparseMoE", "resolve"]

@@ -12,11 +12,13 @@ import numpy as np
 
 from nnxport.errors import ConfigError
 from nnxport.models.base import padding_idx_field, rate_field
+from nnxport.models.decoder.moe import MoESpec, resolve_moe
 from nnxport.models.layers import ACTIVATIONS
 
-MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe", "gpt_oss")
 REFERENCE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-             "mistral": "MistralForCausalLM"}
+             "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
+             "qwen3_moe": "Qwen3MoeForCausalLM", "gpt_oss": "GptOssForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -40,7 +42,23 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                 "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None, "hidden_act": "silu",
                 "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
                 "sliding_window": 4096},
+    # MoE fields: nnxport.models.decoder.moe.MOE_DEFAULTS
+    "mixtral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None, "hidden_act": "silu",
+                "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+                "sliding_window": None},
+    "qwen3_moe": {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+                  "num_hidden_layers": 24, "num_attention_heads": 32, "num_key_value_heads": 4,
+                  "hidden_act": "silu",  # no head_dim field: hidden_size // num_attention_heads
+                  "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                  "attention_bias": False, "use_sliding_window": False, "sliding_window": 4096},
+    "gpt_oss": {"vocab_size": 201088, "hidden_size": 2880, "intermediate_size": 2880, "num_hidden_layers": 36,
+                "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "hidden_act": "silu",
+                "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+                "sliding_window": 128, "attention_bias": True},
 }
+#: GptOssConfig.default_theta (with rope_parameters that give no rope_theta).
+GPT_OSS_ROPE_THETA = 150000.0
 DEFAULT_ROPE_THETA = 10000.0
 
 
@@ -106,6 +124,12 @@ class DecoderSpec:
     attention_dropout: float = 0.0
     #: ``pad_token_id``: the embedding row that lookups pass no gradient to (torch's ``padding_idx``).
     pad_token_id: int | None = None
+    #: The sparse MoE layers (mixtral, qwen3_moe, gpt_oss; :mod:`nnxport.models.decoder.moe`), or None.
+    moe: MoESpec | None = None
+    #: GPT-OSS: a learned per-head logit joins every attention softmax (``layers.N.attn.sinks``).
+    attention_sinks: bool = False
+    #: GPT-OSS's RMSNorm order: the scale multiplies in float32, then the cast.
+    norm_scale_first: bool = False
 
 
 def _get(config: Mapping[str, Any], field: str) -> Any:
@@ -134,7 +158,8 @@ def _flag(config: Mapping[str, Any], field: str) -> bool:
     return value
 
 
-def _rope(config: Mapping[str, Any], head_dim: int, max_positions: int) -> Rope:
+def _rope(config: Mapping[str, Any], head_dim: int, max_positions: int,
+          default_theta: float = DEFAULT_ROPE_THETA) -> Rope:
     """RoPE parameters the way transformers 5 standardises them (``convert_rope_params_to_dict``): a
     hub ``rope_scaling`` wins over ``rope_parameters``; ``rope_theta`` comes from that dict, else the top
     level, else 10000; the type from ``rope_type``, else the older ``type``, else ``default``."""
@@ -149,7 +174,7 @@ def _rope(config: Mapping[str, Any], head_dim: int, max_positions: int) -> Rope:
     if rope_type not in ROPE_TYPES:
         raise ConfigError(f"config.json: field '{field}' has rope_type {rope_type!r}, which nnxport's "
                           f"decoder family does not implement (supported: {', '.join(ROPE_TYPES)})")
-    theta = params["rope_theta"] if "rope_theta" in params else config.get("rope_theta", DEFAULT_ROPE_THETA)
+    theta = params["rope_theta"] if "rope_theta" in params else config.get("rope_theta", default_theta)
     theta = _number(theta, "rope_theta")
     for where, prf in (("partial_rotary_factor", config.get("partial_rotary_factor")),
                        (f"{field}.partial_rotary_factor", params.get("partial_rotary_factor"))):
@@ -190,13 +215,19 @@ def _windows(config: Mapping[str, Any], model_type: str, num_layers: int) -> tup
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ConfigError(f"config.json: field 'sliding_window' must be a positive integer or null, "
                           f"got {window!r}")
-    if model_type == "mistral":  # MistralModel: one mask for every layer (layer_types is ignored)
+    if model_type in ("mistral", "mixtral"):  # one mask for every layer (layer_types is ignored)
         return (window,) * num_layers
+    if model_type == "qwen3_moe":  # Qwen3MoeConfig: the window with use_sliding_window, on every layer
+        return ((window if _flag(config, "use_sliding_window") else None),) * num_layers
+    layer_types = config.get("layer_types")
+    if model_type == "gpt_oss":  # GptOssConfig: sliding and full layers alternate, sliding first
+        if layer_types is None:
+            layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                           for i in range(num_layers)]
     # Qwen2Config / Qwen3Config.__post_init__: the window exists only with use_sliding_window; layer_types
     # (written by transformers 5) wins over max_window_layers.
-    if not _flag(config, "use_sliding_window"):
+    elif not _flag(config, "use_sliding_window"):
         window = None
-    layer_types = config.get("layer_types")
     if layer_types is None:
         first = _int(config, "max_window_layers", minimum=0)
         layer_types = ["sliding_attention" if window is not None and i >= first else "full_attention"
@@ -260,7 +291,7 @@ def resolve(config: Mapping[str, Any]) -> DecoderSpec:
     if model_type == "llama":
         qkv_bias = o_bias = _flag(config, "attention_bias")
         mlp_bias = _flag(config, "mlp_bias")
-    elif model_type == "qwen3":
+    elif model_type in ("qwen3", "qwen3_moe", "gpt_oss"):
         qkv_bias = o_bias = _flag(config, "attention_bias")
         mlp_bias = False
     else:
@@ -279,10 +310,22 @@ def resolve(config: Mapping[str, Any]) -> DecoderSpec:
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         mlp_bias=mlp_bias,
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         tie_word_embeddings=_flag(config, "tie_word_embeddings"),
-        rope=_rope(config, head_dim, max_positions),
+        rope=_gpt_oss_rope(config, head_dim, max_positions) if model_type == "gpt_oss"
+        else _rope(config, head_dim, max_positions),
         windows=_windows(config, model_type, num_layers),
         attention_dropout=rate_field(config, "attention_dropout", 0.0),
         pad_token_id=padding_idx_field(config, _int(config, "vocab_size"), None),
+        moe=resolve_moe(config, model_type, num_layers, _int(config, "intermediate_size")),
+        attention_sinks=model_type == "gpt_oss",
+        norm_scale_first=model_type == "gpt_oss",
     )
+
+
+def _gpt_oss_rope(config: Mapping[str, Any], head_dim: int, max_positions: int) -> Rope:
+    """GptOssConfig's RoPE: yarn (factor 32) when config.json names none, theta 150000 by default."""
+    if config.get("rope_scaling") is None and config.get("rope_parameters") is None:
+        raise ConfigError("config.json: field 'rope_parameters' is not set, so gpt_oss models use yarn RoPE, "
+                          "which nnxport's decoder family does not implement")
+    return _rope(config, head_dim, max_positions, GPT_OSS_ROPE_THETA)

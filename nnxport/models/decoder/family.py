@@ -58,14 +58,16 @@ class DecoderFamily(Family):
     """The ``decoder`` family: config.json of a llama / qwen2 / qwen3 / mistral model -> :class:`DecoderSpec`
     -> :class:`Decoder`.
 
-    Mapping: ``mappings/decoder.yaml``; parity: :class:`DecoderParity`;
-    tests: tests/e2e/test_family_decoder.py.
+    Mappings: ``mappings/decoder.yaml``; the MoE model types ``mappings/{mixtral,qwen3_moe,gpt_oss}.yaml``;
+    parity: :class:`DecoderParity`; tests: tests/e2e/test_family_decoder.py, tests/e2e/test_family_moe.py.
     """
 
     name = "decoder"
-    description = ("Decoder-only LMs: Llama 2/3.x, Qwen2/2.5, Qwen3, Mistral "
-                   "(transformers LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM)")
-    mappings = ("decoder",)
+    description = ("Decoder-only LMs: Llama 2/3.x, Qwen2/2.5, Qwen3, Mistral; sparse MoE: Mixtral, "
+                   "Qwen3-MoE, GPT-OSS (unquantized) (transformers LlamaForCausalLM, Qwen2ForCausalLM, "
+                   "Qwen3ForCausalLM, MistralForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM, "
+                   "GptOssForCausalLM)")
+    mappings = ("decoder", "mixtral", "qwen3_moe", "gpt_oss")
     layer_keys: ClassVar[Mapping[str, str]] = {
         "num_hidden_layers": r"^model\.layers\.(\d{1,9})\.",
     }

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nnxport.models.decoder.config import DecoderSpec
+from nnxport.models.decoder.moe import SparseMoE
 from nnxport.models.layers import (
     ACTIVATIONS,
     COLUMN,
@@ -25,21 +26,26 @@ from nnxport.models.layers import (
 
 
 class RMSNorm(nnx.Module):
-    """transformers' LlamaRMSNorm: normalise in float32, cast back, then multiply by ``scale``.
+    """transformers' LlamaRMSNorm: normalise in float32, cast back, then multiply by ``scale``; with
+    ``scale_first`` (GptOssRMSNorm) multiply by the scale in float32, then cast back.
 
     Args:
         dim: the normalised (last) dimension.
         eps: ``rms_norm_eps``.
+        scale_first: the GPT-OSS order.
     """
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, scale_first: bool = False):
         self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
         self.eps = eps
+        self.scale_first = scale_first
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalise ``x`` [..., dim]; the result has x's dtype (the scale's where that is wider)."""
         h = x.astype(jnp.float32)
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        if self.scale_first:
+            return (self.scale[...].astype(jnp.float32) * h).astype(x.dtype)
         return self.scale[...] * h.astype(x.dtype)
 
 
@@ -72,6 +78,8 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
         self.heads, self.kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, d
         self.dropout = dropout(spec.attention_dropout, rngs)
+        # GPT-OSS: a learned per-head logit in every softmax (layers.attention's ``sinks``)
+        self.sinks = nnx.Param(jnp.zeros((spec.num_heads,), jnp.float32)) if spec.attention_sinks else None
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
         """Attend and project back.
@@ -83,7 +91,8 @@ class Attention(nnx.Module):
             mask: boolean [B|1, 1, T, T], True where query i may attend to key j.
         """
         q, k, v = self._qkv(x, cos, sin)
-        out = attention(q, k, v, mask, scale=self.head_dim ** -0.5, dropout=self.dropout)
+        out = attention(q, k, v, mask, scale=self.head_dim ** -0.5, dropout=self.dropout,
+                        sinks=None if self.sinks is None else self.sinks[...])
         return self.o(out.reshape(*x.shape[:2], self.heads * self.head_dim))
 
     def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -100,7 +109,8 @@ class Attention(nnx.Module):
         """:meth:`__call__` for new tokens x [B, T, hidden] against the cache (``mask`` from
         ``cache.mask``); writes this layer's keys and values."""
         q, k, v = self._qkv(x, cos, sin)
-        out, cache = cache.attend(layer, q, k, v, mask, scale=self.head_dim ** -0.5)
+        out, cache = cache.attend(layer, q, k, v, mask, scale=self.head_dim ** -0.5,
+                                  sinks=None if self.sinks is None else self.sinks[...])
         return self.o(out.reshape(*x.shape[:2], self.heads * self.head_dim)), cache
 
 
@@ -129,18 +139,22 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm block: ``x + attn(input_norm(x))``, then ``x + mlp(post_attn_norm(x))``.
+    """Pre-norm block: ``x + attn(input_norm(x))``, then ``x + mlp(post_attn_norm(x))``; the MLP is a
+    sparse MoE layer where ``spec.moe`` says so for this layer.
 
     Args:
         spec: the model's spec.
         rngs: random streams.
+        layer: the block's index (which layers are sparse: ``spec.moe.sparse``).
     """
 
-    def __init__(self, spec: DecoderSpec, *, rngs: nnx.Rngs):
-        self.input_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+    def __init__(self, spec: DecoderSpec, *, rngs: nnx.Rngs, layer: int = 0):
+        self.input_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_scale_first)
         self.attn = Attention(spec, rngs=rngs)
-        self.post_attn_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.mlp = MLP(spec, rngs=rngs)
+        self.post_attn_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_scale_first)
+        self.mlp: MLP | SparseMoE = (
+            SparseMoE(spec.hidden_size, spec.hidden_act, spec.moe, rngs=rngs)
+            if spec.moe is not None and spec.moe.sparse[layer] else MLP(spec, rngs=rngs))
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
         """Apply the block (arguments as :meth:`Attention.__call__`)."""
@@ -180,8 +194,8 @@ class Decoder(nnx.Module):
         self.spec = spec
         self.embed = nnx.Embed(spec.vocab_size, spec.hidden_size, embedding_metadata=sharded(EMBEDDING),
                                rngs=rngs)
-        self.layers = nnx.List([Block(spec, rngs=rngs) for _ in range(spec.num_layers)])
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.layers = nnx.List([Block(spec, rngs=rngs, layer=i) for i in range(spec.num_layers)])
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_scale_first)
         self.lm_head = (None if spec.tie_word_embeddings
                         else nnx.Linear(spec.hidden_size, spec.vocab_size, use_bias=False,
                                         kernel_metadata=sharded(COLUMN), rngs=rngs))
