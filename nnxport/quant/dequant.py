@@ -23,7 +23,7 @@ def scale_values(scale: np.ndarray) -> np.ndarray:
     """Stored scales as float32 multipliers: floats as they are; raw e8m0 bytes (uint8) as
     ``2 ** (byte - 127)``, as transformers reads MXFP8 / ue8m0 scales stored as bytes."""
     if scale.dtype == np.uint8:
-        return np.exp2(scale.astype(np.float32) - np.float32(127))
+        return np.ldexp(np.float32(1), scale.astype(np.int32) - 127)  # exact (np.exp2 is not, near 2**127)
     return scale.astype(np.float32)
 
 

@@ -24,11 +24,11 @@ def _torch(arr: np.ndarray) -> Any:
     """A numpy array as a torch tensor; ml_dtypes floats (float8) through their bytes."""
     import torch
 
-    if arr.dtype.kind == "V" or arr.dtype.name.startswith("float8"):
-        code = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e8m0fnu": torch.float8_e8m0fnu}[arr.dtype.name]
-        return torch.from_numpy(np.ascontiguousarray(arr).view(np.uint8)).view(code)
-    if arr.dtype.name == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
+    views = {"float8_e4m3fn": (np.uint8, torch.float8_e4m3fn), "bfloat16": (np.int16, torch.bfloat16),
+             "float8_e8m0fnu": (np.uint8, torch.float8_e8m0fnu)}
+    if arr.dtype.name in views:
+        bits, code = views[arr.dtype.name]
+        return torch.from_numpy(np.ascontiguousarray(arr).view(bits)).view(code)
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from nnxport.errors import NnxportError, SourceError, option
+from nnxport.mapping.ops import box_slices
 from nnxport.quant.dequant import fp8_box, mxfp4_box
 from nnxport.quant.scheme import FIELD, Scheme, scheme_of
 from nnxport.sources.base import Source, TensorInfo
@@ -180,17 +181,25 @@ class QuantizedSource(Source):
         (e0, e1), (v0, v1), (r0, r1) = box
         group = 2 * p.values.shape[-1]
         g0, g1 = v0 // group, _ceil(v1, group)
-        blocks = super().read_box(p.values.key, ((e0, e1), (r0, r1), (g0, g1), (0, p.values.shape[-1])))
-        scales = super().read_box(p.scale.key, ((e0, e1), (r0, r1), (g0, g1)))
+        blocks = self._stored_box(p.values.key, ((e0, e1), (r0, r1), (g0, g1), (0, p.values.shape[-1])))
+        scales = self._stored_box(p.scale.key, ((e0, e1), (r0, r1), (g0, g1)))
         return mxfp4_box(blocks, scales, v0 - g0 * group, v1 - v0)
 
     def _fp8_box(self, p: Packed, box: tuple[tuple[int, int], ...]) -> np.ndarray:
-        weight = super().read_box(p.values.key, box)
+        weight = self._stored_box(p.values.key, box)
         if p.block is None:
-            return fp8_box(weight, super().read(p.scale.key), None)
+            return fp8_box(weight, self.read_stored(p.scale.key), None)
         (bm, bn), ((r0, r1), (c0, c1)) = p.block, box[-2:]
         part = (*box[:-2], (r0 // bm, _ceil(r1, bm)), (c0 // bn, _ceil(c1, bn)))
-        return fp8_box(weight, super().read_box(p.scale.key, part), p.block, (r0, c0))
+        return fp8_box(weight, self._stored_box(p.scale.key, part), p.block, (r0, c0))
+
+    def _stored_box(self, key: str, box: tuple[tuple[int, int], ...]) -> np.ndarray:
+        """Part ``box`` of the stored tensor ``key`` as stored (what :meth:`Source.read_box` reads: one
+        ``pread`` for whole rows, else safetensors' slices)."""
+        info = self._info(key)
+        if all(b == (0, n) for b, n in zip(box[1:], info.shape[1:], strict=True)):
+            return self._pread(info, *box[0]) if box else self.read_stored(key)
+        return Source.read_slice(self, key, box_slices(box))
 
     def read_slice(self, key: str, index: tuple[slice | int, ...]) -> np.ndarray:
         if key not in self.packed:
