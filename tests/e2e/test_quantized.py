@@ -82,6 +82,7 @@ def test_fp8_converts_with_parity_and_transformers_values(name: str, block: tupl
         want = _transformers_dequantized(fp8[name], key, block).T
         np.testing.assert_array_equal(got[target].view(np.int32), np.ascontiguousarray(want).view(np.int32))
     assert got["layers.0.attn.q.kernel"].dtype == np.float32
+    assert nnxport.verify(tmp_path / "out").passed  # the recorded source re-opened dequantized
 
 
 def test_fp8_bfloat16_and_bf16_scales(fp8: dict[str, Path], tmp_path: Path) -> None:
@@ -205,6 +206,8 @@ FAULTS: list[tuple[str, Any, list[str]]] = [
     ("missing-scale", lambda t, c: t.pop(Q + "_scale_inv"), ["is float8_e4m3fn but has no scale", Q]),
     ("orphan-scale", lambda t, c: t.__setitem__("model.norm.weight_scale_inv", torch.ones(1, 1)),
      ["model.norm.weight", "fp8 values", "is float32, expected float8_e4m3fn"]),
+    ("no-weight", lambda t, c: t.__setitem__("model.extra.weight_scale_inv", torch.ones(1, 1)),
+     ["scale 'model.extra.weight_scale_inv' has no 'model.extra.weight'"]),
     ("scale-dtype", lambda t, c: t.__setitem__(Q + "_scale_inv", t[Q + "_scale_inv"].to(torch.int32)),
      ["scale", "int32"]),
     ("weight-dtype", lambda t, c: t.__setitem__(Q, t[Q].to(torch.bfloat16)), ["bfloat16", "float8_e4m3fn"]),
@@ -306,3 +309,22 @@ def test_mxfp4_converts_to_transformers_values(mxfp4: Path, mesh: str | None, tm
     np.testing.assert_array_equal(got, want.numpy())
     if mesh is None:
         assert res.parity is not None and res.parity.passed
+
+
+def test_fp8_wrong_dequantization_fails_parity(fp8: dict[str, Path], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parity's reference is dequantized by transformers, not by nnxport: a dequantization that misplaces
+    the scale blocks (rows and columns of the grid swapped: 128x128 grids of these square layers) is
+    caught, though every shape and key still fits."""
+    import nnxport.quant.view as view
+
+    real = view.fp8_box
+
+    def swapped(weight: np.ndarray, scale: np.ndarray, block: Any, origin: Any = (0, 0)) -> np.ndarray:
+        flipped = np.ascontiguousarray(scale[::-1, ::-1])
+        return real(weight, flipped, block, origin)
+
+    monkeypatch.setattr(view, "fp8_box", swapped)
+    res = nnxport.convert(fp8["qwen3"], tmp_path / "out", dtype="float32")
+    assert res.parity is not None and not res.parity.passed
+    assert res.parity.outputs[0].max_abs_diff > 1e-3
