@@ -73,10 +73,10 @@ def test_bfloat16_within_tolerance(replicas: dict[str, Path], tmp_path: Path) ->
     assert res.parity.outputs[0].max_rel_diff < 3e-2
 
 
-def test_fused_expert_layout_converts_to_the_same_weights(replicas: dict[str, Path], tmp_path: Path) -> None:
-    """transformers 5's internal layout, experts.gate_up_proj [E, 2I, H] and experts.down_proj [E, H, I]."""
-    fused = tmp_path / "fused"
-    shutil.copytree(replicas["tiny"], fused)
+def _fused(tiny: Path, fused: Path) -> Path:
+    """``tiny`` with transformers 5's internal expert layout: experts.gate_up_proj [E, 2I, H] and
+    experts.down_proj [E, H, I]."""
+    shutil.copytree(tiny, fused)
     tensors = load_file(fused / "model.safetensors")
     for layer in (1, 2):
         p = f"model.layers.{layer}.mlp.experts."
@@ -86,6 +86,11 @@ def test_fused_expert_layout_converts_to_the_same_weights(replicas: dict[str, Pa
         tensors[p + "gate_up_proj"] = torch.stack([torch.cat([g, u]) for g, u in zip(gate, up, strict=True)])
         tensors[p + "down_proj"] = torch.stack(down)
     save_file(tensors, fused / "model.safetensors", metadata={"format": "pt"})
+    return fused
+
+
+def test_fused_expert_layout_converts_to_the_same_weights(replicas: dict[str, Path], tmp_path: Path) -> None:
+    fused = _fused(replicas["tiny"], tmp_path / "fused")
     nnxport.convert(replicas["tiny"], tmp_path / "a", dtype="float32", parity=False)
     res = nnxport.convert(fused, tmp_path / "b", dtype="float32")
     assert res.parity is not None and res.parity.passed
@@ -159,6 +164,22 @@ def test_mesh_equals_one_device(replicas: dict[str, Path], tmp_path: Path) -> No
     nnxport.convert(replicas["tiny"], tmp_path / "mesh", dtype="float32", parity=False, mesh="data=2,model=4")
     manifest = json.loads((tmp_path / "mesh" / "nnxport.json").read_text())
     assert manifest["partition_specs"]["layers.1.mlp.gate"] == ["model"]  # experts split over `model`
+    a, b = _leaves(tmp_path / "one"), _leaves(tmp_path / "mesh")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")
+def test_fp8_fused_experts_under_mesh(replicas: dict[str, Path], tmp_path: Path) -> None:
+    """3-D fp8 expert tensors [E, rows, cols] with [E, row blocks, col blocks] scales: parity on one device
+    (the reference dequantized by transformers), and each device's expert slice read alone equal to it."""
+    fp8 = quantize_fp8_folder(_fused(replicas["tiny"], tmp_path / "fused"), tmp_path / "fp8", block=(16, 32),
+                              pattern=r"(_proj|_proj_with_mqa)(\.weight)?$")
+    scales = load_file(fp8 / "model.safetensors")["model.layers.1.mlp.experts.gate_up_proj_scale_inv"]
+    assert scales.shape == (8, 4, 2)
+    res = nnxport.convert(fp8, tmp_path / "one", dtype="float32")
+    assert res.parity is not None and res.parity.passed, res.parity
+    nnxport.convert(fp8, tmp_path / "mesh", dtype="float32", parity=False, mesh="data=2,model=4")
     a, b = _leaves(tmp_path / "one"), _leaves(tmp_path / "mesh")
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
