@@ -4,8 +4,9 @@ YaRN RoPE with mscale, ``first_k_dense_replace`` dense SwiGLU layers, then MoE l
 (:mod:`nnxport.models.decoder.deepseek_moe`: group-limited sigmoid routing, shared experts).
 
 Every config.json field that changes the forward pass is implemented or refused by :func:`resolve`.
-Not implemented: the multi-token-prediction layer (``num_mtp_layers``; not part of the transformers model
-either, and its ``model.layers.<num_hidden_layers>.*`` keys in the published checkpoint are not mapped).
+Not implemented: the multi-token-prediction layer (``num_mtp_layers``): not part of the transformers model
+either; its ``model.layers.61.*`` keys in the published checkpoint are ignored by the mapping, as
+transformers ignores them.
 Mapping: ``mappings/deepseek_v3.yaml`` (per-expert keys stacked into expert-batched kernels, or the fused
 3-D tensors transformers 5 keeps internally). The published weights are fp8 with 128 x 128 blocks:
 they convert dequantized (docs/quantized.md).

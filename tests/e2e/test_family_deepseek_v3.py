@@ -199,3 +199,20 @@ def test_published_attention_and_routing_dims(tmp_path: Path) -> None:
     logits = res.parity.outputs[0] if res.parity else None
     print(f"deepseek-v3 published dims: {logits}")
     assert res.parity is not None and res.parity.passed, res.parity
+
+
+def test_published_mtp_layer_keys_are_ignored(replicas: dict[str, Path], tmp_path: Path) -> None:
+    """DeepSeek-V3's checkpoint holds a multi-token-prediction layer as model.layers.61.* (a full block and
+    its eh_proj / enorm / hnorm / shared_head): ignored, as transformers ignores it."""
+    src = tmp_path / "mtp"
+    shutil.copytree(replicas["tiny"], src)
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.61.self_attn.q_a_proj.weight"] = torch.zeros(48, 64)
+    tensors["model.layers.61.mlp.experts.0.up_proj.weight"] = torch.zeros(32, 64)
+    tensors["model.layers.61.eh_proj.weight"] = torch.zeros(64, 128)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    rows = {r["key"]: r for r in nnxport.inspect_keys(src).rows()}
+    assert {rows[k]["status"] for k in rows if k.startswith("model.layers.61.")} == {"ignored"}
+    assert {r["status"] for k, r in rows.items() if not k.startswith("model.layers.61.")} == {"mapped"}
+    res = nnxport.convert(src, tmp_path / "out", dtype="float32", parity=False)
+    assert res.manifest["model"]["family"] == "deepseek_v3"
