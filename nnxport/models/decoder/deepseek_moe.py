@@ -106,9 +106,17 @@ class DeepseekMoE(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, T, hidden] -> [B, T, hidden]."""
         flat = x.reshape(-1, x.shape[-1])
-        weights = self.router(flat)  # [N, E] float32
-        gate = jnp.einsum("nh,ehi->eni", flat, self.gate[...])
-        up = jnp.einsum("nh,ehi->eni", flat, self.up[...])
-        out = jnp.einsum("eni,eih->enh", ACTIVATIONS[self.act](gate) * up, self.down[...])
-        routed = jnp.einsum("enh,ne->nh", out, weights.astype(out.dtype))
+        routed = batched_experts(flat, self.router(flat), self.gate[...], self.up[...], self.down[...],
+                                 self.act)
         return routed.reshape(x.shape).astype(x.dtype) + self.shared(x)
+
+
+def batched_experts(x: jax.Array, weights: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
+                    act: str) -> jax.Array:
+    """SwiGLU experts on tokens x [N, hidden] combined by routing weights [N, E] (zero where not chosen):
+    ``sum_e weights[n, e] * down_e(act(gate_e(x_n)) * up_e(x_n))`` with kernels gate, up [E, hidden, I] and
+    down [E, I, hidden]. Nothing here is DeepSeek's: the router decides, this computes."""
+    g = jnp.einsum("nh,ehi->eni", x, gate)
+    u = jnp.einsum("nh,ehi->eni", x, up)
+    out = jnp.einsum("eni,eih->enh", ACTIVATIONS[act](g) * u, down)
+    return jnp.einsum("enh,ne->nh", out, weights.astype(out.dtype))
