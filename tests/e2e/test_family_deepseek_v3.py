@@ -3,7 +3,7 @@ generation (KV cache) in float32 and bfloat16, with YaRN + mscale and the defaul
 projection, interleaved and half-split rotary layouts; both expert layouts (per-expert keys stacked, fused
 3-D tensors); a broken mapping (experts stacked in the wrong order) failing parity; config drift refused in
 one line; the fp8 checkpoint (128-style block scales on every projection, experts included) converting
-dequantized; --mesh equal to one device."""
+dequantized; --mesh equal to one device; gradients equal to torch's in train mode."""
 
 from __future__ import annotations
 
@@ -216,3 +216,39 @@ def test_published_mtp_layer_keys_are_ignored(replicas: dict[str, Path], tmp_pat
     assert {r["status"] for k, r in rows.items() if not k.startswith("model.layers.61.")} == {"mapped"}
     res = nnxport.convert(src, tmp_path / "out", dtype="float32", parity=False)
     assert res.manifest["model"]["family"] == "deepseek_v3"
+
+
+def test_gradients_match_torch(replicas: dict[str, Path], tmp_path: Path) -> None:
+    """d loss / d every parameter in train() mode on both sides, routing included (gradients flow through
+    the chosen experts' scores). torch's gradients are saved under its parameter names (transformers 5
+    fuses the experts: the fused layout's rules) and converted by the mapping into the NNX layout."""
+    import jax.numpy as jnp
+    import transformers
+
+    src = replicas["tiny"]
+    ref = transformers.DeepseekV3ForCausalLM.from_pretrained(src, dtype=torch.float32)
+    ref.train()
+    ids = np.random.default_rng(7).integers(0, 512, size=(2, 12))
+    logits = ref(input_ids=torch.from_numpy(ids)).logits
+    weights = np.random.default_rng(3).standard_normal(tuple(logits.shape)).astype(np.float32)
+    (logits * torch.from_numpy(weights)).sum().backward()
+    grads = {k: torch.zeros_like(p) if p.grad is None else p.grad.contiguous()
+             for k, p in ref.named_parameters()}
+    grads.update({k: b for k, b in ref.named_buffers() if k.endswith("e_score_correction_bias")})
+    folder = tmp_path / "grads"
+    folder.mkdir()
+    save_file(grads, folder / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(src / "config.json", folder / "config.json")
+    nnxport.convert(folder, tmp_path / "expected", dtype="float32", parity=False)
+    nnxport.convert(src, tmp_path / "out", dtype="float32", parity=False)
+    expected = _leaves(tmp_path / "expected")
+    model = nnxport.load(tmp_path / "out", device="cpu")
+    model.train()
+    got = nnx.grad(lambda m: jnp.sum(m(jnp.asarray(ids, jnp.int32)) * weights))(model)
+    flat = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(got)}
+    buffers = {k for k in expected if k.endswith("correction_bias")}  # state, not parameters
+    assert buffers and set(flat) == set(_leaves(tmp_path / "out")) - buffers
+    for path, g in flat.items():
+        scale = float(np.abs(expected[path]).max())
+        diff = float(np.abs(g - expected[path]).max())
+        assert diff <= 1e-4 * scale + 1e-6, f"d loss / d {path}: max |Δ| {diff:.3g} (max |g| {scale:.3g})"
