@@ -213,7 +213,12 @@ def dequantizing(src: Source) -> Source:
     scheme = scheme_of(src.config)
     if scheme is None or isinstance(src, QuantizedSource):
         return src
-    return QuantizedSource(src, scheme)
+    if type(src) is not Source:
+        raise SourceError(f"{src.spec}: quantized ({scheme.method}) weights are read from safetensors files "
+                          "only, not pickle")
+    view = QuantizedSource(src, scheme)
+    src.close()  # the view opens its own handles
+    return view
 
 
 def check_dtype(src: Source, dtype: str) -> None:
