@@ -60,7 +60,6 @@ from nnxport.pipeline.transfer import Transferred, sync_processes, transfer
 from nnxport.placement import default_sharding, init_distributed, parse_mesh, resolve_device
 from nnxport.progress import LOAD, NO_PROGRESS, PARITY, PLAN, RESOLVE, WRITE, Progress
 from nnxport.sources.base import Source
-from nnxport.sources.folder import open_source
 from nnxport.version import version
 
 __all__ = ["ConvertResult", "Inspection", "convert", "draft", "inspect_keys", "load", "models", "verify",
@@ -240,7 +239,7 @@ def verify(folder: str | Path, *, source: str | Path | None = None, model: str |
                            "attribute): there is nothing to verify against")
     spec, revision, pickled = recorded_source(manifest, source)
     prog.start(RESOLVE)
-    with open_source(spec, revision=revision, allow_pickle=pickled) as src:
+    with resolve_source(spec, revision, None, pickled) as src:
         check_unchanged(src, manifest["source"]["files"])
         prog.end(RESOLVE)
         config, options = manifest["model"]["config"], manifest["model"].get("options", {})

@@ -23,6 +23,8 @@ from nnxport.parity.metrics import compare
 from nnxport.parity.report import ParityReport, number_text
 from nnxport.parity.streamed import StreamedReference
 from nnxport.pipeline.lazy import eagerly
+from nnxport.quant.reference import write_dequantized
+from nnxport.quant.view import QuantizedSource
 from nnxport.sources.base import Source
 from nnxport.sources.folder import INDEX_NAME
 from nnxport.sources.pickled import PICKLE_INDEX_NAME
@@ -50,18 +52,10 @@ def load_reference(family: Family, source: Source, config: dict[str, Any],
     cls = getattr(transformers, cls_name)
     with tempfile.TemporaryDirectory(prefix="nnxport-ref-") as tmp:
         folder = Path(tmp)
-        for f in source.files:
-            name = f.name
-            if source.kind == "file":  # the names from_pretrained looks for
-                name = "model.safetensors" if name.endswith(".safetensors") else "pytorch_model.bin"
-            dst = folder / name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(f.path.absolute(), dst)
-        index = source.root / (INDEX_NAME if source.files[0].name.endswith(".safetensors")
-                               else PICKLE_INDEX_NAME)
-        if source.kind != "file" and index.is_file():
-            os.symlink(index.absolute(), folder / index.name)
-        (folder / "config.json").write_text(json.dumps(config))
+        if isinstance(source, QuantizedSource):  # dequantized by transformers' functions, written out
+            write_dequantized(source, folder, config)
+        else:
+            _link_files(source, folder, config)
         model, info = cls.from_pretrained(folder, dtype=torch.float32, output_loading_info=True,
                                           local_files_only=True, **harness.reference_kwargs(config, options))
     missing = [k for k in info.get("missing_keys", []) if k]
@@ -70,6 +64,22 @@ def load_reference(family: Family, source: Source, config: dict[str, Any],
                            f"the source (first: {sorted(missing)[0]}); "
                            f"use {option('parity', False)} to skip parity")
     return model.eval(), f"transformers.{cls_name}"
+
+
+def _link_files(source: Source, folder: Path, config: dict[str, Any]) -> None:
+    """The source's files linked into ``folder`` under the names from_pretrained looks for, and config."""
+    for f in source.files:
+        name = f.name
+        if source.kind == "file":
+            name = "model.safetensors" if name.endswith(".safetensors") else "pytorch_model.bin"
+        dst = folder / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(f.path.absolute(), dst)
+    index = source.root / (INDEX_NAME if source.files[0].name.endswith(".safetensors")
+                           else PICKLE_INDEX_NAME)
+    if source.kind != "file" and index.is_file():
+        os.symlink(index.absolute(), folder / index.name)
+    (folder / "config.json").write_text(json.dumps(config))
 
 
 def run_parity(

@@ -42,6 +42,7 @@ from nnxport.errors import ConfigError, NnxportError, option
 from nnxport.models.base import Family, ParityHarness
 from nnxport.parity.generation import Reference
 from nnxport.pipeline.lazy import cache_bytes, return_freed_memory
+from nnxport.quant.view import QuantizedSource
 from nnxport.sources.base import Source
 
 log = logging.getLogger("nnxport")
@@ -331,6 +332,8 @@ def _unstreamable(family: Family, source: Source) -> str | None:
         return "the family loads its own reference"
     if any(not f.name.endswith(".safetensors") for f in source.files):
         return "the source is not safetensors"
+    if isinstance(source, QuantizedSource):  # its reference checks nnxport's dequantization
+        return "a quantized source's reference is dequantized by transformers' own functions"
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping  # noqa: F401
     except ImportError:

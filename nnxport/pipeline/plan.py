@@ -29,6 +29,7 @@ from nnxport.placement import (
     partition_spec,
     resolve_device,
 )
+from nnxport.quant.view import check_dtype as check_quantized_dtype
 from nnxport.sources.base import Source
 
 log = logging.getLogger("nnxport")
@@ -209,6 +210,7 @@ def make_plan(src: Source, *, mapping: str | Mapping | None = None, model: str |
     check_dtype(dtype)  # before anything is written
     if parity:  # the streamed-parity settings too (nnxport.parity.streamed)
         parity_mode(), cache_bytes()
+    check_quantized_dtype(src, dtype)
     if processes > 1 and not mesh:
         raise NnxportError(f"a multi-process conversion ({processes} processes) needs {option('mesh')} over "
                            f"all {len(jax.devices())} devices")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from nnxport.errors import SourceError, option
+from nnxport.quant.view import dequantizing
 from nnxport.sources.base import Source
 from nnxport.sources.folder import open_source
 
@@ -17,9 +18,10 @@ can refuse aliases) takes up to ~5 s and 200 MB per MB of short lines; pass a la
 
 def resolve_source(source: str | Path, revision: str | None, config: str | Path | None,
                  allow_pickle: bool = False) -> Source:
-    """:func:`open_source`, with ``config`` a JSON file or, by its suffix, a YAML one."""
+    """:func:`open_source`, with ``config`` a JSON file or, by its suffix, a YAML one; a quantized
+    checkpoint (config.json ``quantization_config``) seen dequantized (:mod:`nnxport.quant.view`)."""
     if config is None or Path(config).suffix.lower() not in (".yaml", ".yml"):
-        return open_source(source, revision=revision, config=config, allow_pickle=allow_pickle)
+        return _dequantizing(open_source(source, revision=revision, config=config, allow_pickle=allow_pickle))
     import yaml
 
     from nnxport.mapping.loader import NoAliasLoader
@@ -47,7 +49,15 @@ def resolve_source(source: str | Path, revision: str | None, config: str | Path 
         raise SourceError(f"{config}: expected a mapping of config fields, found {type(doc).__name__}")
     src = open_source(source, revision=revision, allow_pickle=allow_pickle)
     src.config, src.config_path = doc, path
-    return src
+    return _dequantizing(src)
+
+
+def _dequantizing(src: Source) -> Source:
+    try:
+        return dequantizing(src)
+    except BaseException:
+        src.close()
+        raise
 
 
 def require_config(source: Source) -> dict[str, Any]:

@@ -130,6 +130,25 @@ PUBLISHED: dict[str, dict[str, dict[str, Any]]] = {
             "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
         },
     },
+    "deepseek_v3": {
+        # The hub's config.json less its quantization_config (the published weights are fp8 with 128 x 128
+        # blocks: nnxport.testing.quantized makes such replicas) and DeepSeek's remote-code fields.
+        "deepseek-ai/DeepSeek-V3": {
+            "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "attention_bias": False,
+            "attention_dropout": 0.0, "bos_token_id": 0, "eos_token_id": 1, "first_k_dense_replace": 3,
+            "hidden_act": "silu", "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432,
+            "kv_lora_rank": 512, "max_position_embeddings": 163840, "moe_intermediate_size": 2048,
+            "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256, "n_shared_experts": 1,
+            "norm_topk_prob": True, "num_attention_heads": 128, "num_experts_per_tok": 8,
+            "num_hidden_layers": 61, "num_key_value_heads": 128, "q_lora_rank": 1536, "qk_nope_head_dim": 128,
+            "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+            "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                             "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"},
+            "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid",
+            "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "v_head_dim": 128,
+            "vocab_size": 129280,
+        },
+    },
 }
 
 

@@ -259,9 +259,7 @@ def resolve(config: Mapping[str, Any]) -> DecoderSpec:
     if archs and not any(a.lower().endswith("forcausallm") for a in archs):
         raise ConfigError(f"config.json: field 'architectures' is {archs}; the decoder family converts "
                           f"causal language models ({REFERENCE[model_type]})")
-    if config.get("quantization_config") is not None:
-        raise ConfigError("config.json: field 'quantization_config' is set; quantized checkpoints are not "
-                          "supported (convert the unquantized weights)")
+    # quantization_config is decided where sources are opened (nnxport.quant); the model is unquantized
     hidden, heads = _int(config, "hidden_size"), _int(config, "num_attention_heads")
     kv_heads = _get(config, "num_key_value_heads")
     kv_heads = heads if kv_heads is None else _int(config, "num_key_value_heads")
