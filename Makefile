@@ -40,8 +40,9 @@ lint: install
 	$(VENV)/bin/ruff check nnxport tests bench examples
 	$(VENV)/bin/mypy
 
-# Conversion speed and memory against a floor, on Llama-3.2-1B-shaped checkpoints built into .bench/
-# (~7 GB, reused); writes docs/benchmarks.md. Takes 10+ minutes; not part of CI.
+# Conversion speed and memory against a floor and the physical limit, on Llama-3.2-1B-shaped checkpoints
+# and a Llama-3.1-8B-shaped one built into .bench/ (~23 GB, reused); writes docs/benchmarks.md. Takes an
+# hour or more on 2 cores; not part of CI.
 bench: install
 	$(PY) bench/run.py
 

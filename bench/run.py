@@ -14,11 +14,12 @@ The memory-limited run converts the 2x checkpoint under a cgroup v1 memory limit
 checkpoint (a child group of the runner's own memory cgroup, removed afterwards), and runs the floor
 under the same limit for contrast. It is skipped, with a note, where cgroup v1 memory is not writable.
 
-Last, bench/generate.py measures generation (tokens/s against transformers' generate) and writes its
-own section of the doc.
+Then bench/generate.py measures generation (tokens/s against transformers' generate) and bench/limits.py
+nnxport against the physical limit (imports + synced disk writes), the compression choice, restore speed,
+streamed parity's memory and a Llama-3.1-8B-shaped checkpoint; each writes its own section of the doc.
 
     python bench/run.py [--repeat 2] [--sizes 1,2] [--cache .bench] [--doc docs/benchmarks.md]
-                        [--no-generate]
+                        [--no-generate] [--no-limits] [--no-big]
 """
 
 from __future__ import annotations
@@ -528,6 +529,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-limit-run", action="store_true", help="skip the memory-limited run")
     parser.add_argument("--no-generate", action="store_true",
                         help="skip the generation benchmark (bench/generate.py)")
+    parser.add_argument("--no-limits", action="store_true",
+                        help="skip bench/limits.py (physical limit, compression, restore, parity memory)")
+    parser.add_argument("--no-big", action="store_true",
+                        help="bench/limits.py without the 16 GB Llama-3.1-8B-shaped checkpoint")
     args = parser.parse_args(argv)
     sizes = sorted({int(s) for s in args.sizes.split(",")})
     names = [n for n in CASES[1:] if n in args.cases.split(",")]
@@ -592,7 +597,13 @@ def main(argv: list[str] | None = None) -> int:
         doc_args = [] if str(args.doc) == "-" else ["--doc", str(args.doc)]
         generated = subprocess.run([sys.executable, str(BENCH / "generate.py"), "--cache",
                                     str(args.cache / "generate"), *doc_args], check=False).returncode
-    return 0 if all(c.ok for c in cases) and generated == 0 else 1
+    limits = 0
+    if not args.no_limits:  # its own section of the doc
+        doc_args = [] if str(args.doc) == "-" else ["--doc", str(args.doc)]
+        limits = subprocess.run([sys.executable, str(BENCH / "limits.py"), "--cache", str(args.cache),
+                                 "--repeat", str(args.repeat), *([] if args.no_big else ["--big"]),
+                                 *doc_args], check=False).returncode
+    return 0 if all(c.ok for c in cases) and generated == 0 and limits == 0 else 1
 
 
 if __name__ == "__main__":
