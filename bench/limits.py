@@ -4,7 +4,7 @@ between ``<!-- limits-bench -->`` markers.
 
 The physical limit of a conversion is the imports it cannot avoid (jax, flax, orbax: a fresh interpreter
 that imports them and starts the CPU backend) plus the checkpoint's bytes written to the output filesystem
-at the speed it takes them durably (``dd if=/dev/zero bs=64M conv=fdatasync``, the same bytes, same
+at the speed it takes them durably (``dd if=/dev/zero bs=1M conv=fdatasync``, the same bytes, same
 folder), both measured in this run. nnxport's wall time is reported as a ratio to it. Everything else is
 as in bench/run.py (fresh interpreter per case, page cache warmed, best of interleaved repeats, peak RSS
 from ``os.wait4``), whose helpers this reuses.
@@ -42,10 +42,10 @@ def _convert(src: Path, out: Path, *extra: str, parity: bool = False) -> list[st
 
 def cases_for(src: Path, out: Path, nbytes: int) -> dict[str, list[str]]:
     """Label -> argv of the timed cases of one checkpoint."""
-    blocks = math.ceil(nbytes / 2**26)
+    blocks = math.ceil(nbytes / 2**20)
     return {
         "imports (jax, flax, orbax)": [PY, "-c", "import jax, flax.nnx, orbax.checkpoint; jax.devices()"],
-        "dd conv=fdatasync, same bytes": ["dd", "if=/dev/zero", f"of={out}.dd", "bs=64M", f"count={blocks}",
+        "dd conv=fdatasync, same bytes": ["dd", "if=/dev/zero", f"of={out}.dd", "bs=1M", f"count={blocks}",
                                           "conv=fdatasync", "status=none"],
         "convert --no-parity (default: --compression none)": _convert(src, out),
         "convert --no-parity --compression zstd": _convert(src, out, "--compression", "zstd"),
