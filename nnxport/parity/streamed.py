@@ -29,6 +29,7 @@ choice is logged (:func:`plan_reference`). Each greedy token costs one pass over
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -183,6 +184,7 @@ class StreamedReference:
             self._release(block)
         self._kept.clear()
         self.cached = 0
+        gc.collect()  # blocks held by reference cycles go now, before the NNX side runs
 
     def _load(self, block: _Block) -> None:
         import torch

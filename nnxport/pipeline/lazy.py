@@ -4,7 +4,7 @@ Streamed parity (:mod:`nnxport.parity.streamed`) runs the NNX model this way so 
 run are in memory. Every Variable holds a :class:`Pending` placeholder and an ``on_get_value`` hook (flax
 Variable metadata); the first read of a leaf loads that leaf's *block* (:func:`block_of`: a ``layers.N``-style
 list member, or a top-level attribute) with one partial Orbax load of the block's leaves. Blocks are kept
-while the cache (NNXPORT_PARITY_CACHE_MB, 256 by default) has room; beyond it only the most recent one is
+while the cache (NNXPORT_PARITY_CACHE_MB, none by default) has room; beyond it only the most recent one is
 held. Run the model under ``jax.disable_jit()`` (:func:`eagerly`): traced code cannot read lazily.
 """
 
@@ -28,12 +28,13 @@ from flax import nnx
 from nnxport.errors import ConfigError
 
 T = TypeVar("T")
-DEFAULT_CACHE_BYTES = 256 * 2**20
+DEFAULT_CACHE_BYTES = 0
 
 
 def cache_bytes() -> int:
-    """The block cache of each side of streamed parity in bytes, from NNXPORT_PARITY_CACHE_MB (default
-    256)."""
+    """The block cache of each side of streamed parity in bytes, from NNXPORT_PARITY_CACHE_MB (default 0:
+    every block is read again on each use; a cache of the first blocks saved little time and cost its
+    size in peak memory)."""
     text = os.environ.get("NNXPORT_PARITY_CACHE_MB", "")
     if not text:
         return DEFAULT_CACHE_BYTES

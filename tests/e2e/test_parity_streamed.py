@@ -118,12 +118,13 @@ def test_streamed_convert_holds_at_most_one_block_per_side(replica: Callable[[st
 def test_cache_keeps_blocks_between_passes(replica: Callable[[str], Path], tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NNXPORT_PARITY_MODE", "streamed")
+    monkeypatch.setenv("NNXPORT_PARITY_CACHE_MB", "64")
     reads: list[str] = []
     read = lazy.CheckpointBlocks._read
     monkeypatch.setattr(lazy.CheckpointBlocks, "_read",
                         lambda self, block: reads.append(block) or read(self, block))
     assert nnxport.convert(replica("decoder"), tmp_path / "out").passed
-    assert sorted(reads) == sorted(set(reads))  # each block read once: the default cache holds them all
+    assert sorted(reads) == sorted(set(reads))  # each block read once: 64 MB hold them all
 
 
 def test_broken_mapping_is_caught_streamed(replica: Callable[[str], Path], tmp_path: Path, cli,

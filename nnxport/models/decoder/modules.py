@@ -169,6 +169,10 @@ class Block(nnx.Module):
         return x + self.mlp(self.post_attn_norm(x)), cache
 
 
+#: Vocabulary rows per piece of the head when the model runs eagerly (see :meth:`Decoder._logits`).
+HEAD_CHUNK = 16384
+
+
 class Decoder(nnx.Module):
     """A decoder-only LM: ``model(input_ids [B, T] int, attention_mask [B, T] or None) -> logits [B, T, V]``
     in the weights' dtype. ``__call__`` runs the whole sequence at positions 0..T-1 (the mask only hides
@@ -228,10 +232,22 @@ class Decoder(nnx.Module):
         return self._logits(self.hidden_states(input_ids, mask))
 
     def _logits(self, h: jax.Array) -> jax.Array:
-        if self.lm_head is None:  # tied: the embedding's transpose
-            # contracted in place: ``@ embedding.T`` would copy the table when run eagerly (streamed parity)
-            return jnp.einsum("...d,vd->...v", h, self.embed.embedding[...])
-        return self.lm_head(h)
+        """The head: the embedding's transpose when tied, else ``lm_head``.
+
+        Run eagerly (streamed parity, :mod:`nnxport.parity.streamed`) it goes through the vocabulary
+        :data:`HEAD_CHUNK` rows at a time: XLA on CPU computes a bf16 matmul in float32, and one eager
+        matmul over the whole table would hold a float32 copy of it (1 GB for Llama-3.2-1B's, 2 GB for
+        Llama-3.1-8B's head). Traced (jit), it is one contraction, as XLA fuses it.
+        """
+        head = self.lm_head
+        table = self.embed.embedding[...] if head is None else head.kernel[...]
+        spec, axis = ("...d,vd->...v", 0) if head is None else ("...d,dv->...v", 1)
+        size = table.shape[axis]
+        if isinstance(h, jax.core.Tracer) or size <= HEAD_CHUNK:
+            return jnp.einsum(spec, h, table) if head is None else head(h)
+        parts = [jnp.einsum(spec, h, jax.lax.slice_in_dim(table, i, min(size, i + HEAD_CHUNK), axis=axis))
+                 for i in range(0, size, HEAD_CHUNK)]
+        return jnp.concatenate(parts, axis=-1)
 
     def _rope(self, positions: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
         """cos, sin [B|1, T, head_dim] of position ids [B|1, T], computed in float32, cast to ``dtype``."""
