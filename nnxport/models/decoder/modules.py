@@ -6,9 +6,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from nnxport.models.decoder.config import DecoderSpec
+from nnxport.models.decoder.config import DecoderSpec, Rope
 from nnxport.models.layers import (
     ACTIVATIONS,
     COLUMN,
@@ -22,35 +23,40 @@ from nnxport.models.layers import (
     padding_no_grad,
     sharded,
 )
+from nnxport.models.rope import apply_rope, cos_sin
 
 
 class RMSNorm(nnx.Module):
-    """transformers' LlamaRMSNorm: normalise in float32, cast back, then multiply by ``scale``.
+    """transformers' LlamaRMSNorm: normalise in float32, cast back, then multiply by ``scale``; with
+    ``plus_one`` Gemma's: multiply by ``1 + scale`` in float32, then cast (the scale starts at zeros).
 
     Args:
         dim: the normalised (last) dimension.
         eps: ``rms_norm_eps``.
+        plus_one: Gemma's variant.
     """
 
-    def __init__(self, dim: int, eps: float):
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    def __init__(self, dim: int, eps: float, plus_one: bool = False):
+        self.scale = nnx.Param((jnp.zeros if plus_one else jnp.ones)((dim,), jnp.float32))
         self.eps = eps
+        self.plus_one = plus_one
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """Normalise ``x`` [..., dim]; the result has x's dtype (the scale's where that is wider)."""
+        """Normalise ``x`` [..., dim]; the result has x's dtype (Llama's: the scale's where that is wider)."""
         h = x.astype(jnp.float32)
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:
+            return (h * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
         return self.scale[...] * h.astype(x.dtype)
 
 
-def _rotate_half(x: jax.Array) -> jax.Array:
-    half = x.shape[-1] // 2
-    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+def _norm(spec: DecoderSpec, dim: int | None = None) -> RMSNorm:
+    return RMSNorm(spec.hidden_size if dim is None else dim, spec.rms_norm_eps, spec.norm_plus_one)
 
 
-def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, T, H, D]; cos, sin [B|1, T, D] (already in x's dtype)."""
-    return x * cos[:, :, None, :] + _rotate_half(x) * sin[:, :, None, :]
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """``cap * tanh(x / cap)`` (Gemma 2's soft-capping), in x's dtype; x itself when ``cap`` is None."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 class Attention(nnx.Module):
@@ -68,9 +74,11 @@ class Attention(nnx.Module):
         self.k = nnx.Linear(h, kvh, use_bias=bias, kernel_metadata=sharded(COLUMN), rngs=rngs)
         self.v = nnx.Linear(h, kvh, use_bias=bias, kernel_metadata=sharded(COLUMN), rngs=rngs)
         self.o = nnx.Linear(qh, h, use_bias=spec.o_bias, kernel_metadata=sharded(ROW), rngs=rngs)
-        self.q_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
-        self.k_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
+        self.q_norm = _norm(spec, d) if spec.qk_norm else None
+        self.k_norm = _norm(spec, d) if spec.qk_norm else None
         self.heads, self.kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, d
+        self.scale = d ** -0.5 if spec.query_scale is None else spec.query_scale
+        self.softcap = spec.attn_softcap
         self.dropout = dropout(spec.attention_dropout, rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
@@ -83,7 +91,7 @@ class Attention(nnx.Module):
             mask: boolean [B|1, 1, T, T], True where query i may attend to key j.
         """
         q, k, v = self._qkv(x, cos, sin)
-        out = attention(q, k, v, mask, scale=self.head_dim ** -0.5, dropout=self.dropout)
+        out = attention(q, k, v, mask, scale=self.scale, dropout=self.dropout, softcap=self.softcap)
         return self.o(out.reshape(*x.shape[:2], self.heads * self.head_dim))
 
     def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -91,16 +99,16 @@ class Attention(nnx.Module):
         q = self.q(x).reshape(b, t, self.heads, self.head_dim)
         k = self.k(x).reshape(b, t, self.kv_heads, self.head_dim)
         v = self.v(x).reshape(b, t, self.kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:  # Qwen3: per head, before RoPE
+        if self.q_norm is not None and self.k_norm is not None:  # Qwen3, Gemma 3: per head, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-        return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def step(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache: KVCache,
              layer: int) -> tuple[jax.Array, KVCache]:
         """:meth:`__call__` for new tokens x [B, T, hidden] against the cache (``mask`` from
         ``cache.mask``); writes this layer's keys and values."""
         q, k, v = self._qkv(x, cos, sin)
-        out, cache = cache.attend(layer, q, k, v, mask, scale=self.head_dim ** -0.5)
+        out, cache = cache.attend(layer, q, k, v, mask, scale=self.scale, softcap=self.softcap)
         return self.o(out.reshape(*x.shape[:2], self.heads * self.head_dim)), cache
 
 
@@ -129,7 +137,10 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm block: ``x + attn(input_norm(x))``, then ``x + mlp(post_attn_norm(x))``.
+    """Pre-norm block: ``x + attn(input_norm(x))``, then ``x + mlp(post_attn_norm(x))``. With
+    ``sandwich_norms`` (Gemma) the outputs are normed too: ``x + post_attn_norm(attn(input_norm(x)))``, then
+    ``x + post_mlp_norm(mlp(pre_mlp_norm(x)))``. With ``resid_dropout`` (Phi-3) the attention and MLP
+    outputs go through dropout before their residual adds (train mode only).
 
     Args:
         spec: the model's spec.
@@ -137,22 +148,32 @@ class Block(nnx.Module):
     """
 
     def __init__(self, spec: DecoderSpec, *, rngs: nnx.Rngs):
-        self.input_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.input_norm = _norm(spec)
         self.attn = Attention(spec, rngs=rngs)
-        self.post_attn_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.post_attn_norm = _norm(spec)
         self.mlp = MLP(spec, rngs=rngs)
+        self.pre_mlp_norm = _norm(spec) if spec.sandwich_norms else None
+        self.post_mlp_norm = _norm(spec) if spec.sandwich_norms else None
+        self.resid_dropout = None if spec.resid_dropout is None else dropout(spec.resid_dropout, rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
         """Apply the block (arguments as :meth:`Attention.__call__`)."""
-        x = x + self.attn(self.input_norm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attn_norm(x))
+        return self._rest(x, self.attn(self.input_norm(x), cos, sin, mask))
 
     def step(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache: KVCache,
              layer: int) -> tuple[jax.Array, KVCache]:
         """The block on new tokens against the KV cache (see :meth:`Attention.step`)."""
         h, cache = self.attn.step(self.input_norm(x), cos, sin, mask, cache, layer)
-        x = x + h
-        return x + self.mlp(self.post_attn_norm(x)), cache
+        return self._rest(x, h), cache
+
+    def _rest(self, x: jax.Array, h: jax.Array) -> jax.Array:
+        """The residual adds and the MLP, given the attention output ``h``."""
+        if self.pre_mlp_norm is not None and self.post_mlp_norm is not None:
+            x = x + self.post_attn_norm(h)
+            return x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x)))
+        drop = (lambda t: t) if self.resid_dropout is None else self.resid_dropout
+        x = x + drop(h)
+        return x + drop(self.mlp(self.post_attn_norm(x)))
 
 
 class Decoder(nnx.Module):
@@ -181,7 +202,7 @@ class Decoder(nnx.Module):
         self.embed = nnx.Embed(spec.vocab_size, spec.hidden_size, embedding_metadata=sharded(EMBEDDING),
                                rngs=rngs)
         self.layers = nnx.List([Block(spec, rngs=rngs) for _ in range(spec.num_layers)])
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.norm = _norm(spec)
         self.lm_head = (None if spec.tie_word_embeddings
                         else nnx.Linear(spec.hidden_size, spec.vocab_size, use_bias=False,
                                         kernel_metadata=sharded(COLUMN), rngs=rngs))
@@ -199,15 +220,21 @@ class Decoder(nnx.Module):
         check_token_ids(input_ids, self.spec.vocab_size)  # eager calls only (concrete ids)
         # Not nnx.Embed.__call__: it computes in the dtype the module was built with (float32), while the
         # model runs in the dtype of the stored weights, as transformers does.
-        x = padding_no_grad(jnp.take(self.embed.embedding[...], input_ids, axis=0), input_ids,
-                            self.spec.pad_token_id)
+        x = padding_no_grad(self._embed(input_ids), input_ids, self.spec.pad_token_id)
         length = input_ids.shape[1]
-        cos, sin = self._rope(jnp.arange(length)[None], x.dtype)
+        ropes = self._ropes(jnp.arange(length)[None], x.dtype)
         masks = {w: attention_mask(mask, length, causal=True, sliding_window=w)
                  for w in set(self.spec.windows)}
-        for layer, window in zip(self.layers, self.spec.windows, strict=True):
+        for layer, window, (cos, sin) in zip(self.layers, self.spec.windows, ropes, strict=True):
             x = layer(x, cos, sin, masks[window])
         return self.norm(x)
+
+    def _embed(self, input_ids: jax.Array) -> jax.Array:
+        x = jnp.take(self.embed.embedding[...], input_ids, axis=0)
+        if self.spec.embed_scale is None:
+            return x
+        # Gemma: the scale as a float32 tensor cast to the weights' dtype (bf16: sqrt(3072) becomes 55.5)
+        return x * jnp.asarray(np.float32(self.spec.embed_scale)).astype(x.dtype)
 
     def __call__(self, input_ids: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """Logits [B, T, vocab_size] (arguments as :meth:`hidden_states`)."""
@@ -215,17 +242,28 @@ class Decoder(nnx.Module):
 
     def _logits(self, h: jax.Array) -> jax.Array:
         if self.lm_head is None:  # tied: the embedding's transpose
-            return h @ self.embed.embedding[...].T
-        return self.lm_head(h)
+            return _softcap(h @ self.embed.embedding[...].T, self.spec.final_softcap)
+        return _softcap(self.lm_head(h), self.spec.final_softcap)
 
-    def _rope(self, positions: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
-        """cos, sin [B|1, T, head_dim] of position ids [B|1, T], computed in float32, cast to ``dtype``."""
-        freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(self.spec.rope.inv_freq())
-        emb = jnp.concatenate([freqs, freqs], axis=-1)
-        return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    def _ropes(self, positions: jax.Array, dtype: Any) -> list[tuple[jax.Array, jax.Array]]:
+        """Per layer, cos and sin [B|1, T, rotary dim] of position ids [B|1, T] (:func:`cos_sin`; one
+        table per distinct RoPE)."""
+        tables: dict[Rope, tuple[jax.Array, jax.Array]] = {}
+        for rope in self.spec.layer_ropes():
+            if rope not in tables:
+                tables[rope] = cos_sin(rope, positions, dtype)
+        return [tables[rope] for rope in self.spec.layer_ropes()]
 
     #: Rotary positions have no table: generation is limited by memory only.
     max_positions: int | None = None
+
+    @property
+    def reencode_at(self) -> int | None:
+        """Longrope (Phi-3): the cache length at which transformers' generate re-encodes the whole sequence
+        (its long factors take over past ``original_max_position_embeddings``); None otherwise. Read by
+        :func:`nnxport.generate`."""
+        rope = self.spec.rope
+        return rope.original_max_position_embeddings if rope.rope_type == "longrope" else None
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty KV cache of ``max_len`` slots for ``batch`` rows (for :meth:`decode`), in the dtype of
@@ -246,11 +284,12 @@ class Decoder(nnx.Module):
             mask: [B, T], 1 for tokens, 0 for padding (never attended to).
             cache: from :meth:`init_cache` or the previous call.
         """
-        x = jnp.take(self.embed.embedding[...], input_ids, axis=0)
-        cos, sin = self._rope(positions, x.dtype)
+        x = self._embed(input_ids)
+        ropes = self._ropes(positions, x.dtype)
         cache = cache.admit(mask)
         length = input_ids.shape[1]
         masks = {w: cache.mask(length, w) for w in set(self.spec.windows)}
-        for i, (layer, window) in enumerate(zip(self.layers, self.spec.windows, strict=True)):
+        for i, (layer, window, (cos, sin)) in enumerate(zip(self.layers, self.spec.windows, ropes,
+                                                             strict=True)):
             x, cache = layer.step(x, cos, sin, masks[window], cache, i)
         return self._logits(self.norm(x)), cache.advance(length)
