@@ -97,6 +97,41 @@ PUBLISHED: dict[str, dict[str, dict[str, Any]]] = {
             "use_cache": True, "vocab_size": 32000,
         },
     },
+    "gemma": {
+        "google/gemma-2-2b": {
+            "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "attention_bias": False,
+            "attention_dropout": 0.0, "attn_logit_softcapping": 50.0, "bos_token_id": 2,
+            "cache_implementation": "hybrid", "eos_token_id": 1, "final_logit_softcapping": 30.0,
+            "head_dim": 256, "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+            "hidden_size": 2304, "initializer_range": 0.02, "intermediate_size": 9216,
+            "max_position_embeddings": 8192, "num_attention_heads": 8, "num_hidden_layers": 26,
+            "num_key_value_heads": 4, "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+            "rope_theta": 10000.0, "sliding_window": 4096, "torch_dtype": "float32", "use_cache": True,
+            "vocab_size": 256000,
+        },
+        "google/gemma-2-9b": {
+            "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "attention_bias": False,
+            "attention_dropout": 0.0, "attn_logit_softcapping": 50.0, "bos_token_id": 2,
+            "cache_implementation": "hybrid", "eos_token_id": 1, "final_logit_softcapping": 30.0,
+            "head_dim": 256, "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+            "hidden_size": 3584, "initializer_range": 0.02, "intermediate_size": 14336,
+            "max_position_embeddings": 8192, "num_attention_heads": 16, "num_hidden_layers": 42,
+            "num_key_value_heads": 8, "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+            "rope_theta": 10000.0, "sliding_window": 4096, "torch_dtype": "float32", "use_cache": True,
+            "vocab_size": 256000,
+        },
+        "google/gemma-3-1b-pt": {
+            "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "attention_bias": False,
+            "attention_dropout": 0.0, "attn_logit_softcapping": None, "bos_token_id": 2,
+            "cache_implementation": "hybrid", "eos_token_id": 1, "final_logit_softcapping": None,
+            "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152,
+            "initializer_range": 0.02, "intermediate_size": 6912, "max_position_embeddings": 32768,
+            "num_attention_heads": 4, "num_hidden_layers": 26, "num_key_value_heads": 1, "pad_token_id": 0,
+            "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000,
+            "rope_scaling": None, "rope_theta": 1000000, "sliding_window": 512, "sliding_window_pattern": 6,
+            "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 262144,
+        },
+    },
 }
 
 

@@ -39,6 +39,26 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                 "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None, "hidden_act": "silu",
                 "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
                 "sliding_window": 4096},
+    # The Gemma and Phi-3 families (nnxport.models.gemma, nnxport.models.phi3) read their fields with the
+    # helpers of this module too.
+    "gemma2": {"vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+               "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+               "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
+               "tie_word_embeddings": True, "attention_bias": False, "query_pre_attn_scalar": 256,
+               "sliding_window": 4096, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
+               "pad_token_id": 0},
+    "gemma3_text": {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+                    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+                    "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072,
+                    "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "attention_bias": False,
+                    "query_pre_attn_scalar": 256, "sliding_window": 4096, "final_logit_softcapping": None,
+                    "attn_logit_softcapping": None, "pad_token_id": 0},
+    "gemma3": {"tie_word_embeddings": True},
+    "phi3": {"vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+             "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu",
+             "max_position_embeddings": 4096, "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+             "tie_word_embeddings": False, "pad_token_id": 32000, "sliding_window": None,
+             "resid_pdrop": 0.0},
 }
 DEFAULT_ROPE_THETA = 10000.0
 
@@ -141,7 +161,7 @@ def _rope(config: Mapping[str, Any], head_dim: int, max_positions: int) -> Rope:
     original = config.get("original_max_position_embeddings",
                           params.get("original_max_position_embeddings", max_positions)
                           if isinstance(params, dict) else max_positions)
-    return parse_rope(params, field, model_type="decoder family", types=ROPE_TYPES,
+    return parse_rope(params, field, model_type=str(config.get("model_type")), types=ROPE_TYPES,
                       theta=config.get("rope_theta", DEFAULT_ROPE_THETA), head_dim=head_dim,
                       max_positions=max_positions, original=original)
 
@@ -165,6 +185,13 @@ def _windows(config: Mapping[str, Any], model_type: str, num_layers: int) -> tup
         first = _int(config, "max_window_layers", minimum=0)
         layer_types = ["sliding_attention" if window is not None and i >= first else "full_attention"
                        for i in range(num_layers)]
+    return layer_windows(layer_types, window, num_layers)
+
+
+def layer_windows(layer_types: Any, window: int | None, num_layers: int) -> tuple[int | None, ...]:
+    """Per-layer windows of a ``layer_types`` list: ``window`` for sliding_attention, None for
+    full_attention; ConfigError naming the field for a short list, an unknown type, or a sliding layer
+    without a window."""
     if not isinstance(layer_types, list) or len(layer_types) < num_layers:
         raise ConfigError(f"config.json: field 'layer_types' must list one type per layer "
                           f"({num_layers}), got {layer_types!r}")
