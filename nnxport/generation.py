@@ -206,8 +206,9 @@ def generate(model: nnx.Module, input_ids: Any, *, max_new_tokens: int, attentio
     return result[0] if single else result
 
 
-def _generate_reencoding(model: nnx.Module, ids: np.ndarray, mask: np.ndarray, first: int, max_new_tokens: int,
-                         eos: list[int], pad: int, sampling: dict[str, Any]) -> np.ndarray:
+def _generate_reencoding(model: nnx.Module, ids: np.ndarray, mask: np.ndarray, first: int,
+                         max_new_tokens: int, eos: list[int], pad: int,
+                         sampling: dict[str, Any]) -> np.ndarray:
     """:func:`generate` for a model whose ``reencode_at`` the sequence crosses (Phi-3's longrope): as
     transformers' ``Phi3ForCausalLM.prepare_inputs_for_generation`` drops the cache when the sequence
     reaches ``reencode_at + 1`` tokens, the first ``first`` tokens are generated, then the whole sequence

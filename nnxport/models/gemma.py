@@ -83,8 +83,8 @@ def resolve(config: Mapping[str, Any]) -> DecoderSpec:
         raise ConfigError(str(e).replace("field '", "field 'text_config.", 1)) from None
     # Gemma3ForConditionalGeneration ties by its own (top-level) tie_word_embeddings and applies no
     # final soft-capping (only Gemma3ForCausalLM reads final_logit_softcapping).
-    return dataclasses.replace(spec, model_type="gemma3", tie_word_embeddings=_flag(config, "tie_word_embeddings"),
-                               final_softcap=None)
+    return dataclasses.replace(spec, model_type="gemma3", final_softcap=None,
+                               tie_word_embeddings=_flag(config, "tie_word_embeddings"))
 
 
 def _positive_or_none(config: Mapping[str, Any], field: str) -> float | None:
@@ -154,7 +154,8 @@ def _windows(config: Mapping[str, Any], model_type: str, num_layers: int) -> tup
         if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
             raise ConfigError(f"config.json: field 'sliding_window_pattern' must be a positive integer, "
                               f"got {pattern!r}")
-        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
+        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                       for i in range(num_layers)]
     return layer_windows(layer_types, window, num_layers)
 
 
@@ -171,10 +172,11 @@ def _gemma3_ropes(config: Mapping[str, Any], head_dim: int, max_positions: int) 
     if scaling is not None and not isinstance(scaling, dict):
         raise ConfigError(f"config.json: field 'rope_scaling' must be a mapping, got {scaling!r}")
     if config.get("partial_rotary_factor") not in (None, 1.0):
-        raise ConfigError(f"config.json: field 'partial_rotary_factor' is {config['partial_rotary_factor']!r}; "
-                          "gemma3 models rotate every channel")
+        raise ConfigError(f"config.json: field 'partial_rotary_factor' is "
+                          f"{config['partial_rotary_factor']!r}; gemma3 models rotate every channel")
     ropes = []
-    for layer_type, base_field in (("full_attention", "rope_theta"), ("sliding_attention", "rope_local_base_freq")):
+    bases = (("full_attention", "rope_theta"), ("sliding_attention", "rope_local_base_freq"))
+    for layer_type, base_field in bases:
         field = f"rope_parameters.{layer_type}"
         layer = params.get(layer_type) or {"rope_type": "default"}
         if not isinstance(layer, dict):
@@ -212,8 +214,8 @@ class GemmaFamily(DecoderFamily):
     """
 
     name = "gemma"
-    description = ("Gemma 2 and Gemma 3 text decoders (transformers Gemma2ForCausalLM, Gemma3ForCausalLM, the "
-                   "text tower of Gemma3ForConditionalGeneration)")
+    description = ("Gemma 2 and Gemma 3 text decoders (transformers Gemma2ForCausalLM, Gemma3ForCausalLM, "
+                   "the text tower of Gemma3ForConditionalGeneration)")
     mappings = ("gemma",)
     layer_keys: ClassVar[Mapping[str, str]] = {
         "num_hidden_layers": r"^(?:model\.(?:language_model\.)?|language_model\.model\.)layers\.(\d{1,9})\.",

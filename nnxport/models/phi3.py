@@ -45,7 +45,8 @@ def resolve(config: Mapping[str, Any]) -> DecoderSpec:
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise ConfigError(f"config.json: field 'architectures' must be a list of class names, got {archs!r}")
     if archs and REFERENCE not in archs:
-        raise ConfigError(f"config.json: field 'architectures' is {archs}; the phi3 family converts {REFERENCE}")
+        raise ConfigError(f"config.json: field 'architectures' is {archs}; the phi3 family converts "
+                          f"{REFERENCE}")
     if config.get("quantization_config") is not None:
         raise ConfigError("config.json: field 'quantization_config' is set; quantized checkpoints are not "
                           "supported (convert the unquantized weights)")
@@ -119,7 +120,8 @@ class Phi3Family(DecoderFamily):
     """
 
     name = "phi3"
-    description = "Phi-3 and Phi-4 decoders (transformers Phi3ForCausalLM; fused qkv / gate_up split on the way)"
+    description = ("Phi-3 and Phi-4 decoders (transformers Phi3ForCausalLM; fused qkv / gate_up split on "
+                   "the way)")
     mappings = ("phi3",)
     layer_keys: ClassVar[Mapping[str, str]] = {"num_hidden_layers": r"^model\.layers\.(\d{1,9})\."}
     parity = Phi3Parity()

@@ -142,12 +142,12 @@ def parse_rope(params: Any, field: str, *, model_type: str, types: Collection[st
     """
     if not isinstance(params, dict):
         raise ConfigError(f"config.json: field '{field}' must be a mapping, got {params!r}")
-    rope_type = params.get("rope_type", params.get("type", "default"))
+    rope_type = str(params.get("rope_type", params.get("type", "default")))
     rope_type = (aliases or {}).get(rope_type, rope_type)
     if rope_type not in types:
         raise ConfigError(f"config.json: field '{field}' has rope_type {rope_type!r}, which nnxport's "
                           f"{model_type} models do not implement (supported: {', '.join(types)})")
-    theta = _number(params["rope_theta"] if "rope_theta" in params else theta, "rope_theta")
+    theta = _number(params.get("rope_theta", theta), "rope_theta")
     rotary_dim = None
     if partial is not None and partial != 1.0:
         factor = _number(partial, "partial_rotary_factor")

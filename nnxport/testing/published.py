@@ -165,8 +165,8 @@ PUBLISHED: dict[str, dict[str, dict[str, Any]]] = {
             "max_position_embeddings": 4096, "num_attention_heads": 32, "num_hidden_layers": 32,
             "num_key_value_heads": 32, "original_max_position_embeddings": 4096, "pad_token_id": 32000,
             "resid_pdrop": 0.0, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000.0,
-            "sliding_window": 2047, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
-            "vocab_size": 32064,
+            "sliding_window": 2047, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+            "use_cache": True, "vocab_size": 32064,
         },
         # The longrope factors of the June 2024 update (the same as Phi-3.5-mini-instruct's).
         "microsoft/Phi-3-mini-128k-instruct": {
@@ -187,8 +187,8 @@ PUBLISHED: dict[str, dict[str, dict[str, Any]]] = {
             "max_position_embeddings": 16384, "num_attention_heads": 40, "num_hidden_layers": 40,
             "num_key_value_heads": 10, "original_max_position_embeddings": 16384, "pad_token_id": 100349,
             "resid_pdrop": 0.0, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 250000,
-            "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
-            "vocab_size": 100352,
+            "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+            "use_cache": True, "vocab_size": 100352,
         },
     },
 }

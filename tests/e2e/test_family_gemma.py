@@ -69,7 +69,8 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
 
 
 @pytest.fixture(scope="module")
-def converted(replicas: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+def converted(replicas: Callable[..., Path],
+              tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """``converted(name)``: the replica's conversion without parity (built once)."""
     root = tmp_path_factory.mktemp("gemma-nnx")
     done: dict[str, Path] = {}
@@ -305,7 +306,8 @@ def test_layer_types_and_ropes_as_transformers_decides(model_type: str, override
     from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
 
     config = {"model_type": model_type, **TINY, "sliding_window": 8, "rope_theta": 40000.0,
-              "rope_local_base_freq": 500.0, "rope_scaling": {"rope_type": "linear", "factor": 4.0}, **overrides}
+              "rope_local_base_freq": 500.0, "rope_scaling": {"rope_type": "linear", "factor": 4.0},
+              **overrides}
     spec = resolve(config)
     fields = {k: v for k, v in copy.deepcopy(config).items() if k != "model_type"}
     if model_type == "gemma2":
@@ -340,7 +342,8 @@ def test_defaults_are_the_transformers_config_defaults() -> None:
     from nnxport.models.decoder import DEFAULTS
 
     for model_type in ("gemma2", "gemma3_text", "gemma3", "phi3"):
-        fields = {f.name: f.default for f in dataclasses.fields(type(transformers.AutoConfig.for_model(model_type)))}
+        cls = type(transformers.AutoConfig.for_model(model_type))
+        fields = {f.name: f.default for f in dataclasses.fields(cls)}
         for field, value in DEFAULTS[model_type].items():
             assert fields[field] == value, (model_type, field)
 

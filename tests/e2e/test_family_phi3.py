@@ -28,8 +28,8 @@ from tests.helpers import MAPPINGS, lm_generate_reference, lm_reference, lm_refe
 
 FAMILY = get_family("phi3")
 TINY: dict[str, Any] = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-                        "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 300, "pad_token_id": 0,
-                        "bos_token_id": 1, "eos_token_id": 2}
+                        "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 300,
+                        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 # head_dim 16: 8 frequencies; with partial_rotary_factor 0.75, 12 rotary channels and 6 frequencies.
 LONGROPE = {"type": "longrope", "short_factor": [1.0, 1.5, 2.0, 1.2, 1.1, 3.0, 1.3, 2.5],
             "long_factor": [20.0, 40.0, 80.0, 30.0, 50.0, 90.0, 60.0, 70.0]}
@@ -40,7 +40,8 @@ CASES: dict[str, dict[str, Any]] = {
     # re-encode at the switch.
     "phi3-128k": published_config("microsoft/Phi-3-mini-128k-instruct", **TINY, max_position_embeddings=64,
                                   initializer_range=0.1,
-                                  original_max_position_embeddings=12, rope_scaling=LONGROPE, sliding_window=3),
+                                  original_max_position_embeddings=12, rope_scaling=LONGROPE,
+                                  sliding_window=3),
     # Phi-4-mini's shape of things: partial rotary 0.75, tied embeddings, longrope
     "phi4-mini": published_config("microsoft/Phi-3-mini-128k-instruct", **TINY, max_position_embeddings=64,
                                   original_max_position_embeddings=12, partial_rotary_factor=0.75,
@@ -68,7 +69,8 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
 
 
 @pytest.fixture(scope="module")
-def converted(replicas: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+def converted(replicas: Callable[..., Path],
+              tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     root = tmp_path_factory.mktemp("phi3-nnx")
     done: dict[str, Path] = {}
 
@@ -81,7 +83,8 @@ def converted(replicas: Callable[..., Path], tmp_path_factory: pytest.TempPathFa
     return make
 
 
-def _convert(cli: Callable[..., Any], source: str | Path, out: Path, *extra: str) -> tuple[int, dict[str, Any]]:
+def _convert(cli: Callable[..., Any], source: str | Path, out: Path,
+             *extra: str) -> tuple[int, dict[str, Any]]:
     res = cli("convert", source, "--out", out, "--format", "json", *extra)
     assert res.exit_code in (0, 3), res.stderr
     return res.exit_code, json.loads((out / "parity.json").read_text())
@@ -155,7 +158,8 @@ def test_inv_freq_and_attention_factor_equal_transformers() -> None:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     for name in ("phi3-128k", "phi4-mini"):
-        fields = {k: v for k, v in copy.deepcopy(CASES[name]).items() if k not in ("architectures", "model_type")}
+        fields = {k: v for k, v in copy.deepcopy(CASES[name]).items()
+                  if k not in ("architectures", "model_type")}
         hf = transformers.Phi3Config(**fields)
         rope = resolve(CASES[name]).rope
         short, scaling = ROPE_INIT_FUNCTIONS["longrope"](hf, torch.device("cpu"))
@@ -222,7 +226,8 @@ def test_eos_rows_stay_ended_across_the_reencoding(converted: Callable[[str], Pa
     ids, mask = _prompts()
     free = nnxport.generate(model, ids, attention_mask=mask, max_new_tokens=10)
     eos = int(free[0, 9 + 1])  # row 0's second new token (before the switch at 4 new tokens)
-    got = nnxport.generate(model, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
+    got = nnxport.generate(model, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos,
+                           pad_token_id=0)
     row0 = got[0, 9:]
     assert row0[1] == eos and (row0[2:] == 0).all()
     for r in (1, 2):
@@ -234,7 +239,8 @@ def test_eos_rows_stay_ended_across_the_reencoding(converted: Callable[[str], Pa
 
 # ------------------------------------------------------------------------------ broken mapping, drift
 
-def test_gate_and_up_swapped_in_the_split_fail_parity(replicas: Callable[..., Path], tmp_path: Path, cli) -> None:
+def test_gate_and_up_swapped_in_the_split_fail_parity(replicas: Callable[..., Path], tmp_path: Path,
+                                                      cli) -> None:
     text = (MAPPINGS / "phi3.yaml").read_text()
     targets = "to: ['layers.\\1.mlp.gate.kernel', 'layers.\\1.mlp.up.kernel']"
     assert targets in text
@@ -244,7 +250,8 @@ def test_gate_and_up_swapped_in_the_split_fail_parity(replicas: Callable[..., Pa
     assert code == 3 and report["passed"] is False and report["outputs"][0]["violations"] > 0
 
 
-def test_wrong_split_sizes_are_refused_before_reading(replicas: Callable[..., Path], tmp_path: Path, cli) -> None:
+def test_wrong_split_sizes_are_refused_before_reading(replicas: Callable[..., Path], tmp_path: Path,
+                                                      cli) -> None:
     """q takes kv_heads * head_dim rows: the shapes no longer fit and the analysis says so (exit 1)."""
     text = (MAPPINGS / "phi3.yaml").read_text()
     q = "sizes: ['num_attention_heads * (hidden_size // num_attention_heads)',"
