@@ -165,28 +165,32 @@ def _patched(model: Decoder, switch: str) -> None:
         model.spec = dataclasses.replace(model.spec, **{switch: value})
 
 
-@pytest.mark.parametrize(("name", "switch"), [
-    ("gemma2", "norm_plus_one"), ("gemma2", "sandwich"), ("gemma2", "embed_scale"), ("gemma2", "query_scale"),
-    ("gemma2", "windows"), ("gemma2-caps", "attn_softcap"), ("gemma2-caps", "final_softcap"),
-    ("gemma3", "local_rope"), ("gemma3", "windows"),
-])
-def test_each_switch_matters(name: str, switch: str, replicas: Callable[..., Path],
+SWITCHES = {
+    "gemma2": ["norm_plus_one", "sandwich", "embed_scale", "query_scale", "windows"],
+    "gemma2-caps": ["attn_softcap", "final_softcap"],
+    "gemma3": ["local_rope", "windows"],
+}
+
+
+@pytest.mark.parametrize("name", list(SWITCHES))
+def test_each_switch_matters(name: str, replicas: Callable[..., Path],
                              converted: Callable[[str], Path]) -> None:
-    """The tiny configs exercise every Gemma switch: turned off, parity fails."""
+    """The tiny configs exercise every Gemma switch: any one turned off, parity fails."""
     folder = replicas(name)
     config = json.loads((folder / "config.json").read_text())
     harness = FAMILY.parity
     inputs = harness.parity_inputs(config, 0)
     ref = lm_reference_logits(folder, harness, inputs)
-    model = nnxport.load(converted(name))
-    assert isinstance(model, Decoder)
-    good = compare("logits", harness.run_nnx(model, inputs)["logits"], ref, harness.tolerance("float32"))
-    _patched(model, switch)
-    bad = compare("logits", harness.run_nnx(model, inputs)["logits"], ref, harness.tolerance("float32"))
-    assert good.passed and not bad.passed and bad.max_abs_diff > 100 * good.max_abs_diff
+    for switch in SWITCHES[name]:
+        model = nnxport.load(converted(name))
+        assert isinstance(model, Decoder)
+        good = compare("logits", harness.run_nnx(model, inputs)["logits"], ref, harness.tolerance("float32"))
+        _patched(model, switch)
+        bad = compare("logits", harness.run_nnx(model, inputs)["logits"], ref, harness.tolerance("float32"))
+        assert good.passed and not bad.passed and bad.max_abs_diff > 100 * good.max_abs_diff, switch
 
 
-@pytest.mark.parametrize("name", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("name", ["gemma2-caps", "gemma3"])
 def test_bfloat16_replica_within_bf16_tolerance(name: str, replicas: Callable[..., Path], tmp_path: Path,
                                                 cli) -> None:
     report = _convert_ok(cli, replicas(name, dtype="bfloat16"), tmp_path / "out")
@@ -200,7 +204,7 @@ def test_bfloat16_replica_within_bf16_tolerance(name: str, replicas: Callable[..
 
 # ------------------------------------------------------------------------- generation (KV cache)
 
-@pytest.mark.parametrize("name", ["gemma2", "gemma2-caps", "gemma3", "gemma3-multimodal"])
+@pytest.mark.parametrize("name", ["gemma2-caps", "gemma3", "gemma3-multimodal"])
 def test_greedy_generation_past_the_window_equals_transformers(name: str, replicas: Callable[..., Path],
                                                                converted: Callable[[str], Path]) -> None:
     """Prompts of 9, 5 and 7 tokens (left-padded) and 12 new tokens: the sliding layer's window of 3 is
@@ -211,7 +215,7 @@ def test_greedy_generation_past_the_window_equals_transformers(name: str, replic
     np.testing.assert_array_equal(got, expected)
 
 
-@pytest.mark.parametrize("name", ["gemma2-caps", "gemma3"])
+@pytest.mark.parametrize("name", ["gemma2-caps"])
 def test_cached_logits_equal_full_sequence(name: str, converted: Callable[[str], Path]) -> None:
     """Prefill of 5 tokens + 7 one-token steps give the full 12-token forward's logits (windowed layer,
     soft-capping, per-layer RoPE included)."""
@@ -350,7 +354,7 @@ def test_defaults_are_the_transformers_config_defaults() -> None:
 
 # ---------------------------------------------------------------------------------------- training
 
-@pytest.mark.parametrize("name", ["gemma2-caps", "gemma3"])
+@pytest.mark.parametrize("name", ["gemma3"])
 def test_gradients_match_torch(name: str, replicas: Callable[..., Path], converted: Callable[[str], Path],
                                tmp_path: Path) -> None:
     """d loss / d every parameter in train() mode, torch's gradients converted with the same mapping."""
