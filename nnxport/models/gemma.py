@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 from flax import nnx
 
 from nnxport.errors import ConfigError
-from nnxport.models.base import ParityInput, padding_idx_field, rate_field, token_inputs
+from nnxport.models.base import ParityInput, Tolerance, padding_idx_field, rate_field, token_inputs
 from nnxport.models.decoder.config import (
     LAYER_TYPES,
     ROPE_TYPES,
@@ -204,6 +204,15 @@ class GemmaParity(DecoderParity):
 
     def parity_inputs(self, config: Mapping[str, Any], seed: int) -> list[ParityInput]:
         return token_inputs(resolve(config).vocab_size, seed)
+
+    def tolerance(self, dtype: str) -> Tolerance:
+        # float32: the decoder's (measured max |Δ| 1-3e-6 on tiny replicas). bf16 weights: Gemma's four
+        # norms per block with (1 + w) scales amplify bf16 rounding with depth: on a 26-layer gemma3
+        # replica (hidden 256) transformers' own bf16 model is 5.0% of max |logit| away from its float32
+        # run, nnxport's 5.3%; so twice that (docs/parity.md).
+        if dtype in ("bfloat16", "float16"):
+            return Tolerance(atol=1e-1, rtol=1e-1, atol_relative=True)
+        return super().tolerance(dtype)
 
 
 class GemmaFamily(DecoderFamily):

@@ -391,3 +391,20 @@ def test_published_size(repo: str, overrides: dict[str, Any], dtype: str, hub_ca
                                                       "top5_agreement", "kl_divergence")},
           report.get("generation", {}).get("agreement"))
     assert logits["kl_divergence"] < 1e-3 and logits["top5_agreement"] > 0.85
+
+
+@pytest.mark.parametrize("repo", ["google/gemma-2-2b", "google/gemma-3-1b-pt", "microsoft/phi-4"])
+def test_big_params_carry_mesh_annotations(repo: str) -> None:
+    """The Gemma and Phi-3 models lay out under --mesh as the decoder's (Megatron-style annotations)."""
+    from flax import nnx
+
+    from nnxport.models.base import annotated_shards
+
+    config = published_config(repo, num_hidden_layers=1)
+    family = get_family("phi3" if repo.startswith("microsoft") else "gemma")
+    model = nnx.eval_shape(lambda: family.build(config, nnx.Rngs(0), {}))
+    shards = annotated_shards(nnx.state(model, nnx.Param))
+    assert shards["embed.embedding"] == (("model",), ("data",))
+    assert shards["layers.0.attn.q.kernel"] == (("data",), ("model",))
+    assert shards["layers.0.mlp.down.kernel"] == (("model",), ("data",))
+    assert not any("norm" in path for path in shards)  # norms stay replicated
