@@ -1,4 +1,4 @@
-"""Text generation for the causal LM families (gpt2, decoder): ``nnxport.generate``.
+"""Text generation for the causal LM families (gpt2, decoder, gemma, phi3): ``nnxport.generate``.
 
 One jit-compiled function runs the prefill (the whole prompt written into a fixed-size KV cache) and a
 ``jax.lax.while_loop`` of one-token steps; nothing is recompiled per token. Shapes are bucketed: the prompt is
