@@ -137,6 +137,9 @@ def test_multimodal_keys_vision_ignored_and_both_text_prefixes(replicas: Callabl
                      .replace("vision_tower.", "model.vision_tower."))
     report = _convert_ok(cli, moved, tmp_path / "out")
     assert report["outputs"][0]["max_abs_diff"] < 2e-5
+    res = cli("verify", tmp_path / "out", "--format", "json")  # the reference rebuilt from the record
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["passed"] is True
     first = np.asarray(nnxport.load(tmp_path / "out").embed.embedding[...])
     from safetensors.numpy import load_file
 
