@@ -206,12 +206,13 @@ class GemmaParity(DecoderParity):
         return token_inputs(resolve(config).vocab_size, seed)
 
     def tolerance(self, dtype: str) -> Tolerance:
-        # float32: the decoder's (measured max |Δ| 1-3e-6 on tiny replicas). bf16 weights: Gemma's four
-        # norms per block with (1 + w) scales amplify bf16 rounding with depth: on a 26-layer gemma3
-        # replica (hidden 256) transformers' own bf16 model is 5.0% of max |logit| away from its float32
-        # run, nnxport's 5.3%; so twice that (docs/parity.md).
+        # float32: the decoder's (measured max |Δ| 1-3e-6 on tiny replicas, 1.1e-4 on the full 26-layer
+        # gemma-3-1b). bf16 weights: Gemma's four norms per block with (1 + w) scales amplify bf16 rounding
+        # with depth. On the random replica of gemma-3-1b-pt transformers' own bf16 model is 13.0% of
+        # max |logit| away from its float32 run, nnxport's 13.0% (5.0% / 5.3% at hidden 256): the bound
+        # is set above what transformers itself shows (docs/parity.md).
         if dtype in ("bfloat16", "float16"):
-            return Tolerance(atol=1e-1, rtol=1e-1, atol_relative=True)
+            return Tolerance(atol=2e-1, rtol=2e-1, atol_relative=True)
         return super().tolerance(dtype)
 
 

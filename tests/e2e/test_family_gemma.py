@@ -396,7 +396,10 @@ def test_published_size(repo: str, overrides: dict[str, Any], dtype: str, hub_ca
                                                       "top5_agreement", "kl_divergence", "violations")},
           "generation", report.get("generation", {}).get("agreement"))
     assert res.exit_code == 0 and report["passed"] is True
-    assert logits["kl_divergence"] < 1e-3 and logits["top5_agreement"] > 0.85
+    if dtype == "float32":
+        assert logits["kl_divergence"] < 1e-6 and logits["top1_agreement"] == 1.0
+    else:  # as far from float32 as transformers' own bf16 model (docs/parity.md)
+        assert logits["kl_divergence"] < 2e-2 and logits["top5_agreement"] > 0.8
 
 
 @pytest.mark.parametrize("repo", ["google/gemma-2-2b", "google/gemma-3-1b-pt", "microsoft/phi-4"])
