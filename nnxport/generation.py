@@ -1,4 +1,4 @@
-"""Text generation for the causal LM families (gpt2, decoder): ``nnxport.generate``.
+"""Text generation for the causal LM families (gpt2, decoder, gemma, phi3): ``nnxport.generate``.
 
 One jit-compiled function runs the prefill (the whole prompt written into a fixed-size KV cache) and a
 ``jax.lax.while_loop`` of one-token steps; nothing is recompiled per token. Shapes are bucketed: the prompt is
@@ -188,6 +188,12 @@ def generate(model: nnx.Module, input_ids: Any, *, max_new_tokens: int, attentio
     mask = (mask != 0).astype(np.int32)
     eos = _eos_ids(eos_token_id)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    reencode = getattr(model, "reencode_at", None)
+    if isinstance(reencode, int) and 1 <= reencode + 1 - ids.shape[1] < max_new_tokens:
+        sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+        result = _generate_reencoding(model, ids, mask, reencode + 1 - ids.shape[1], max_new_tokens, eos, pad,
+                                      sampling)
+        return result[0] if single else result
     positions = np.asarray(generation_positions(jnp.asarray(mask)))
     last = int(positions[:, -1].max())
     if model.max_positions is not None and last + max_new_tokens >= model.max_positions:
@@ -205,6 +211,29 @@ def generate(model: nnx.Module, input_ids: Any, *, max_new_tokens: int, attentio
                       sampler=Sampler(float(temperature), top_k, top_p), max_len=max_len)
     result = np.concatenate([ids.astype(np.int32), np.asarray(new)[:, :int(steps)]], axis=1)
     return result[0] if single else result
+
+
+def _generate_reencoding(model: nnx.Module, ids: np.ndarray, mask: np.ndarray, first: int,
+                         max_new_tokens: int, eos: list[int], pad: int,
+                         sampling: dict[str, Any]) -> np.ndarray:
+    """:func:`generate` for a model whose ``reencode_at`` the sequence crosses (Phi-3's longrope): as
+    transformers' ``Phi3ForCausalLM.prepare_inputs_for_generation`` drops the cache when the sequence
+    reaches ``reencode_at + 1`` tokens, the first ``first`` tokens are generated, then the whole sequence
+    is encoded anew as the prompt of the rest. Rows that ended with eos in the first part stay ended."""
+    kwargs: dict[str, Any] = {**sampling, "eos_token_id": eos or None, "pad_token_id": pad}
+    head = generate(model, ids, attention_mask=mask, max_new_tokens=first, **kwargs)
+    ended = np.isin(head[:, ids.shape[1]:], eos).any(axis=1) if eos else np.zeros(len(ids), bool)
+    if head.shape[1] < ids.shape[1] + first or ended.all():
+        return head
+    mask = np.concatenate([mask, np.ones((len(ids), first), np.int32)], axis=1)
+    tail = generate(model, head, attention_mask=mask, max_new_tokens=max_new_tokens - first, **kwargs)
+    new = tail[:, head.shape[1]:]
+    new[ended] = pad
+    if eos:  # stop where every row still running has ended (as one uninterrupted run would)
+        hits = np.isin(new[~ended], eos)
+        if hits.any(axis=1).all():
+            new = new[:, :int((hits.argmax(axis=1) + 1).max())]
+    return np.concatenate([head, new], axis=1)
 
 
 #: Files that make a folder loadable by transformers' AutoTokenizer (any one of them).

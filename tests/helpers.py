@@ -135,3 +135,81 @@ def tree_state(*roots: Path, include_roots: bool = False) -> dict[str, tuple[int
             st = os.lstat(path)
             out[path] = (st.st_mode, st.st_size, st.st_mtime_ns)
     return out
+
+
+# ------------------------------------------------------------------ causal LMs against transformers
+
+def lm_reference(folder: Path) -> Any:
+    """The transformers model of a replica ``folder`` (its config.json's architecture), float32, eager
+    attention, eval mode."""
+    import torch
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    arch = json.loads((folder / "config.json").read_text())["architectures"][0]
+    return getattr(transformers, arch).from_pretrained(folder, dtype=torch.float32,
+                                                       attn_implementation="eager").eval()
+
+
+def lm_reference_logits(folder: Path, harness: Any, inputs: list[Any]) -> np.ndarray:
+    """The reference's parity logits (``harness.run_reference``) on ``inputs``."""
+    return harness.run_reference(lm_reference(folder), inputs)["logits"]
+
+
+def lm_generate_reference(folder: Path, ids: np.ndarray, mask: np.ndarray, new: int) -> np.ndarray:
+    """transformers' greedy ``generate`` of ``new`` tokens (no eos stopping): prompt + new tokens."""
+    import torch
+
+    model = lm_reference(folder)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
+    with torch.no_grad():
+        out = model.generate(torch.from_numpy(ids.astype(np.int64)),
+                             attention_mask=torch.from_numpy(mask.astype(np.int64)), max_new_tokens=new,
+                             do_sample=False)
+    return out.numpy()
+
+
+def lm_gradients_match(src: Path, out: Path, tmp: Path, *, vocab: int) -> None:
+    """Assert that d sum(logits * R) / d every parameter of the conversion ``out`` (train mode) equals
+    torch's for the replica ``src``: torch's gradients, saved under the source's key names, are converted
+    with the same mapping (every op of a mapping is a linear rearrangement, so the gradient of a target is
+    the ops applied to its source's gradient)."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from flax import nnx
+    from transformers.core_model_loading import revert_weight_conversion
+
+    import nnxport
+
+    ids = np.random.default_rng(7).integers(0, vocab, size=(2, 12))
+    ref = lm_reference(src).train()
+    logits = ref(input_ids=torch.from_numpy(ids)).logits
+    weights = np.random.default_rng(3).standard_normal(tuple(logits.shape)).astype(np.float32)
+    (logits * torch.from_numpy(weights)).sum().backward()
+    grads = {k: torch.zeros_like(p) if p.grad is None else p.grad
+             for k, p in ref.named_parameters(remove_duplicate=False)}
+    saved = revert_weight_conversion(ref, grads)
+    keys = load_file(str(src / "model.safetensors"))
+    folder = tmp / "grads"
+    folder.mkdir()
+    shutil.copy(src / "config.json", folder / "config.json")
+    save_file({k: saved[k].detach().numpy() for k in keys}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    nnxport.convert(folder, tmp / "grads-nnx", parity=False)
+    flat = lambda state: {".".join(map(str, p)): np.asarray(v.get_value())  # noqa: E731
+                          for p, v in nnx.to_flat_state(state)}
+    expected = flat(nnx.state(nnxport.load(tmp / "grads-nnx"), nnx.Param))
+
+    model = nnxport.load(out)
+    model.train()
+
+    def loss(m: Any) -> jax.Array:
+        return jnp.sum(m(jnp.asarray(ids, jnp.int32)).astype(jnp.float32) * weights)
+
+    got = flat(nnx.grad(loss)(model))
+    assert got and set(got) == set(expected)
+    for path, g in got.items():
+        scale = float(np.abs(expected[path]).max())
+        diff = float(np.abs(g - expected[path]).max())
+        assert diff <= 1e-4 * scale + 1e-6, f"d loss / d {path}: max |Δ| {diff:.3g} (max |g| {scale:.3g})"

@@ -89,12 +89,13 @@ def attention_mask(mask: jax.Array | None, length: int, *, causal: bool,
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
               scale: float | None = None, dropout: nnx.Dropout | None = None,
-              sinks: jax.Array | None = None) -> jax.Array:
+              sinks: jax.Array | None = None, softcap: float | None = None) -> jax.Array:
     """Softmax attention in float32. q [B, T, H, D]; k, v [B, S, KV, D] with H a multiple of KV
     (grouped-query attention repeats each key/value head H/KV times); mask [B|1, 1|H, T, S] bool.
     ``dropout`` is applied to the attention probabilities (transformers' attention dropout; active only
     in train mode). ``sinks`` [H] (GPT-OSS's attention sinks): one more logit per head joins each query's
-    softmax and is dropped after it, so the weights of the real keys sum to less than one. Returns
+    softmax and is dropped after it, so the weights of the real keys sum to less than one. ``softcap``
+    (Gemma 2) maps the scaled scores to ``softcap * tanh(scores / softcap)`` before masking. Returns
     [B, T, H, D] in q's dtype. A query that may attend to no key (a padded position under a sliding
     window) outputs zeros, as torch's scaled_dot_product_attention does."""
     dtype = q.dtype
@@ -105,6 +106,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     q32, k32, v32 = (t.astype(jnp.float32) for t in (q, k, v))
     scores = jnp.einsum("bthd,bshd->bhts", q32, k32) * scale
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     if sinks is None:
         weights = jax.nn.softmax(scores, axis=-1)
@@ -276,14 +279,16 @@ class KVCache(NamedTuple):
         return allowed[None, None] & self.valid[:, None, None, :]
 
     def attend(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
-               scale: float | None = None, sinks: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+               scale: float | None = None, sinks: jax.Array | None = None, softcap: float | None = None
+               ) -> tuple[jax.Array, KVCache]:
         """Write layer ``layer``'s new keys and values k, v [B, T, KV, D] at ``filled`` and attend q
-        [B, T, H, D] over the whole buffer with ``mask`` (from :meth:`mask`). Returns the attention
+        [B, T, H, D] over the whole buffer with ``mask`` (from :meth:`mask`; ``scale`` and ``softcap`` as
+        :func:`attention`). Returns the attention
         output [B, T, H, D] and the cache with the layer's buffers updated (``filled`` unchanged)."""
         start = (0, self.filled, 0, 0)
         keys = jax.lax.dynamic_update_slice(self.keys[layer], k.astype(self.keys[layer].dtype), start)
         values = jax.lax.dynamic_update_slice(self.values[layer], v.astype(self.values[layer].dtype), start)
-        out = attention(q, keys, values, mask, scale=scale, sinks=sinks)
+        out = attention(q, keys, values, mask, scale=scale, sinks=sinks, softcap=softcap)
         replace = lambda old, new: (*old[:layer], new, *old[layer + 1:])  # noqa: E731
         return out, self._replace(keys=replace(self.keys, keys), values=replace(self.values, values))
 

@@ -34,6 +34,11 @@ cast to the activations' dtype, attention scores, softmax and weighted sum in fl
 the dtype the weights are stored in (bf16 weights: bf16 matmuls, as transformers runs a bf16 model).
 Every config.json field that changes the forward pass is implemented or refused by :func:`resolve`.
 
+The Gemma and Phi-3 families (:mod:`nnxport.models.gemma`, :mod:`nnxport.models.phi3`) resolve their configs
+into the same :class:`DecoderSpec` and run these modules, with the spec's switches on (``norm_plus_one``,
+``sandwich_norms``, ``embed_scale``, ``query_scale``, ``attn_softcap``, ``final_softcap``, ``local_rope``,
+``resid_dropout``); RoPE lives in :mod:`nnxport.models.rope`.
+
 Target paths (what ``mappings/decoder.yaml`` fills)::
 
     embed.embedding                                   [vocab, hidden]

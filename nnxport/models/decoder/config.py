@@ -8,12 +8,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from nnxport.errors import ConfigError
 from nnxport.models.base import padding_idx_field, rate_field
 from nnxport.models.decoder.moe import MoESpec, resolve_moe
 from nnxport.models.layers import ACTIVATIONS
+from nnxport.models.rope import Rope, parse_rope
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe", "gpt_oss")
 REFERENCE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -56,45 +55,33 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                 "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "hidden_act": "silu",
                 "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
                 "sliding_window": 128, "attention_bias": True},
+    # The Gemma and Phi-3 families (nnxport.models.gemma, nnxport.models.phi3) read their fields with the
+    # helpers of this module too.
+    "gemma2": {"vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+               "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+               "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 8192,
+               "rms_norm_eps": 1e-6,
+               "tie_word_embeddings": True, "attention_bias": False, "query_pre_attn_scalar": 256,
+               "sliding_window": 4096, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
+               "pad_token_id": 0},
+    "gemma3_text": {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+                    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+                    "head_dim": 256,
+                    "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072,
+                    "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "attention_bias": False,
+                    "query_pre_attn_scalar": 256, "sliding_window": 4096, "final_logit_softcapping": None,
+                    "attn_logit_softcapping": None, "pad_token_id": 0},
+    "gemma3": {"tie_word_embeddings": True},
+    "phi3": {"vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+             "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu",
+             "max_position_embeddings": 4096, "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+             "tie_word_embeddings": False, "pad_token_id": 32000, "sliding_window": None,
+             "resid_pdrop": 0.0},
 }
 #: GptOssConfig.default_theta (with rope_parameters that give no rope_theta).
 GPT_OSS_ROPE_THETA = 150000.0
 DEFAULT_ROPE_THETA = 10000.0
 
-
-
-@dataclass(frozen=True)
-class Rope:
-    """Rotary embedding parameters (transformers' ``rope_parameters`` after standardisation)."""
-
-    rope_type: str
-    theta: float
-    head_dim: int
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-
-    def inv_freq(self) -> np.ndarray:
-        """Inverse frequencies [head_dim // 2] in float32, computed in float32 in transformers' order."""
-        f32 = np.float32
-        exponent = np.arange(0, self.head_dim, 2, dtype=np.int64).astype(f32) / f32(self.head_dim)
-        inv = f32(1.0) / np.power(f32(self.theta), exponent, dtype=f32)
-        if self.rope_type == "linear":
-            return (inv / f32(self.factor)).astype(f32)
-        if self.rope_type != "llama3":
-            return inv.astype(f32)
-        # transformers.modeling_rope_utils._compute_llama3_parameters
-        factor, low, high = f32(self.factor), f32(self.low_freq_factor), f32(self.high_freq_factor)
-        old = f32(self.original_max_position_embeddings)
-        low_wavelen = self.original_max_position_embeddings / self.low_freq_factor
-        high_wavelen = self.original_max_position_embeddings / self.high_freq_factor
-        wavelen = (f32(2 * math.pi) / inv).astype(f32)
-        scaled = np.where(wavelen > low_wavelen, inv / factor, inv).astype(f32)
-        smooth = ((old / wavelen - low) / (high - low)).astype(f32)
-        smoothed = ((f32(1) - smooth) * scaled / factor + smooth * scaled).astype(f32)
-        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        return np.where(medium, smoothed, scaled).astype(f32)
 
 
 @dataclass(frozen=True)
@@ -130,6 +117,29 @@ class DecoderSpec:
     attention_sinks: bool = False
     #: GPT-OSS's RMSNorm order: the scale multiplies in float32, then the cast.
     norm_scale_first: bool = False
+    # Switches of the Gemma and Phi-3 families (nnxport.models.gemma, nnxport.models.phi3); the defaults
+    # are the Llama architecture.
+    #: RMSNorm scales stored as offsets: ``normed * (1 + w)`` in float32, then cast (Gemma's order).
+    norm_plus_one: bool = False
+    #: Four norms per block: the attention and MLP outputs are normed before their residual adds (Gemma).
+    sandwich_norms: bool = False
+    #: Embeddings are multiplied by this, cast to the activations' dtype (Gemma: sqrt(hidden_size)).
+    embed_scale: float | None = None
+    #: Attention score scale (Gemma: query_pre_attn_scalar ** -0.5); None: head_dim ** -0.5.
+    query_scale: float | None = None
+    #: ``cap * tanh(x / cap)`` on the attention scores / on the final logits (Gemma 2); None: none.
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    #: The RoPE of the sliding-window layers (Gemma 3's local base); None: ``rope`` in every layer.
+    local_rope: Rope | None = None
+    #: Dropout on the attention and MLP outputs before their residual adds, train mode only (Phi-3's
+    #: resid_pdrop); None: the model has no such dropout.
+    resid_dropout: float | None = None
+
+    def layer_ropes(self) -> tuple[Rope, ...]:
+        """Each layer's RoPE: ``local_rope`` for the sliding-window layers when set, else ``rope``."""
+        local = self.local_rope
+        return tuple(self.rope if local is None or w is None else local for w in self.windows)
 
 
 def _get(config: Mapping[str, Any], field: str) -> Any:
@@ -162,49 +172,25 @@ def _rope(config: Mapping[str, Any], head_dim: int, max_positions: int,
           default_theta: float = DEFAULT_ROPE_THETA) -> Rope:
     """RoPE parameters the way transformers 5 standardises them (``convert_rope_params_to_dict``): a
     hub ``rope_scaling`` wins over ``rope_parameters``; ``rope_theta`` comes from that dict, else the top
-    level, else 10000; the type from ``rope_type``, else the older ``type``, else ``default``."""
+    level, else 10000; the type from ``rope_type``, else the older ``type``, else ``default``; a top-level
+    ``original_max_position_embeddings`` wins over the dict's, then max_position_embeddings."""
     field = "rope_scaling" if config.get("rope_scaling") is not None else "rope_parameters"
     params = config.get(field) or {}
-    if not isinstance(params, dict):
-        raise ConfigError(f"config.json: field '{field}' must be a mapping, got {params!r}")
-    if any(k in LAYER_TYPES for k in params):
+    if isinstance(params, dict) and any(k in LAYER_TYPES for k in params):
         raise ConfigError(f"config.json: field '{field}' holds per-layer-type RoPE parameters, which "
                           f"{config.get('model_type')} models do not have")
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise ConfigError(f"config.json: field '{field}' has rope_type {rope_type!r}, which nnxport's "
-                          f"decoder family does not implement (supported: {', '.join(ROPE_TYPES)})")
-    theta = params["rope_theta"] if "rope_theta" in params else config.get("rope_theta", default_theta)
-    theta = _number(theta, "rope_theta")
     for where, prf in (("partial_rotary_factor", config.get("partial_rotary_factor")),
-                       (f"{field}.partial_rotary_factor", params.get("partial_rotary_factor"))):
+                       (f"{field}.partial_rotary_factor",
+                        params.get("partial_rotary_factor") if isinstance(params, dict) else None)):
         if prf is not None and prf != 1.0:
             raise ConfigError(f"config.json: field '{where}' is {prf!r}; only full rotary embeddings (1.0) "
                               f"are supported for {config.get('model_type')} models")
-    if rope_type == "default":
-        return Rope("default", theta, head_dim)
-
-    def need(key: str) -> float:
-        if params.get(key) is None:
-            raise ConfigError(f"config.json: field '{field}' of rope_type {rope_type!r} needs '{key}'")
-        return _number(params[key], f"{field}.{key}")
-
-    factor = need("factor")
-    if rope_type == "linear":
-        return Rope("linear", theta, head_dim, factor=factor)
-    low, high = need("low_freq_factor"), need("high_freq_factor")
-    if high <= low:
-        raise ConfigError(f"config.json: field '{field}': high_freq_factor ({high}) must exceed "
-                          f"low_freq_factor ({low})")
-    # transformers gives a top-level original_max_position_embeddings priority, then the dict's, then
-    # max_position_embeddings.
     original = config.get("original_max_position_embeddings",
-                          params.get("original_max_position_embeddings", max_positions))
-    if isinstance(original, bool) or not isinstance(original, int) or original < 1:
-        raise ConfigError(f"config.json: field '{field}.original_max_position_embeddings' must be a "
-                          f"positive integer, got {original!r}")
-    return Rope("llama3", theta, head_dim, factor=factor, low_freq_factor=low, high_freq_factor=high,
-                original_max_position_embeddings=original)
+                          params.get("original_max_position_embeddings", max_positions)
+                          if isinstance(params, dict) else max_positions)
+    return parse_rope(params, field, model_type=str(config.get("model_type")), types=ROPE_TYPES,
+                      theta=config.get("rope_theta", default_theta), head_dim=head_dim,
+                      max_positions=max_positions, original=original)
 
 
 def _windows(config: Mapping[str, Any], model_type: str, num_layers: int) -> tuple[int | None, ...]:
@@ -232,6 +218,13 @@ def _windows(config: Mapping[str, Any], model_type: str, num_layers: int) -> tup
         first = _int(config, "max_window_layers", minimum=0)
         layer_types = ["sliding_attention" if window is not None and i >= first else "full_attention"
                        for i in range(num_layers)]
+    return layer_windows(layer_types, window, num_layers)
+
+
+def layer_windows(layer_types: Any, window: int | None, num_layers: int) -> tuple[int | None, ...]:
+    """Per-layer windows of a ``layer_types`` list: ``window`` for sliding_attention, None for
+    full_attention; ConfigError naming the field for a short list, an unknown type, or a sliding layer
+    without a window."""
     if not isinstance(layer_types, list) or len(layer_types) < num_layers:
         raise ConfigError(f"config.json: field 'layer_types' must list one type per layer "
                           f"({num_layers}), got {layer_types!r}")

@@ -67,7 +67,7 @@ class DecoderFamily(Family):
                    "Qwen3-MoE, GPT-OSS (unquantized) (transformers LlamaForCausalLM, Qwen2ForCausalLM, "
                    "Qwen3ForCausalLM, MistralForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM, "
                    "GptOssForCausalLM)")
-    mappings = ("decoder", "mixtral", "qwen3_moe", "gpt_oss")
+    mappings: tuple[str, ...] = ("decoder", "mixtral", "qwen3_moe", "gpt_oss")
     layer_keys: ClassVar[Mapping[str, str]] = {
         "num_hidden_layers": r"^model\.layers\.(\d{1,9})\.",
     }
