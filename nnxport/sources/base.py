@@ -131,7 +131,7 @@ class Source:
         data_start, header = self._header(info.file)
         begin = header[info.key][2]
         shape = (stop - first, *info.shape[1:]) if info.shape else ()
-        arr = np.empty(shape, numpy_dtype(info.dtype))
+        arr = aligned_empty(shape, numpy_dtype(info.dtype))
         row = math.prod(info.shape[1:]) * arr.itemsize
         buf = arr.reshape(-1).view(np.uint8)
         offset = data_start + begin + first * row
@@ -228,6 +228,20 @@ class Source:
             return np.empty(info.shape, dtype)
         flat = np.memmap(info.file, dtype=dtype, mode="r", offset=data_start + begin, shape=(count,))
         return flat.reshape(info.shape)
+
+
+#: Alignment of the arrays tensors are read into: jax's CPU backend takes a 64-byte aligned numpy array
+#: without copying it (``jax.device_put`` of 512 MB: 0.4 ms instead of 0.39 s; numpy's own arrays are
+#: 16-byte aligned).
+ALIGN = 64
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+    """``np.empty(shape, dtype)`` starting on an :data:`ALIGN`-byte boundary."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    start = (-raw.ctypes.data) % ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def _normalise_index(
