@@ -133,8 +133,11 @@ class StreamedReference:
         self.model, self.name = model.eval(), f"transformers.{cls_name}"
         self.source, self.cache = source, cache_bytes() if cache is None else cache
         self.cached = 0
-        names = reference_names(model, source.tensors)
-        self.blocks = [self._block(prefix, module, names) for prefix, module in torch_blocks(model)]
+        key_of = {ref: key for key, ref in reference_names(model, source.tensors).items()}
+        aliases: dict[int, list[str]] = {}  # parameter -> every name it is shared under (ties)
+        for n, p in model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(p), []).append(n)
+        self.blocks = [self._block(prefix, module, key_of, aliases) for prefix, module in torch_blocks(model)]
         covered = {n for b in self.blocks for n in _local_names(b.name, b.module)}
         loose = [n for n, _ in model.named_parameters(remove_duplicate=False) if n not in covered]
         if loose:
@@ -143,13 +146,11 @@ class StreamedReference:
         self._kept: set[str] = set()
         return_freed_memory()
 
-    def _block(self, prefix: str, module: Any, names: Mapping[str, str]) -> _Block:
-        """The tensors of block ``prefix``: each parameter's source key (a tied parameter: the key of any
-        name it is shared under), each persistent buffer's when the source has one."""
-        key_of = {ref: key for key, ref in names.items()}
-        aliases: dict[int, list[str]] = {}
-        for n, p in self.model.named_parameters(remove_duplicate=False):
-            aliases.setdefault(id(p), []).append(n)
+    def _block(self, prefix: str, module: Any, key_of: Mapping[str, str], aliases: Mapping[int, list[str]]
+               ) -> _Block:
+        """The tensors of block ``prefix``: each parameter's source key (``key_of``: reference name ->
+        source key; a tied parameter: the key of any name it is shared under), each persistent buffer's
+        when the source has one."""
         tensors: list[tuple[Any, str, str, bool]] = []
         meta: dict[tuple[int, str], Any] = {}
         for local, owner, attr, is_param in _members(module):
