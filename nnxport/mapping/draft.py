@@ -25,13 +25,15 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping as MappingABC
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from nnxport.errors import NnxportError
 from nnxport.mapping.analysis import TensorSpec, analyze
+from nnxport.mapping.draft_layouts import foreign_parts, stack_groups, unplaced_reason
+from nnxport.mapping.draft_rules import _ignore_patterns, _Placement, _rules
 from nnxport.mapping.schema import Mapping, load_mapping_text
 
 __all__ = ["Draft", "draft_mapping"]
@@ -52,6 +54,8 @@ SYNONYMS: dict[str, str] = {
     "mlp": "mlp", "ffn": "mlp", "feedforward": "mlp",
     "classifier": "classifier", "head": "head",
 }
+#: Whole components whose digits are part of the name, not an index (Mixtral's and Llama's w1/w3/w2).
+WHOLE: dict[str, str] = {"w1": "gate", "w3": "up", "w2": "down"}
 #: Words that say nothing about which leaf a key fills.
 GENERIC = {"proj", "dense", "model", "module", "self", "weight", "bias"}
 BUFFER_LEAVES = ("num_batches_tracked", "position_ids", "inv_freq", "masked_bias")
@@ -67,6 +71,8 @@ _NUM = re.compile(r"(\d+)")
 
 
 def _words(component: str) -> set[str]:
+    if component.lower() in WHOLE:
+        return {WHOLE[component.lower()]}
     c = re.sub(r"_?\d+$", "", component)
     whole = c.lower().replace("_", "")
     if whole in SYNONYMS:
@@ -101,7 +107,7 @@ class _Path:
                 indices.append(int(comp))
                 continue
             m = re.search(r"(\d+)$", comp)
-            if m:
+            if m and comp.lower() not in WHOLE:
                 indices.append(int(m.group(1)))
             words |= _words(comp)
         return cls(text, parts, tuple(indices), frozenset(words), parts[-1])
@@ -176,17 +182,6 @@ def _piece_ops(s: tuple[int, ...], target_leaf: str, square_direct: bool) -> lis
 
 # ---------------------------------------------------------------------------------------------- placements
 
-@dataclass
-class _Placement:
-    keys: tuple[str, ...]                  # one key, or the gathered pieces in order
-    targets: tuple[str, ...]               # one target, or the split parts in order
-    ops: list[dict[str, Any]]              # ops before the gather / split
-    gather: tuple[int, int] | None = None  # (component position of the pieces, concat axis)
-    pieces: tuple[str, ...] = ()
-    split: tuple[int, int, list[int]] | None = None  # (component position of the parts, axis, sizes)
-    notes: list[str] = field(default_factory=list)
-
-
 def _order(names: list[str], hint: str) -> tuple[list[str], str | None]:
     """Pieces ordered as ``hint`` (the fused leaf's or key's name) spells them, else q, k, v, else by name;
     the second value is a note when the order is a guess."""
@@ -220,6 +215,9 @@ def _name_score(a: _Path, b: _Path, weight: MappingABC[str, float]) -> float:
 class _Drafter:
     def __init__(self, sources: MappingABC[str, TensorSpec], targets: MappingABC[str, TensorSpec]):
         self.sources = dict(sources)
+        # per-expert keys: one virtual key (expert index '*') each group, of the stacked shape
+        self.stacks = stack_groups({k: v for k, v in sources.items() if not _is_buffer(k, v)})
+        self.sources.update({v: g.spec for v, g in self.stacks.items()})
         self.targets = dict(targets)
         self.spath = {k: _Path.parse(k) for k in self.sources}
         self.tpath = {t: _Path.parse(t) for t in self.targets}
@@ -232,6 +230,8 @@ class _Drafter:
 
     def ops(self, key: str, target: str, square_direct: bool) -> list[dict[str, Any]] | None:
         s, t = self.spath[key], self.tpath[target]
+        if key in self.stacks:
+            return self.stack_ops(key, target, square_direct)
         if not _leaf_compatible(s, t) or not _indices_compatible(s.indices, t.indices):
             return None
         if self.sources[key].dtype in ("bool", "int64", "int32", "uint8") and self.targets[target].dtype \
@@ -239,9 +239,23 @@ class _Drafter:
             return None
         return _ops_for(self.sources[key].shape, self.targets[target].shape, t.leaf, square_direct)
 
+    def stack_ops(self, key: str, target: str, square_direct: bool) -> list[dict[str, Any]] | None:
+        """Per-expert ops for a stack group into an expert-batched leaf [E, ...] (None: it does not fit)."""
+        s, t, group = self.spath[key], self.tpath[target], self.stacks[key]
+        tspec = self.targets[target]
+        weight_like = s.leaf == "weight" and t.leaf not in ("bias", "scale", "embedding", "mean", "var")
+        bias_like = s.leaf == "bias" and (t.leaf == "bias" or t.leaf.endswith("_bias"))
+        if not (weight_like or bias_like) or not _indices_compatible(s.indices, t.indices) \
+                or tspec.shape[:1] != (len(group.members),) or not tspec.dtype.startswith("float"):
+            return None
+        leaf = "kernel" if weight_like and len(group.piece.shape) == 2 else t.leaf
+        return _ops_for(group.piece.shape, tspec.shape[1:], leaf, square_direct)
+
     def score(self, key: str, target: str) -> float:
         s, t = self.spath[key], self.tpath[target]
         score = _name_score(s, t, self.weight)
+        if key in self.stacks:  # an expert-batched leaf is named for what it holds (experts.gate)
+            score += 3.0 * len(_words(t.leaf) & s.words)
         if s.indices == t.indices:
             score += 10.0
         if s.leaf == "weight" and t.leaf == "embedding" and "embed" in s.words:
@@ -258,11 +272,12 @@ class _Drafter:
         """Sibling keys whose per-piece results join along one axis into ``target``."""
         t = self.tpath[target]
         tshape = self.targets[target].shape
-        cands = [self.spath[k] for k in free if _fits(self.spath[k], t)]
+        cands = [self.spath[k] for k in free if k not in self.stacks and _fits(self.spath[k], t)
+                 and self.spath[k].indices == t.indices]
         best: tuple[float, _Placement] | None = None
         for (pos, _), members in _sibling_groups(cands).items():
             names = [m.parts[pos] for m in members]
-            if len(set(names)) != len(names):
+            if len(set(names)) != len(names) or len({len(self.sources[m.text].shape) for m in members}) > 1:
                 continue
             ops = _piece_ops(self.sources[members[0].text].shape, t.leaf, square_direct)
             shapes = {m.parts[pos]: _apply_shape(self.sources[m.text].shape, ops) for m in members}
@@ -282,10 +297,13 @@ class _Drafter:
                 break
         return None if best is None else best[1]
 
-    def split(self, key: str, free: list[str], square_direct: bool) -> _Placement | None:
-        """Sibling leaves that one key's (transposed) tensor splits into along one axis."""
+    def split(self, key: str, free: list[str], square_direct: bool, spelled: bool = False
+              ) -> _Placement | None:
+        """Sibling leaves that one key's (transposed) tensor splits into along one axis (``spelled``: only
+        into the leaves that the key's fused name spells, Phi-3's qkv_proj and gate_up_proj)."""
         s = self.spath[key]
-        cands = [self.tpath[t] for t in free if _fits(s, self.tpath[t])]
+        cands = [self.tpath[t] for t in free
+                 if _fits(s, self.tpath[t]) and s.indices == self.tpath[t].indices]
         best: tuple[float, _Placement] | None = None
         for (pos, _), members in _sibling_groups(cands).items():
             names = [m.parts[pos] for m in members]
@@ -297,7 +315,8 @@ class _Drafter:
             tshapes = {m.parts[pos]: self.targets[m.text].shape for m in members}
             if {len(x) for x in tshapes.values()} != {len(shape)}:
                 continue
-            for subset, note in _subsets(names, s.parts[-2] if len(s.parts) > 1 else s.text):
+            hint = s.parts[-2] if len(s.parts) > 1 else s.text
+            for subset, note in _subsets(names, hint) if not spelled else [(_spelled(names, hint), None)]:
                 axis = _join_axis([tshapes[n] for n in subset], shape)
                 if axis is None:
                     continue
@@ -345,11 +364,17 @@ class _Drafter:
 
     def run(self, square_direct: bool) -> tuple[list[_Placement], list[str], list[str]]:
         """Placements, keys left, targets left."""
-        keys = [k for k in sorted(self.sources) if not _is_buffer(k, self.sources[k])]
+        grouped = {k for g in self.stacks.values() for k in g.members}
+        keys = [k for k in sorted(self.sources) if k not in grouped and not _is_buffer(k, self.sources[k])]
         targets = list(self.targets)
         placements: list[_Placement] = []
+        for k in keys:  # a fused name (qkv_proj, gate_up_proj) splits even where one piece's shape fits
+            if _FUSED_NAME.search(self.spath[k].parts[-2] if len(self.spath[k].parts) > 1 else k):
+                free = [t for t in targets if not any(t in p.targets for p in placements)]
+                if (p := self.split(k, free, square_direct, spelled=True)) is not None:
+                    placements.append(p)
         lone_t = [t for t in targets if not any(self.ops(k, t, square_direct) is not None for k in keys)]
-        for t in lone_t:
+        for t in (t for t in lone_t if not any(t in p.targets for p in placements)):
             free = [k for k in keys if not any(k in p.keys for p in placements)]
             if (p := self.concat(t, free, square_direct)) is not None:
                 placements.append(p)
@@ -357,7 +382,7 @@ class _Drafter:
         used_t = {t for p in placements for t in p.targets}
         lone_k = [k for k in keys if k not in used_k
                   and not any(self.ops(k, t, square_direct) is not None for t in targets if t not in used_t)]
-        for k in lone_k:
+        for k in (k for k in lone_k if k not in self.stacks):
             free = [t for t in targets if t not in used_t]
             if (p := self.split(k, free, square_direct)) is not None:
                 placements.append(p)
@@ -366,10 +391,34 @@ class _Drafter:
         rest_k = [k for k in keys if k not in used_k]
         rest_t = [t for t in targets if t not in used_t]
         placements += self.assign(rest_k, rest_t, square_direct)
+        for p in placements:  # a stack group's virtual key: its per-expert keys, in index order
+            if (group := self.stacks.get(p.keys[0])) is not None:
+                p.keys, p.stack = group.members, group.pos
         used_k = {k for p in placements for k in p.keys}
         used_t = {t for p in placements for t in p.targets}
-        return placements, [k for k in sorted(self.sources) if k not in used_k], \
+        return placements, [k for k in sorted(self.sources) if k not in used_k and k not in self.stacks], \
             [t for t in targets if t not in used_t]
+
+
+_FUSED_NAME = re.compile(r"(?:^|_)(?:qkv|gate_?up|up_?gate|w13)(?:_|$)", re.IGNORECASE)
+
+
+def _spelled(names: list[str], hint: str) -> list[str]:
+    """The names whose canonical word the fused ``hint`` spells (``gate_up_proj``: gate, up; ``qkv``: q, k,
+    v), in the order it spells them."""
+    tokens = hint.lower().split("_")
+    canon = {n: (sorted(_words(n)) or [n.lower()])[0] for n in names}
+
+    def at(c: str) -> int | None:
+        for i, tok in enumerate(tokens):
+            if tok == c:
+                return i * 8
+            if len(c) == 1 and set(tok) <= set("qkv") and c in tok:
+                return i * 8 + tok.index(c)
+        return None
+
+    found = {n: at(c) for n, c in canon.items()}
+    return sorted((n for n in names if found[n] is not None), key=lambda n: found[n] or 0)
 
 
 def _subsets(names: list[str], hint: str) -> list[tuple[list[str], str | None]]:
@@ -401,163 +450,6 @@ def _is_buffer(key: str, spec: TensorSpec) -> bool:
     # GPT-2-style causal-mask buffers: a 'bias' of shape [1, 1, n, n]
     return leaf == "bias" and len(spec.shape) == 4 and spec.shape[:2] == (1, 1) \
         and spec.shape[2] == spec.shape[3]
-
-
-# ---------------------------------------------------------------------------------------- generalising
-
-@dataclass
-class _Rule:
-    members: list[_Placement]
-    regex: str
-    to: list[str]
-    ops: list[dict[str, Any]]
-    notes: list[str]
-
-
-def _pattern_text(p: _Placement) -> str:
-    """The key with the gathered pieces' component replaced by a marker."""
-    if p.gather is None:
-        return p.keys[0]
-    parts = p.keys[0].split(".")
-    parts[p.gather[0]] = "\x00"
-    return ".".join(parts)
-
-
-def _targets_text(p: _Placement) -> list[str]:
-    return list(p.targets)
-
-
-def _split_nums(text: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    pieces = _NUM.split(text)
-    return tuple(pieces[0::2]), tuple(int(x) for x in pieces[1::2])
-
-
-def _generalise(group: list[_Placement], restrict: bool) -> tuple[str, list[str], int | None] | None:
-    """(regex, target templates, number of the gathered pieces' group) covering every placement of
-    ``group`` (same skeletons and ops), or None when the targets' numbers cannot be expressed through the
-    keys' numbers. ``restrict``: number groups match only the values seen, not any number."""
-    key_texts = [_pattern_text(p) for p in group]
-    key_skel, _ = _split_nums(key_texts[0])
-    key_nums = [_split_nums(k)[1] for k in key_texts]
-    tgt_nums = [[_split_nums(t)[1] for t in _targets_text(p)] for p in group]
-    tgt_skels = [_split_nums(t)[0] for t in _targets_text(group[0])]
-    n_key = len(key_nums[0])
-    refs: list[list[int | None]] = []
-    for ti, _skel in enumerate(tgt_skels):
-        row: list[int | None] = []
-        for j in range(len(tgt_nums[0][ti])):
-            values = [nums[ti][j] for nums in tgt_nums]
-            if len(set(values)) == 1:
-                row.append(None)  # a constant: written as it is
-                continue
-            cand = [i for i in range(n_key) if all(key_nums[m][i] == values[m] for m in range(len(group)))]
-            if not cand:
-                return None
-            row.append(cand[0])
-        refs.append(row)
-    referenced = sorted({i for row in refs for i in row if i is not None})
-    # regex: text pieces escaped, numbers as groups, literals or \d+
-    group_no: dict[int, int] = {}
-    regex = "^"
-    next_group = 1
-    marker_group: int | None = None
-    for i, text in enumerate(key_skel):
-        chunks = text.split("\x00")
-        for c_i, chunk in enumerate(chunks):
-            regex += re.escape(chunk)
-            if c_i < len(chunks) - 1:
-                pieces = group[0].pieces
-                regex += "(" + "|".join(re.escape(x) for x in pieces) + ")"
-                marker_group = next_group
-                next_group += 1
-        if i < n_key:
-            values = sorted({nums[i] for nums in key_nums})
-            alt = "|".join(str(v) for v in values)
-            if i in referenced:
-                regex += f"({alt})" if restrict else r"(\d+)"
-                group_no[i] = next_group
-                next_group += 1
-            elif len(values) == 1:
-                regex += str(values[0])
-            else:
-                regex += f"(?:{alt})" if restrict else r"\d+"
-    regex += "$"
-    to: list[str] = []
-    for ti, skel in enumerate(tgt_skels):
-        text = ""
-        for j, chunk in enumerate(skel):
-            text += chunk
-            if j < len(refs[ti]):
-                ref = refs[ti][j]
-                text += str(tgt_nums[0][ti][j]) if ref is None else f"\\{group_no[ref]}"
-        to.append(text)
-    return regex, to, marker_group
-
-
-def _signature(p: _Placement) -> tuple[Any, ...]:
-    key_skel = _split_nums(_pattern_text(p))[0]
-    tgt_skel = tuple(_split_nums(t)[0] for t in p.targets)
-    return (key_skel, tgt_skel, repr(p.ops), p.gather, p.pieces, repr(p.split))
-
-
-def _rules(placements: list[_Placement], all_keys: list[str]) -> list[_Rule]:
-    groups: dict[tuple[Any, ...], list[_Placement]] = {}
-    for p in placements:
-        groups.setdefault(_signature(p), []).append(p)
-    todo = list(groups.values())
-    rules: list[_Rule] = []
-    while todo:
-        group = todo.pop(0)
-        made = None
-        for restrict in (False, True):
-            g = _generalise(group, restrict)
-            if g is None:
-                break
-            rx = re.compile(g[0])
-            mine = {k for p in group for k in p.keys}
-            if {k for k in all_keys if rx.search(k)} == mine:
-                made = g
-                break
-        if made is None:
-            if len(group) == 1:
-                raise AssertionError(f"cannot write a rule for {group[0].keys}")  # literal rules always fit
-            todo += [[p] for p in group]
-            continue
-        notes = sorted({n for p in group for n in p.notes})
-        rules.append(_Rule(group, made[0], made[1], _rule_ops(group[0], made[2]), notes))
-    rules.sort(key=lambda r: min(_natural(k) for p in r.members for k in p.keys))
-    return rules
-
-
-def _rule_ops(p: _Placement, piece_group: int | None) -> list[dict[str, Any]]:
-    ops = list(p.ops)
-    if p.gather is not None:
-        ops.append({"concat": {"axis": p.gather[1], "by": f"\\{piece_group}", "order": list(p.pieces)}})
-    if p.split is not None:
-        _, axis, sizes = p.split
-        if len(set(sizes)) == 1:
-            ops.append({"split": {"axis": axis, "parts": len(sizes)}})
-        else:
-            ops.append({"split": {"axis": axis, "sizes": sizes}})
-    return ops
-
-
-def _natural(text: str) -> tuple[Any, ...]:
-    return tuple(int(x) if x.isdigit() else x for x in _NUM.split(text))
-
-
-def _ignore_patterns(keys: list[str]) -> list[str]:
-    """Regexes for buffer keys: numbers generalised, one pattern per shape of key."""
-    out: list[str] = []
-    for k in keys:
-        skel, nums = _split_nums(k)
-        regex = "^" + r"\d+".join(re.escape(s) for s in skel) + "$" if nums else f"^{re.escape(k)}$"
-        leaf = k.rsplit(".", 1)[-1]
-        if leaf in ("num_batches_tracked", "inv_freq") and "." in k:
-            regex = rf"\.{re.escape(leaf)}$"
-        if regex not in out:
-            out.append(regex)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -623,21 +515,29 @@ def draft_mapping(sources: MappingABC[str, TensorSpec], targets: MappingABC[str,
         placements, left_k, left_t = drafter.run(square_direct=True)
     buffers = [k for k in left_k if _is_buffer(k, sources[k])]
     unplaced = [k for k in left_k if k not in buffers]
+    foreign = {} if left_t else foreign_parts(unplaced, {k for p in placements for k in p.keys})
+    unplaced = [k for k in unplaced if k.split(".", 1)[0] not in foreign]
     if not placements:
         raise NnxportError(f"{title}: no source key fits any leaf of the model (by leaf kind, indices and "
                            "shape): is it the right model and config?")
     rules = _rules(placements, list(sources))
     ignore = _ignore_patterns(buffers)
+    others = {f"^{re.escape(r)}\\.": f"no key under '{r}.' ({len(ks)} keys) fits the model, which has no "
+              "such part: ignored" for r, ks in foreign.items()}
     lines = [f"# nnxport mapping draft: {title}",
              f"# {sum(len(p.keys) for p in placements)} of {len(sources)} source keys placed by "
-             f"{len(rules)} rules, {len(buffers)} ignored as buffers, {len(unplaced)} not placed; "
+             f"{len(rules)} rules, {len(buffers)} ignored as buffers, "
+             + (f"{sum(map(len, foreign.values()))} as parts the model lacks, " if foreign else "")
+             + f"{len(unplaced)} not placed; "
              f"{len(targets) - len(left_t)} of {len(targets)} model leaves filled.",
              "# Matched by normalised names, layer indices and shapes: check it, then run",
              "#   nnxport convert SOURCE --mapping THIS_FILE   (parity says whether it is right)",
              "version: 1", f"model: {_q(model) if ':' in model else model}"]
-    if ignore:
+    if ignore or others:
         lines.append("ignore:")
         lines += [f"  - {_q(x)}" for x in ignore]
+        for x, note in others.items():
+            lines += [f"  # NOTE: {note}", f"  - {_q(x)}"]
     lines.append("rules:")
     for r in rules:
         for n in r.notes:
@@ -653,7 +553,10 @@ def draft_mapping(sources: MappingABC[str, TensorSpec], targets: MappingABC[str,
         for k in unplaced:
             line = f"#   {k}  {_shape(sources[k])} {sources[k].dtype}"
             twin = embedded.get(sources[k].shape)
-            if twin is not None:
+            reason = unplaced_reason(k, sources[k], {t: targets[t] for t in left_t}, drafter.stacks)
+            if reason is not None:
+                line += f"  ({reason})"
+            elif twin is not None:
                 line += (f"  (the shape of {twin.keys[0]} -> {twin.targets[0]}: if it is a stored copy of "
                          "tied weights, ignore it)")
             lines.append(line)
@@ -667,6 +570,7 @@ def draft_mapping(sources: MappingABC[str, TensorSpec], targets: MappingABC[str,
     listed = {f"target '{t}' is not filled by any rule" for t in left_t}
     listed |= {f"unmatched source key '{k}' (no rule or ignore pattern matches)" for k in unplaced}
     problems = tuple(p for p in analysis.problems if p not in listed)
-    notes = tuple(n for r in rules for n in r.notes)
-    return Draft(text, mapping, sum(len(p.keys) for p in placements), tuple(buffers), tuple(unplaced),
-                 tuple(left_t), notes, problems)
+    notes = tuple(n for r in rules for n in r.notes) + tuple(others.values())
+    ignored = tuple(buffers) + tuple(k for ks in foreign.values() for k in ks)
+    return Draft(text, mapping, sum(len(p.keys) for p in placements), ignored, tuple(unplaced), tuple(left_t),
+                 notes, problems)
