@@ -237,7 +237,12 @@ class _Drafter:
         if self.sources[key].dtype in ("bool", "int64", "int32", "uint8") and self.targets[target].dtype \
                 .startswith("float"):
             return None
-        return _ops_for(self.sources[key].shape, self.targets[target].shape, t.leaf, square_direct)
+        shape, tshape = self.sources[key].shape, self.targets[target].shape
+        ops = _ops_for(shape, tshape, t.leaf, square_direct)
+        if ops is None and len(shape) == 3 and t.leaf not in STANDARD_TARGET_LEAVES \
+                and (shape[0], shape[2], shape[1]) == tshape:  # fused experts [E, out, in] -> [E, in, out]
+            return [{"transpose": [0, 2, 1]}]
+        return ops
 
     def stack_ops(self, key: str, target: str, square_direct: bool) -> list[dict[str, Any]] | None:
         """Per-expert ops for a stack group into an expert-batched leaf [E, ...] (None: it does not fit)."""
