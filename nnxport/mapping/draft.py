@@ -10,14 +10,19 @@ order (docs/draft.md has the full story):
    leaf's through the ops a torch -> NNX port needs: a transpose for kernels (Linear [out, in] -> [in, out],
    Conv OIHW -> HWIO, Conv1d OIW -> WIO), a reshape that only adds or drops axes of size 1.
 3. Leaves that no single key fits are tried as a concat of sibling keys (ViT's query/key/value into one qkv
-   kernel), keys that fit no single leaf as a split into sibling leaves (GPT-2's fused c_attn).
+   kernel), keys that fit no single leaf as a split into sibling leaves (GPT-2's fused c_attn); a key whose
+   name spells a fused set (Phi-3's qkv_proj, gate_up_proj) is split into the leaves it names first.
+   Per-expert keys (``experts.N.*``, numbered 0..E-1) count as one key of the stacked shape
+   (nnxport/mapping/draft_layouts.py) and are written as a rule ending in a ``stack``.
 4. The rest is one assignment problem (scipy's linear_sum_assignment) maximising name similarity (shared
    words weighted by rarity) with a bonus for equal index tuples.
 5. Placements are generalised into regex rules: numbers become ``(\\d+)`` groups that the target refers to
    with backreferences, as long as every instance agrees and no rule matches another rule's keys.
 6. Buffers (``num_batches_tracked``, ``position_ids``, ``inv_freq``, attention-mask buffers) become ``ignore``
-   entries; whatever could not be placed is listed in YAML comments and in :attr:`Draft.unplaced` /
-   :attr:`Draft.unfilled`.
+   entries, and so do top-level parts of the checkpoint that the model lacks (a multimodal checkpoint's
+   vision tower) when every leaf is filled; whatever could not be placed is listed in YAML comments, with
+   the reason where one is known (a fused tensor of all experts needs a split), and in
+   :attr:`Draft.unplaced` / :attr:`Draft.unfilled`.
 """
 
 from __future__ import annotations

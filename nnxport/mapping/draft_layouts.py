@@ -79,8 +79,8 @@ def unplaced_reason(key: str, spec: TensorSpec, unfilled: MappingABC[str, Tensor
                 and _words(t.rsplit(".", 1)[-1]) & _words(leaf)]
         into = f" into {', '.join(near)}" if near else ""
         return (f"fused tensor of all experts: needs a split{into}; whether its halves are concatenated or "
-                "interleaved the shapes cannot show: write that rule by hand, mappings/qwen3_moe.yaml has halves, "
-                "mappings/gpt_oss.yaml interleaved")
+                "interleaved the shapes cannot show: write that rule by hand, mappings/qwen3_moe.yaml has "
+                "halves, mappings/gpt_oss.yaml interleaved")
     for virtual, g in groups.items():
         if key in g.members:
             return (f"per-expert key ({len(g.members)} experts at '{virtual}'): no stacked model leaf "

@@ -30,11 +30,13 @@ CASES: dict[str, dict[str, Any]] = {
         "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
         "text_config": {k: v for k, v in _GEMMA3.items() if k != "architectures"},
         "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
-                          "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
+                          "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28,
+                          "patch_size": 14},
         "mm_tokens_per_image": 4, "image_token_index": 511, "boi_token_index": 509, "eoi_token_index": 510},
     # intermediate 128 = q 64 + k 32 + v 32: the fused qkv_proj has an MLP kernel's shape
-    "phi3": published_config("microsoft/Phi-3-mini-4k-instruct", **{**TINY, "vocab_size": 300}, intermediate_size=128,
-                             pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=3),
+    "phi3": published_config("microsoft/Phi-3-mini-4k-instruct", **{**TINY, "vocab_size": 300},
+                             intermediate_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                             sliding_window=3),
     "mixtral": published_config("mistralai/Mixtral-8x7B-v0.1", **TINY, intermediate_size=96,
                                 num_local_experts=4, sliding_window=4),
     # layer 0 dense, layers 1 sparse (mlp_only_layers), 4 experts
@@ -42,12 +44,14 @@ CASES: dict[str, dict[str, Any]] = {
                                   moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
                                   mlp_only_layers=[0], bos_token_id=None, eos_token_id=None),
     "deepseek_v3": published_config(
-        "deepseek-ai/DeepSeek-V3", vocab_size=512, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, n_group=2,
+        "deepseek-ai/DeepSeek-V3", vocab_size=512, hidden_size=64, intermediate_size=96,
+        moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        n_routed_experts=4, n_group=2,
         topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=48,
         qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=24, initializer_range=0.1),
-    "gpt_oss": {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", **TINY, "attention_bias": True,
-                "head_dim": 16, "intermediate_size": 48, "num_local_experts": 4, "num_experts_per_tok": 2,
+    "gpt_oss": {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", **TINY,
+                "attention_bias": True, "head_dim": 16, "intermediate_size": 48, "num_local_experts": 4,
+                "num_experts_per_tok": 2,
                 "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 4,
                 "rope_parameters": {"rope_type": "default", "rope_theta": 150000.0}, "swiglu_limit": 7.0,
                 "tie_word_embeddings": False, "rms_norm_eps": 1e-5, "max_position_embeddings": 256},
@@ -109,7 +113,8 @@ def test_phi3_draft_splits_fused_qkv_and_gate_up(replica: Callable[[str], Path],
     assert ("self_attn\\.qkv_proj\\.weight$'\n"
             "    to: ['layers.\\1.attn.q.kernel', 'layers.\\1.attn.k.kernel', 'layers.\\1.attn.v.kernel']\n"
             "    ops: [{transpose: [1, 0]}, {split: {axis: 1, sizes: [64, 32, 32]}}]\n") in text
-    assert ("mlp\\.gate_up_proj\\.weight$'\n    to: ['layers.\\1.mlp.gate.kernel', 'layers.\\1.mlp.up.kernel']\n"
+    assert ("mlp\\.gate_up_proj\\.weight$'\n"
+            "    to: ['layers.\\1.mlp.gate.kernel', 'layers.\\1.mlp.up.kernel']\n"
             "    ops: [{transpose: [1, 0]}, {split: {axis: 1, parts: 2}}]\n") in text
 
 
@@ -140,9 +145,9 @@ def test_deepseek_v3_draft_stacks_routed_and_places_shared_experts(replica: Call
     assert "e_score_correction_bias$'\n    to: 'layers.1.mlp.router.correction_bias'" in text
 
 
-FUSED_REASON = ("  (fused tensor of all experts: needs a split into {into}; whether its halves are concatenated "
-                "or interleaved the shapes cannot show: write that rule by hand, mappings/qwen3_moe.yaml has "
-                "halves, mappings/gpt_oss.yaml interleaved)")
+FUSED_REASON = ("  (fused tensor of all experts: needs a split into {into}; whether its halves are "
+                "concatenated or interleaved the shapes cannot show: write that rule by hand, "
+                "mappings/qwen3_moe.yaml has halves, mappings/gpt_oss.yaml interleaved)")
 
 
 def test_gpt_oss_draft_says_which_fused_expert_tensors_it_cannot_split(replica: Callable[[str], Path],
@@ -156,7 +161,8 @@ def test_gpt_oss_draft_says_which_fused_expert_tensors_it_cannot_split(replica: 
         want += [f"#   model.layers.{i}.mlp.experts.gate_up_proj  [4, 64, 96] float32"
                  + FUSED_REASON.format(into=f"layers.{i}.mlp.experts.gate, layers.{i}.mlp.experts.up"),
                  f"#   model.layers.{i}.mlp.experts.gate_up_proj_bias  [4, 96] float32"
-                 + FUSED_REASON.format(into=f"layers.{i}.mlp.experts.gate_bias, layers.{i}.mlp.experts.up_bias")]
+                 + FUSED_REASON.format(
+                     into=f"layers.{i}.mlp.experts.gate_bias, layers.{i}.mlp.experts.up_bias")]
     assert lines == want
     # everything else is placed: the down projection already [in, out], sinks, router with its bias
     mapping = load_mapping_text(res.stdout, name="draft")
@@ -185,5 +191,6 @@ def test_fused_expert_layout_of_transformers5_is_refused_per_key(replica: Callab
     assert lines == ["#   model.layers.1.mlp.experts.gate_up_proj  [4, 96, 64] float32" + FUSED_REASON.format(
         into="layers.1.mlp.experts.gate, layers.1.mlp.experts.up")]
     # the fused down projection [E, H, I] is placed, transposed to [E, I, H]
-    assert ("  - from: '^model\\.layers\\.1\\.mlp\\.experts\\.down_proj$'\n    to: 'layers.1.mlp.experts.down'\n"
+    assert ("  - from: '^model\\.layers\\.1\\.mlp\\.experts\\.down_proj$'\n"
+            "    to: 'layers.1.mlp.experts.down'\n"
             "    ops: [{transpose: [0, 2, 1]}]\n") in res.stdout

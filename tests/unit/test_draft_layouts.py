@@ -57,8 +57,8 @@ def test_stack_of_the_wrong_count_is_listed_per_key() -> None:
     d = draft_mapping(sources, targets, {}, "decoder")
     assert len(d.unplaced) == 9 and len(d.unfilled) == 3
     line = ("#   model.layers.0.moe.experts.2.w2.weight  [8, 12] float32  (per-expert key (3 experts at "
-            "'model.layers.0.moe.experts.*.w2.weight'): no stacked model leaf [3, ...] fits it; a rule ending "
-            "in {stack: {axis: 0, by: <the expert group>, order: indices}} would gather them)")
+            "'model.layers.0.moe.experts.*.w2.weight'): no stacked model leaf [3, ...] fits it; a rule "
+            "ending in {stack: {axis: 0, by: <the expert group>, order: indices}} would gather them)")
     assert line in d.text.splitlines()
 
 
@@ -79,7 +79,8 @@ def test_fused_name_splits_even_where_a_piece_has_another_leafs_shape() -> None:
     sources = {"l.0.attn.qkv_proj.weight": TensorSpec((128, 64), F),
                "l.0.mlp.gate_up_proj.weight": TensorSpec((256, 64), F),
                "l.0.mlp.down_proj.weight": TensorSpec((64, 128), F)}
-    targets = {"layers.0.attn.q.kernel": TensorSpec((64, 64), F), "layers.0.attn.k.kernel": TensorSpec((64, 32), F),
+    targets = {"layers.0.attn.q.kernel": TensorSpec((64, 64), F),
+               "layers.0.attn.k.kernel": TensorSpec((64, 32), F),
                "layers.0.attn.v.kernel": TensorSpec((64, 32), F),
                "layers.0.mlp.gate.kernel": TensorSpec((64, 128), F),
                "layers.0.mlp.up.kernel": TensorSpec((64, 128), F),
@@ -134,9 +135,9 @@ def _plan(mapping: Any, sources: dict[str, TensorSpec], targets: dict[str, Tenso
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("repo", ["google/gemma-2-2b", "google/gemma-3-1b-pt", "microsoft/Phi-3-mini-4k-instruct",
-                                  "microsoft/phi-4", "mistralai/Mixtral-8x7B-v0.1", "Qwen/Qwen3-30B-A3B",
-                                  "deepseek-ai/DeepSeek-V3"])
+@pytest.mark.parametrize("repo", [
+    "google/gemma-2-2b", "google/gemma-3-1b-pt", "microsoft/Phi-3-mini-4k-instruct", "microsoft/phi-4",
+    "mistralai/Mixtral-8x7B-v0.1", "Qwen/Qwen3-30B-A3B", "deepseek-ai/DeepSeek-V3"])
 def test_full_size_draft_of_the_new_layouts_plans_what_the_builtin_mapping_plans(repo: str) -> None:
     """At the published sizes (keys and shapes from transformers on the meta device, the experts in the
     hub's per-expert layout): the draft fills every leaf from the same keys as the built-in mapping."""
