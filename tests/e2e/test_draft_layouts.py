@@ -71,14 +71,16 @@ def replica(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     return make
 
 
-def _draft_converts(cli: Callable[..., Any], source: Path, tmp_path: Path) -> tuple[str, dict[str, Any]]:
+def _draft_converts(cli: Callable[..., Any], source: Path, tmp_path: Path,
+                    *convert_args: str) -> tuple[str, dict[str, Any]]:
     """Draft, write it unedited, convert with it: (draft text, parity report); both must succeed."""
     res = cli("mapping", "draft", source)
     assert res.exit_code == 0, res.stdout + res.stderr
     assert "0 not placed; 0 model leaves not filled" in res.stderr
     path = tmp_path / "draft.yaml"
     path.write_text(res.stdout)
-    conv = cli("convert", source, "--mapping", path, "--out", tmp_path / "out", "--format", "json")
+    conv = cli("convert", source, "--mapping", path, "--out", tmp_path / "out", "--format", "json",
+               *convert_args)
     assert conv.exit_code == 0, conv.stderr
     report = json.loads((tmp_path / "out" / "parity.json").read_text())
     assert report["passed"] is True and json.loads(conv.stdout)["mapping"] == "draft"
@@ -194,3 +196,16 @@ def test_fused_expert_layout_of_transformers5_is_refused_per_key(replica: Callab
     assert ("  - from: '^model\\.layers\\.1\\.mlp\\.experts\\.down_proj$'\n"
             "    to: 'layers.1.mlp.experts.down'\n"
             "    ops: [{transpose: [0, 2, 1]}]\n") in res.stdout
+
+
+def test_fp8_deepseek_v3_drafts_as_its_dequantized_layout(replica: Callable[[str], Path], tmp_path: Path,
+                                                          cli) -> None:
+    """An fp8 checkpoint (e4m3 + weight_scale_inv blocks, DeepSeek-V3's published format, experts included):
+    the source view presents the dequantized tensors, so the draft sees no scale keys and converts."""
+    from nnxport.testing.quantized import quantize_fp8_folder
+
+    folder = quantize_fp8_folder(replica("deepseek_v3"), tmp_path / "fp8", block=(32, 32))
+    text, _ = _draft_converts(cli, folder, tmp_path, "--dtype", "float32")
+    assert "scale_inv" not in text
+    assert _stack("^model\\.layers\\.1\\.mlp\\.experts\\.(\\d+)\\.gate_proj\\.weight$", "layers.1.mlp.gate",
+                  1) in text
