@@ -233,12 +233,13 @@ def _longrope(params: Mapping[str, Any], field: str, theta: float, head_dim: int
 
 def _yarn(params: Mapping[str, Any], field: str, theta: float, head_dim: int, rotary_dim: int | None,
           max_positions: int, original: int) -> Rope:
-    """transformers' ``_compute_yarn_parameters``: ``factor`` defaults to max_position_embeddings /
-    original_max_position_embeddings; ``attention_factor`` to mscale(factor, mscale) / mscale(factor,
+    """transformers' ``_compute_yarn_parameters``: ``factor`` is required (as transformers' validation
+    requires it); ``attention_factor`` to mscale(factor, mscale) / mscale(factor,
     mscale_all_dim) when both are set (and non-zero), else mscale(factor); ``beta_fast`` / ``beta_slow``
     to 32 / 1 (also when 0); ``truncate`` to true."""
-    factor = params.get("factor")
-    factor = max_positions / original if factor is None else _number(factor, f"{field}.factor")
+    if params.get("factor") is None:
+        raise ConfigError(f"config.json: field '{field}' of rope_type 'yarn' needs 'factor'")
+    factor = _number(params["factor"], f"{field}.factor")
     if factor <= 0:
         raise ConfigError(f"config.json: field '{field}.factor' must be positive, got {factor}")
     opt = {k: None if params.get(k) is None else _number(params[k], f"{field}.{k}")

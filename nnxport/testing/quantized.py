@@ -104,7 +104,7 @@ def quantize_mxfp4_tensor(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     nearest = np.abs(np.abs(scaled)[..., None] - FP4_MAGNITUDES).argmin(axis=-1).astype(np.uint8)
     nibbles = nearest | np.where(np.signbit(scaled) & (nearest > 0), 8, 0).astype(np.uint8)
     blocks = (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).astype(np.uint8)
-    return blocks, (exp + 127).astype(np.uint8)
+    return np.ascontiguousarray(blocks), np.ascontiguousarray((exp + 127).astype(np.uint8))
 
 
 def quantize_mxfp4_folder(src: Path, out: Path, *, pattern: str = GPT_OSS_EXPERTS) -> Path:
