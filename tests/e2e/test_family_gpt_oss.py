@@ -73,7 +73,8 @@ def _convert(cli: Callable[..., Any], source: Path, out: Path, *extra: str, code
 
 def _numbers(report: dict[str, Any]) -> dict[str, Any]:
     (logits,) = report["outputs"]
-    return {k: logits[k] for k in ("max_abs_diff", "max_rel_diff", "kl_divergence", "top1_agreement")}
+    return {**{k: logits[k] for k in ("max_abs_diff", "max_rel_diff", "kl_divergence", "top1_agreement")},
+            "greedy_all_match": report["generation"]["all_match"]}
 
 
 # ------------------------------------------------------------------------------------------------ yarn
