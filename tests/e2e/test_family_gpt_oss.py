@@ -289,3 +289,23 @@ def test_published_gpt_oss_20b_one_layer_mxfp4(tmp_path_factory: pytest.TempPath
     report = json.loads((tmp / "out" / "parity.json").read_text())
     print("gpt-oss-20b 1 layer mxfp4 bf16:", _numbers(report))
     assert report["passed"] is True and report["generation"]["passed"] is True
+
+
+def test_deepseek_v3_yarn_is_the_same_code() -> None:
+    """DeepSeek-V3's published yarn (factor 40, mscale 1 / mscale_all_dim 1, truncated) is a
+    :class:`Rope` of rope.py too, equal to DeepseekV3RotaryEmbedding's frequencies and factor; its
+    softmax scale takes mscale(40, mscale_all_dim) squared."""
+    import transformers
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
+
+    from nnxport.models import deepseek_v3
+    from nnxport.models.rope import yarn_mscale
+
+    config = published_config("deepseek-ai/DeepSeek-V3")
+    rope = deepseek_v3.resolve(config).attention.rope
+    assert isinstance(rope.rope, Rope) and rope.rope.rope_type == "yarn" and rope.rope.truncate
+    hf = transformers.AutoConfig.for_model(**{k: v for k, v in config.items() if k != "architectures"})
+    ref = DeepseekV3RotaryEmbedding(hf)
+    assert rope.rope.attention_factor == ref.attention_scaling
+    np.testing.assert_allclose(rope.rope.inv_freq(), ref.inv_freq.numpy(), rtol=3e-7, atol=0)
+    assert rope.softmax_scale(192) == pytest.approx(192 ** -0.5 * yarn_mscale(40.0, 1.0) ** 2, rel=1e-12)
