@@ -38,6 +38,7 @@ from nnxport.models.decoder.family import DecoderParity
 from nnxport.models.decoder.mla import MLA, MlaRope, MlaSpec
 from nnxport.models.decoder.modules import RMSNorm
 from nnxport.models.layers import COLUMN, EMBEDDING, KVCache, attention_mask, check_token_ids, sharded
+from nnxport.models.rope import parse_rope
 
 #: DeepseekV3Config defaults (transformers 5.24) for the fields read here.
 DEFAULTS: dict[str, Any] = {
@@ -94,37 +95,21 @@ def _flag(config: Mapping[str, Any], field: str) -> bool:
 
 
 def _rope(config: Mapping[str, Any], dim: int) -> MlaRope:
-    """``rope_scaling`` (the hub's) or ``rope_parameters`` (what transformers 5 writes)."""
+    """``rope_scaling`` (the hub's) or ``rope_parameters`` (what transformers 5 writes), read by
+    :func:`nnxport.models.rope.parse_rope`; yarn needs the dict's own original_max_position_embeddings."""
     field = "rope_scaling" if config.get("rope_scaling") is not None else "rope_parameters"
     params = config.get(field) or {}
     if not isinstance(params, dict):
         raise ConfigError(f"config.json: field '{field}' must be a mapping, got {params!r}")
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise ConfigError(f"config.json: field '{field}' has rope_type {rope_type!r}, which nnxport's "
-                          f"deepseek_v3 family does not implement (supported: {', '.join(ROPE_TYPES)})")
-    theta = _number(params.get("rope_theta", config.get("rope_theta", 10000.0)), "rope_theta")
     prf = params.get("partial_rotary_factor", config.get("partial_rotary_factor"))
     if prf is not None and prf != 1.0:
         raise ConfigError(f"config.json: field 'partial_rotary_factor' is {prf!r}; only 1.0 is supported")
-    if rope_type == "default":
-        return MlaRope("default", theta, dim)
-    original = params.get("original_max_position_embeddings")
-    if type(original) is not int or original < 1:
-        raise ConfigError(f"config.json: field '{field}.original_max_position_embeddings' must be a positive "
-                          f"integer for yarn, got {original!r}")
-    factor = params.get("factor")
-    factor = (_int(config, "max_position_embeddings") / original if factor is None
-              else _number(factor, f"{field}.factor"))
-    optional = {k: None if params.get(k) is None else _number(params[k], f"{field}.{k}")
-                for k in ("mscale", "mscale_all_dim", "attention_factor", "beta_fast", "beta_slow")}
-    truncate = params.get("truncate", True)
-    if not isinstance(truncate, bool):
-        raise ConfigError(f"config.json: field '{field}.truncate' must be true or false, got {truncate!r}")
-    return MlaRope("yarn", theta, dim, factor=factor, original_max_position_embeddings=original,
-                   beta_fast=optional["beta_fast"] or 32.0, beta_slow=optional["beta_slow"] or 1.0,
-                   mscale=optional["mscale"], mscale_all_dim=optional["mscale_all_dim"],
-                   attention_factor=optional["attention_factor"], truncate=truncate)
+    rope = parse_rope(params, field, model_type="deepseek_v3", types=ROPE_TYPES,
+                      theta=config.get("rope_theta", 10000.0), head_dim=dim,
+                      max_positions=_int(config, "max_position_embeddings"),
+                      original=params.get("original_max_position_embeddings"))
+    all_dim = params.get("mscale_all_dim")
+    return MlaRope(rope, None if all_dim is None else _number(all_dim, f"{field}.mscale_all_dim"))
 
 
 def _moe(config: Mapping[str, Any], hidden: int, act: str) -> MoeSpec:

@@ -2,9 +2,12 @@
 from config.json (:func:`parse_rope`) and the cos/sin tables (:func:`cos_sin`), as transformers 5.24's
 ``modeling_rope_utils`` computes them.
 
-Implemented types: ``default``, ``linear``, ``llama3`` and ``longrope`` (Phi-3's short/long factors with its
+Implemented types: ``default``, ``linear``, ``llama3``, ``longrope`` (Phi-3's short/long factors with its
 attention scaling; the long factors apply to a whole forward pass once its longest position exceeds
-``original_max_position_embeddings``, as ``dynamic_rope_update`` decides). A partial rotary factor rotates
+``original_max_position_embeddings``, as ``dynamic_rope_update`` decides) and ``yarn``
+(``_compute_yarn_parameters``: interpolated and extrapolated frequencies blended by a ramp between the
+``beta_fast`` / ``beta_slow`` correction dimensions, optionally not truncated to integers, cos and sin times
+the attention factor / mscale; GPT-OSS and DeepSeek-V3 use it). A partial rotary factor rotates
 only the first ``rotary_dim`` channels of each head (Phi-3's ``apply_rotary_pos_emb``).
 """
 
@@ -21,7 +24,7 @@ import numpy as np
 
 from nnxport.errors import ConfigError
 
-__all__ = ["Rope", "apply_rope", "cos_sin", "parse_rope"]
+__all__ = ["Rope", "apply_rope", "cos_sin", "parse_rope", "yarn_mscale"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ class Rope:
 
     ``rotary_dim``: how many channels of a head rotate (None: all, ``head_dim``); ``short_factor`` /
     ``long_factor``: longrope's per-frequency divisors; ``attention_factor``: the factor cos and sin are
-    multiplied by (longrope; 1 otherwise).
+    multiplied by (longrope, yarn; 1 otherwise); ``beta_fast`` / ``beta_slow`` / ``truncate``: yarn's ramp.
     """
 
     rope_type: str
@@ -44,6 +47,9 @@ class Rope:
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
     attention_factor: float = 1.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
 
     @property
     def dim(self) -> int:
@@ -55,11 +61,14 @@ class Rope:
         (``long``: longrope's long factors instead of the short ones)."""
         f32 = np.float32
         exponent = np.arange(0, self.dim, 2, dtype=np.int64).astype(f32) / f32(self.dim)
-        powers = np.power(f32(self.theta), exponent, dtype=f32)
+        # torch's pow of a Python base by a float32 tensor rounds the float64 power (exact for these sizes)
+        powers = np.power(np.float64(self.theta), exponent.astype(np.float64)).astype(f32)
         if self.rope_type == "longrope":  # _compute_longrope_parameters
             ext = np.asarray(self.long_factor if long else self.short_factor, dtype=f32)
             return (f32(1.0) / (ext * powers)).astype(f32)
         inv = f32(1.0) / powers
+        if self.rope_type == "yarn":
+            return self._yarn(powers)
         if self.rope_type == "linear":
             return (inv / f32(self.factor)).astype(f32)
         if self.rope_type != "llama3":
@@ -75,6 +84,32 @@ class Rope:
         smoothed = ((f32(1) - smooth) * scaled / factor + smooth * scaled).astype(f32)
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return np.where(medium, smoothed, scaled).astype(f32)
+
+    def _yarn(self, pos_freqs: np.ndarray) -> np.ndarray:
+        """transformers' ``_compute_yarn_parameters`` frequencies, float32 in its order of operations."""
+        f32 = np.float32
+        extrapolation = (f32(1.0) / pos_freqs).astype(f32)
+        interpolation = (f32(1.0) / (f32(self.factor) * pos_freqs)).astype(f32)
+        original, dim = self.original_max_position_embeddings, self.dim
+
+        def correction_dim(rotations: float) -> float:
+            return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(self.theta))
+
+        low: float = correction_dim(self.beta_fast)
+        high: float = correction_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001  # transformers' guard against a zero-width ramp
+        ramp = np.clip((np.arange(dim // 2, dtype=f32) - f32(low)) / f32(high - low), 0, 1).astype(f32)
+        extra = (f32(1) - ramp).astype(f32)
+        return (interpolation * (f32(1) - extra) + extrapolation * extra).astype(f32)
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """transformers' ``get_mscale`` / ``yarn_get_mscale``: 0.1 * mscale * ln(scale) + 1 (1 for scale <= 1)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def cos_sin(rope: Rope, positions: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
@@ -170,6 +205,8 @@ def parse_rope(params: Any, field: str, *, model_type: str, types: Collection[st
                           f"positive integer, got {original!r}")
     if rope_type == "longrope":
         return _longrope(params, field, theta, head_dim, rotary_dim, max_positions, original)
+    if rope_type == "yarn":
+        return _yarn(params, field, theta, head_dim, rotary_dim, max_positions, original)
     factor, low, high = need("factor"), need("low_freq_factor"), need("high_freq_factor")
     if high <= low:
         raise ConfigError(f"config.json: field '{field}': high_freq_factor ({high}) must exceed "
@@ -192,3 +229,29 @@ def _longrope(params: Mapping[str, Any], field: str, theta: float, head_dim: int
     attention = _number(attention, f"{field}.attention_factor")
     return Rope("longrope", theta, head_dim, factor=factor, original_max_position_embeddings=original,
                 rotary_dim=rotary_dim, short_factor=short, long_factor=long, attention_factor=attention)
+
+
+def _yarn(params: Mapping[str, Any], field: str, theta: float, head_dim: int, rotary_dim: int | None,
+          max_positions: int, original: int) -> Rope:
+    """transformers' ``_compute_yarn_parameters``: ``factor`` is required (as transformers' validation
+    requires it); ``attention_factor`` to mscale(factor, mscale) / mscale(factor,
+    mscale_all_dim) when both are set (and non-zero), else mscale(factor); ``beta_fast`` / ``beta_slow``
+    to 32 / 1 (also when 0); ``truncate`` to true."""
+    if params.get("factor") is None:
+        raise ConfigError(f"config.json: field '{field}' of rope_type 'yarn' needs 'factor'")
+    factor = _number(params["factor"], f"{field}.factor")
+    if factor <= 0:
+        raise ConfigError(f"config.json: field '{field}.factor' must be positive, got {factor}")
+    opt = {k: None if params.get(k) is None else _number(params[k], f"{field}.{k}")
+           for k in ("mscale", "mscale_all_dim", "attention_factor", "beta_fast", "beta_slow")}
+    truncate = params.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise ConfigError(f"config.json: field '{field}.truncate' must be true or false, got {truncate!r}")
+    attention = opt["attention_factor"]
+    if attention is None:
+        mscale, all_dim = opt["mscale"], opt["mscale_all_dim"]
+        attention = (yarn_mscale(factor, mscale) / yarn_mscale(factor, all_dim) if mscale and all_dim
+                     else yarn_mscale(factor))
+    return Rope("yarn", theta, head_dim, factor=factor, original_max_position_embeddings=original,
+                rotary_dim=rotary_dim, attention_factor=attention, beta_fast=opt["beta_fast"] or 32.0,
+                beta_slow=opt["beta_slow"] or 1.0, truncate=truncate)

@@ -78,3 +78,66 @@ def random_mxfp4(shape: tuple[int, int, int, int], seed: int, exponents: tuple[i
     blocks = rng.integers(0, 256, shape, dtype=np.uint8)
     scales = rng.integers(exponents[0], exponents[1] + 1, shape[:-1], dtype=np.uint8)
     return blocks, scales
+
+
+#: e2m1 magnitudes by nibble (the sign is the nibble's bit 3), as transformers' FP4_VALUES.
+FP4_MAGNITUDES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=np.float32)
+#: The GPT-OSS expert tensors the published checkpoint stores as mxfp4.
+GPT_OSS_EXPERTS = r"\.mlp\.experts\.(gate_up_proj|down_proj)$"
+
+
+def quantize_mxfp4_tensor(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(``_blocks`` uint8 [E, out, in / 32, 16], ``_scales`` uint8 [E, out, in / 32]) of a float expert
+    tensor ``weight`` [E, in, out] (GPT-OSS's gate_up_proj / down_proj layout): each group of 32 inputs of
+    one output shares the e8m0 exponent that brings its max |w| to at most 6, each value rounds to the
+    nearest e2m1 (low nibble first), so that transformers' ``convert_moe_packed_tensors`` gives back
+    ``weight`` to within e2m1's precision."""
+    w = np.swapaxes(np.asarray(weight, np.float32), 1, 2)  # [E, out, in]
+    *lead, cols = w.shape
+    if cols % 32:
+        raise ValueError(f"mxfp4 groups 32 inputs; the tensor has {cols}")
+    groups = w.reshape(*lead, cols // 32, 32)
+    amax = np.abs(groups).max(axis=-1)
+    exp = np.ceil(np.log2(np.maximum(amax, 2.0 ** -126) / 6.0)).astype(np.int32)
+    exp = np.clip(exp, -127, 127)
+    scaled = groups / np.ldexp(np.float32(1), exp)[..., None]
+    nearest = np.abs(np.abs(scaled)[..., None] - FP4_MAGNITUDES).argmin(axis=-1).astype(np.uint8)
+    nibbles = nearest | np.where(np.signbit(scaled) & (nearest > 0), 8, 0).astype(np.uint8)
+    blocks = (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).astype(np.uint8)
+    return np.ascontiguousarray(blocks), np.ascontiguousarray((exp + 127).astype(np.uint8))
+
+
+def quantize_mxfp4_folder(src: Path, out: Path, *, pattern: str = GPT_OSS_EXPERTS) -> Path:
+    """Copy the GPT-OSS replica folder ``src`` to ``out`` with its expert tensors stored as the published
+    checkpoint stores them (``K_blocks`` + ``K_scales`` in place of ``K``; biases unquantized) and
+    config.json's ``quantization_config`` as openai/gpt-oss-20b's."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, out)
+    renamed: dict[str, str] = {}
+    for path in sorted(out.glob("*.safetensors")):
+        stored: dict[str, Any] = {}
+        for key, value in load_file(path).items():
+            if re.search(pattern, key):
+                blocks, scales = quantize_mxfp4_tensor(value.to(torch.float32).numpy())
+                stored[key + "_blocks"] = torch.from_numpy(blocks)
+                stored[key + "_scales"] = torch.from_numpy(scales)
+                renamed[key] = path.name
+            else:
+                stored[key] = value
+        save_file(stored, path, metadata={"format": "pt"})
+    index = out / "model.safetensors.index.json"
+    if index.is_file():
+        doc = json.loads(index.read_text())
+        for key, name in renamed.items():
+            doc["weight_map"].pop(key, None)
+            doc["weight_map"].update({key + "_blocks": name, key + "_scales": name})
+        index.write_text(json.dumps(doc))
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                   "model.embed_tokens", "lm_head"],
+        "quant_method": "mxfp4"}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out

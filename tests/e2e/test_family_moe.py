@@ -48,8 +48,7 @@ CASES: dict[str, dict[str, Any]] = {
                                         decoder_sparse_step=2, attention_bias=True),
 }
 #: openai/gpt-oss-20b's config.json without its quantization_config (the MXFP4 experts: this is the bf16
-#: layout) and with default RoPE in place of its yarn scaling, which the decoder family does not implement
-#: yet (see _gpt_oss_rope).
+#: layout) and with default RoPE in place of its yarn scaling (yarn: tests/e2e/test_family_gpt_oss.py).
 GPT_OSS_20B: dict[str, Any] = {
     "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "attention_bias": True,
     "attention_dropout": 0.0, "eos_token_id": 200002, "head_dim": 64, "hidden_act": "silu",
@@ -268,16 +267,17 @@ DRIFT = [
     ("qwen3_moe", {"mlp_only_layers": "0"}, ["'mlp_only_layers'"]),
     ("qwen3_moe", {"norm_topk_prob": "yes"}, ["'norm_topk_prob'"]),
     ("qwen3_moe", {"decoder_sparse_step": 0}, ["'decoder_sparse_step'"]),
-    ("gpt_oss", {"rope_parameters": {"rope_type": "yarn", "factor": 32.0, "rope_theta": 150000.0}},
-     ["'rope_parameters'", "yarn"]),
-    ("gpt_oss", {"rope_parameters": None}, ["'rope_parameters'", "yarn"]),
+    ("gpt_oss", {"rope_parameters": {"rope_type": "yarn", "factor": 32.0, "truncate": "no"}},
+     ["'rope_parameters.truncate'"]),
+    ("gpt_oss", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}},
+     ["'rope_parameters'", "dynamic"]),
     ("gpt_oss", {"swiglu_limit": "7"}, ["'swiglu_limit'"]),
 ]
 
 
 @pytest.mark.parametrize(("name", "change", "words"), DRIFT,
                          ids=["jitter", "top_k", "expert_count", "mlp_only", "norm_topk", "sparse_step",
-                              "gpt_oss-yarn", "gpt_oss-default-yarn", "swiglu_limit"])
+                              "gpt_oss-truncate", "gpt_oss-dynamic", "swiglu_limit"])
 def test_config_drift_is_refused(name: str, change: dict[str, Any], words: list[str],
                                  replicas: Callable[..., Path], tmp_path: Path, cli) -> None:
     src = tmp_path / "drifted"

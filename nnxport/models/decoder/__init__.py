@@ -23,9 +23,11 @@ gpt_oss           attention_bias; same        (MoE)         no          layer_ty
 The MoE model types (:mod:`nnxport.models.decoder.moe`) replace a block's MLP by a sparse MoE layer:
 every layer for mixtral and gpt_oss; for qwen3_moe where ``decoder_sparse_step`` and ``mlp_only_layers``
 say (:attr:`MoESpec.sparse`; the other layers keep the dense MLP). gpt_oss also has per-head attention
-sinks and GptOssRMSNorm's order (scale in float32, then the cast); its default RoPE (yarn) is refused.
+sinks and GptOssRMSNorm's order (scale in float32, then the cast); its RoPE is yarn (published: factor 32,
+not truncated; also GptOssConfig's default when config.json names none).
 
-RoPE types ``default``, ``linear`` and ``llama3`` are implemented as in transformers' modeling_rope_utils;
+RoPE types ``default``, ``linear`` and ``llama3`` (and ``yarn`` for gpt_oss) are implemented as in
+transformers' modeling_rope_utils;
 both config layouts are read: the hub's (``rope_theta`` and ``rope_scaling`` at the top level) and what
 transformers 5 writes (``rope_parameters: {rope_type, rope_theta, ...}``).
 

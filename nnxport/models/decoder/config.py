@@ -169,7 +169,7 @@ def _flag(config: Mapping[str, Any], field: str) -> bool:
 
 
 def _rope(config: Mapping[str, Any], head_dim: int, max_positions: int,
-          default_theta: float = DEFAULT_ROPE_THETA) -> Rope:
+          default_theta: float = DEFAULT_ROPE_THETA, types: tuple[str, ...] = ROPE_TYPES) -> Rope:
     """RoPE parameters the way transformers 5 standardises them (``convert_rope_params_to_dict``): a
     hub ``rope_scaling`` wins over ``rope_parameters``; ``rope_theta`` comes from that dict, else the top
     level, else 10000; the type from ``rope_type``, else the older ``type``, else ``default``; a top-level
@@ -188,7 +188,7 @@ def _rope(config: Mapping[str, Any], head_dim: int, max_positions: int,
     original = config.get("original_max_position_embeddings",
                           params.get("original_max_position_embeddings", max_positions)
                           if isinstance(params, dict) else max_positions)
-    return parse_rope(params, field, model_type=str(config.get("model_type")), types=ROPE_TYPES,
+    return parse_rope(params, field, model_type=str(config.get("model_type")), types=types,
                       theta=config.get("rope_theta", default_theta), head_dim=head_dim,
                       max_positions=max_positions, original=original)
 
@@ -314,9 +314,16 @@ def resolve(config: Mapping[str, Any]) -> DecoderSpec:
     )
 
 
+#: GptOssConfig.__post_init__'s RoPE when config.json gives none (theta: GPT_OSS_ROPE_THETA).
+GPT_OSS_DEFAULT_ROPE: dict[str, Any] = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                        "beta_slow": 1.0, "truncate": False,
+                                        "original_max_position_embeddings": 4096}
+
+
 def _gpt_oss_rope(config: Mapping[str, Any], head_dim: int, max_positions: int) -> Rope:
-    """GptOssConfig's RoPE: yarn (factor 32) when config.json names none, theta 150000 by default."""
+    """GptOssConfig's RoPE: default, linear, llama3 or yarn (published: yarn, factor 32, not truncated);
+    yarn with factor 32 on an original 4096 positions when config.json names none; theta 150000 by
+    default."""
     if config.get("rope_scaling") is None and config.get("rope_parameters") is None:
-        raise ConfigError("config.json: field 'rope_parameters' is not set, so gpt_oss models use yarn RoPE, "
-                          "which nnxport's decoder family does not implement")
-    return _rope(config, head_dim, max_positions, GPT_OSS_ROPE_THETA)
+        config = {**config, "rope_parameters": dict(GPT_OSS_DEFAULT_ROPE)}
+    return _rope(config, head_dim, max_positions, GPT_OSS_ROPE_THETA, (*ROPE_TYPES, "yarn"))

@@ -1,5 +1,5 @@
-"""Multi-head latent attention (DeepSeek-V2/V3) and its YaRN rotary tables, computed as transformers 5.24's
-``DeepseekV3Attention`` / ``_compute_yarn_parameters`` do.
+"""Multi-head latent attention (DeepSeek-V2/V3), computed as transformers 5.24's ``DeepseekV3Attention``
+does; its YaRN rotary tables are :mod:`nnxport.models.rope`'s.
 
 Queries come from a low-rank path (``q_a`` -> RMSNorm -> ``q_b``; or one ``q`` projection when
 ``q_lora_rank`` is null); keys and values from one compressed latent: ``kv_a`` gives ``kv_lora_rank``
@@ -10,87 +10,37 @@ softmax scale is ``qk_head_dim ** -0.5``, times ``mscale(factor, mscale_all_dim)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from nnxport.models.decoder.modules import RMSNorm
 from nnxport.models.layers import COLUMN, ROW, KVCache, attention, dropout, sharded
-
-
-def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    """transformers' ``get_mscale`` / ``yarn_get_mscale``."""
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+from nnxport.models.rope import Rope, cos_sin, yarn_mscale
 
 
 @dataclass(frozen=True)
 class MlaRope:
-    """Rotary parameters of the ``qk_rope_head_dim`` dimensions: ``default`` or ``yarn``."""
+    """Rotary parameters of the ``qk_rope_head_dim`` dimensions: a ``default`` or ``yarn``
+    :class:`~nnxport.models.rope.Rope` (frequencies and the cos/sin attention factor computed there, as for
+    every decoder), plus DeepSeek's ``mscale_all_dim``, which also scales the softmax."""
 
-    rope_type: str
-    theta: float
-    dim: int
-    factor: float = 1.0
-    original_max_position_embeddings: int = 4096
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    mscale: float | None = None
+    rope: Rope
     mscale_all_dim: float | None = None
-    attention_factor: float | None = None
-    truncate: bool = True
-
-    def inv_freq(self) -> np.ndarray:
-        """Inverse frequencies [dim // 2], float32, in transformers' order of operations."""
-        f32 = np.float32
-        exponent = np.arange(0, self.dim, 2, dtype=np.int64).astype(f32) / f32(self.dim)
-        pos_freqs = np.power(f32(self.theta), exponent, dtype=f32)
-        if self.rope_type == "default":
-            return (f32(1.0) / pos_freqs).astype(f32)
-        extrapolation = (f32(1.0) / pos_freqs).astype(f32)
-        interpolation = (f32(1.0) / (f32(self.factor) * pos_freqs)).astype(f32)
-
-        def correction_dim(rotations: float) -> float:
-            return (self.dim * math.log(self.original_max_position_embeddings / (rotations * 2 * math.pi))
-                    ) / (2 * math.log(self.theta))
-
-        low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
-        if self.truncate:
-            low, high = math.floor(low), math.ceil(high)
-        low, high = max(low, 0), min(high, self.dim - 1)
-        if low == high:
-            high += 0.001
-        ramp = np.clip((np.arange(self.dim // 2, dtype=f32) - f32(low)) / f32(high - low), 0, 1).astype(f32)
-        extra = (f32(1) - ramp).astype(f32)
-        return (interpolation * (f32(1) - extra) + extrapolation * extra).astype(f32)
-
-    def cos_sin_scale(self) -> float:
-        """The factor on cos / sin (transformers' ``attention_scaling``)."""
-        if self.rope_type == "default":
-            return 1.0
-        if self.attention_factor is not None:
-            return self.attention_factor
-        if self.mscale and self.mscale_all_dim:
-            return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
-        return yarn_mscale(self.factor)
 
     def softmax_scale(self, qk_head_dim: int) -> float:
         """``yarn_apply_mscale(rope_parameters, qk_head_dim ** -0.5)``."""
         scale = qk_head_dim ** -0.5
-        if self.rope_type != "default" and self.mscale_all_dim:
-            m = yarn_mscale(self.factor, self.mscale_all_dim)
+        if self.rope.rope_type == "yarn" and self.mscale_all_dim:
+            m = yarn_mscale(self.rope.factor, self.mscale_all_dim)
             scale = scale * m * m
         return scale
 
     def tables(self, positions: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
         """cos, sin [B|1, T, dim] of position ids [B|1, T]: float32, scaled, cast to ``dtype``."""
-        freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(self.inv_freq())
-        emb = jnp.concatenate([freqs, freqs], axis=-1)
-        scale = self.cos_sin_scale()
-        return (jnp.cos(emb) * scale).astype(dtype), (jnp.sin(emb) * scale).astype(dtype)
+        return cos_sin(self.rope, positions, dtype)
 
 
 @dataclass(frozen=True)
