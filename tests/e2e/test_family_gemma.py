@@ -272,7 +272,7 @@ DRIFT = [
     ("gemma2", {"hidden_activation": "relu2"}, ["'hidden_activation'", "relu2"]),
     ("gemma2", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, ["'rope_scaling'", "yarn"]),
     ("gemma2", {"layer_types": ["sliding_attention", "chunked_attention"]}, ["'layer_types'", "chunked"]),
-    ("gemma2", {"quantization_config": {"quant_method": "awq"}}, ["'quantization_config'"]),
+    ("gemma2", {"quantization_config": {"quant_method": "awq"}}, ["'quantization_config.quant_method'"]),
     ("gemma3", {"rope_parameters": {"rope_type": "default", "rope_theta": 1.0}}, ["'rope_parameters'"]),
     ("gemma3", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, ["'rope_scaling'", "dynamic"]),
     ("gemma3", {"architectures": ["Gemma3ForSequenceClassification"]}, ["'architectures'"]),

@@ -274,7 +274,7 @@ DRIFT = [
     ("phi4", {"partial_rotary_factor": 0.2}, ["'partial_rotary_factor'"]),  # 3 rotary channels
     ("phi4", {"head_dim": 32}, ["'head_dim'"]),
     ("phi4", {"hidden_act": "relu2"}, ["'hidden_act'"]),
-    ("phi4", {"quantization_config": {"quant_method": "gptq"}}, ["'quantization_config'"]),
+    ("phi4", {"quantization_config": {"quant_method": "gptq"}}, ["'quantization_config.quant_method'"]),
     ("phi4", {"architectures": ["Phi3ForTokenClassification"]}, ["'architectures'"]),
     ("phi4", {"resid_pdrop": 1.5}, ["'resid_pdrop'"]),
 ]
