@@ -42,7 +42,7 @@ import numpy as np
 from nnxport.errors import ConfigError, NnxportError, option
 from nnxport.models.base import Family, ParityHarness
 from nnxport.parity.generation import Reference
-from nnxport.pipeline.lazy import cache_bytes, return_freed_memory
+from nnxport.pipeline.lazy import COLLECT_BYTES, cache_bytes, return_freed_memory
 from nnxport.quant.view import QuantizedSource
 from nnxport.sources.base import Source
 
@@ -132,7 +132,7 @@ class StreamedReference:
             model = cls._from_config(cfg, dtype=torch.float32, **harness.reference_kwargs(config, options))
         self.model, self.name = model.eval(), f"transformers.{cls_name}"
         self.source, self.cache = source, cache_bytes() if cache is None else cache
-        self.cached = 0
+        self.cached = self.largest = 0
         key_of = {ref: key for key, ref in reference_names(model, source.tensors).items()}
         aliases: dict[int, list[str]] = {}  # parameter -> every name it is shared under (ties)
         for n, p in model.named_parameters(remove_duplicate=False):
@@ -185,7 +185,8 @@ class StreamedReference:
             self._release(block)
         self._kept.clear()
         self.cached = 0
-        gc.collect()  # blocks held by reference cycles go now, before the NNX side runs
+        if self.largest >= COLLECT_BYTES:
+            gc.collect()  # blocks held by reference cycles go now, before the NNX side runs
 
     def _load(self, block: _Block) -> None:
         import torch
@@ -205,6 +206,7 @@ class StreamedReference:
                 owner._buffers[attr] = tensor.to(old.dtype)
             block.nbytes += tensor.nbytes
         block.loaded = True
+        self.largest = max(self.largest, block.nbytes)
 
     def _read(self, key: str, dtype: Any) -> Any:
         """Source tensor ``key`` as a new torch tensor of ``dtype``, read and converted in runs of rows of

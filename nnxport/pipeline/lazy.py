@@ -29,6 +29,8 @@ from nnxport.errors import ConfigError
 
 T = TypeVar("T")
 DEFAULT_CACHE_BYTES = 0
+#: Blocks at least this large are followed by a cyclic garbage collection when let go of.
+COLLECT_BYTES = 32 * 2**20
 
 
 def cache_bytes() -> int:
@@ -123,9 +125,13 @@ class CheckpointBlocks:
             return self.current[1][path]
         if self.current is not None:
             # Arrays of the block let go of are often held by reference cycles (eager dispatch, nnx
-            # graph objects) until the cyclic collector runs: run it now, before the next block is read.
+            # graph objects) until the cyclic collector runs: run it now, before the next block is read
+            # (for large blocks only: a full collection costs up to a second in a process with many
+            # objects, such as a test session, and small blocks are not worth it).
+            size = sum(a.nbytes for a in self.current[1].values())
             self.current = None
-            gc.collect()
+            if size >= COLLECT_BYTES:
+                gc.collect()
         arrays = self._read(block)
         size = sum(a.nbytes for a in arrays.values())
         if self.kept_bytes + size <= self.cache:
