@@ -131,11 +131,12 @@ def section(rows: list[dict[str, Any]], argv: list[str], took: float, load: tupl
     return "\n".join(lines) + "\n"
 
 
-def splice(doc: Path, text: str) -> None:
-    """Replace the marked section of ``doc`` with ``text`` (append it when there is none)."""
+def splice(doc: Path, text: str, mark: str = MARK) -> None:
+    """Replace the section of ``doc`` between two ``mark`` lines with ``text`` (append it when there is
+    none); bench/limits.py uses it for its own section."""
     old = doc.read_text() if doc.is_file() else ""
-    if old.count(MARK) >= 2:
-        start, end = old.index(MARK), old.rindex(MARK) + len(MARK)
+    if old.count(mark) >= 2:
+        start, end = old.index(mark), old.rindex(mark) + len(mark)
         new = old[:start] + text.rstrip("\n") + old[end:]
     else:
         new = old.rstrip("\n") + "\n\n" + text

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import generate  # bench/generate.py: splice
 import run as base
 
 MARK = "<!-- limits-bench -->"
@@ -176,16 +177,6 @@ token (8) plus the logits pass, on both sides.
 """
 
 
-def splice(doc: Path, text: str) -> None:
-    old = doc.read_text() if doc.is_file() else ""
-    if old.count(MARK) >= 2:
-        start, end = old.index(MARK), old.rindex(MARK) + len(MARK)
-        new = old[:start] + text + old[end:]
-    else:
-        new = old.rstrip() + "\n\n" + text + "\n"
-    doc.write_text(new)
-
-
 def main(argv: list[str] | None = None) -> int:
     import datetime
     import os
@@ -229,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             "took": time.perf_counter() - t0}
     text, targets = section(stamps, results, loads, info)
     if str(args.doc) != "-":
-        splice(args.doc, text)
+        generate.splice(args.doc, text, MARK)
     print("\n".join(targets))
     return 0 if all(e["rc"] == 0 for r in results.values() for e in r.values()) else 1
 
