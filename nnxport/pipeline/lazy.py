@@ -112,7 +112,6 @@ class CheckpointBlocks:
         self.kept: OrderedDict[str, dict[str, jax.Array]] = OrderedDict()
         self.kept_bytes = 0
         self.current: tuple[str, dict[str, jax.Array]] | None = None
-        self.loads = 0
         return_freed_memory()
         self.context = ocp_v1.Context()
         self.context.pytree.loading.partial_load = True  # only the block's leaves
@@ -152,7 +151,6 @@ class CheckpointBlocks:
             node[keys[-1]] = jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=self.sharding)
         with self.context:
             loaded = ocp_v1.load(self.path, tree)
-        self.loads += 1
         return flatten(loaded)
 
 
